@@ -1,0 +1,61 @@
+# Two commands matter: `make run` (start the stack) and `make test` (run every test).
+# Both set everything up first: virtual environment, generated code, the converted model.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+GENERATED := gen/.generated
+MODEL := $(VENV)/.model-ready
+
+.PHONY: setup proto model run test test-unit test-integration lint format clean
+
+setup: $(INSTALLED) $(GENERATED) $(MODEL)
+
+$(INSTALLED): requirements.txt requirements-nodeps.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
+	# Put the repository and the generated code on the venv's import path.
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')/chat-service.pth"
+	touch $@
+
+proto: $(GENERATED)
+
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	rm -rf gen && mkdir -p gen
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	touch $@
+
+# Converts the bundled GGUF model once (about 30 s); cached under ~/.cache/chat-service.
+model: $(MODEL)
+
+$(MODEL): $(INSTALLED)
+	$(BIN)/python -m common.model_store
+	touch $@
+
+run: setup
+	$(BIN)/python -m devstack
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(INSTALLED)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) gen .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Code shared by gateway and worker: queue wire format, Redis key names, models."""

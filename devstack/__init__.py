@@ -1,0 +1,1 @@
+"""Starts the whole stack on one machine: `make run` and the integration tests use it."""

@@ -1,0 +1,103 @@
+"""The gateway's errors and the one table that turns them into gRPC statuses.
+
+ServiceError                     any error the caller is told about
+├── InvalidField                 INVALID_ARGUMENT, BadRequest field violation
+├── ModelNotFound                NOT_FOUND, BadRequest field violation on `model`
+├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
+├── JobFailed                    status chosen by the worker's failure kind
+├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
+└── DeadlineExceeded             DEADLINE_EXCEEDED
+"""
+
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from common import codec
+
+ERROR_DOMAIN = "chat.v1"
+
+
+class ServiceError(Exception):
+    code: int = code_pb2.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+    def to_status(self) -> status_pb2.Status:
+        return status_pb2.Status(code=self.code, message=self.message, details=self.details())
+
+
+class InvalidField(ServiceError):
+    code = code_pb2.INVALID_ARGUMENT
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"`{field}` {rule}")
+        self.field = field
+        self.rule = rule
+
+    def details(self) -> list[any_pb2.Any]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+        return [_pack(error_details_pb2.BadRequest(field_violations=[violation]))]
+
+
+class ModelNotFound(InvalidField):
+    code = code_pb2.NOT_FOUND
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        super().__init__("model", f"names no model served here: {model!r} (available: {', '.join(known)})")
+
+
+class JsonValidateFailed(ServiceError):
+    code = code_pb2.INVALID_ARGUMENT
+    reason = "json_validate_failed"
+
+    def __init__(self, message: str, failed_generation: str) -> None:
+        super().__init__(message)
+        self.failed_generation = failed_generation
+
+    def details(self) -> list[any_pb2.Any]:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata={"failed_generation": self.failed_generation}
+        )
+        return [_pack(info)]
+
+
+class Unavailable(ServiceError):
+    code = code_pb2.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = code_pb2.DEADLINE_EXCEEDED
+
+
+class JobFailed(ServiceError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_FAILURE_CODES = {
+    codec.FailureKind.FAILURE_KIND_INTERNAL: code_pb2.INTERNAL,
+    codec.FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
+    codec.FailureKind.FAILURE_KIND_CANCELLED: code_pb2.CANCELLED,
+    codec.FailureKind.FAILURE_KIND_UNAVAILABLE: code_pb2.UNAVAILABLE,
+    codec.FailureKind.FAILURE_KIND_BAD_PAYLOAD: code_pb2.INTERNAL,
+}
+
+
+def from_failed_event(failed: codec.Failed) -> ServiceError:
+    """The error a caller sees for a job that ended with a Failed event."""
+    if failed.reason == JsonValidateFailed.reason:
+        return JsonValidateFailed(failed.message, failed.failed_generation)
+    code = _FAILURE_CODES.get(failed.kind, code_pb2.INTERNAL)
+    return JobFailed(code, failed.message or "the job failed")
+
+
+def _pack(message: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -1,0 +1,138 @@
+"""Request validation: a public request becomes a ValidRequest or an InvalidField error.
+
+Pure: no gRPC server and no Redis here. Only a ValidRequest can be queued
+(queue.JobQueue.submit takes nothing else), so nothing unchecked reaches a worker.
+Each rule raises its own error naming the field and the rule.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from chat.v1 import chat_pb2
+from common.models import Message
+from gateway.catalog import ModelCatalog, ServedModel
+from gateway.errors import InvalidField, ModelNotFound
+
+ROLES = ("system", "user", "assistant")
+RESPONSE_FORMATS = ("text", "json_object")
+MAX_STOP_SEQUENCES = 4
+_UINT64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    model: str
+    prompt_token_ids: list[int]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None  # as uint64
+    stop: tuple[str, ...]
+    json_mode: bool
+    user: str
+
+
+def validate(
+    request: chat_pb2.ChatCompletionRequest, catalog: ModelCatalog, default_max_tokens: int
+) -> ValidRequest:
+    model = _check_model(request.model, catalog)
+    messages = _check_messages(request.messages)
+    temperature = _check_range(request, "temperature", 1.0, low=0.0, high=2.0, low_open=False)
+    top_p = _check_range(request, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    stop = _check_stop(list(request.stop))
+    json_mode = _check_response_format(request)
+    if json_mode and stop:
+        raise InvalidField("stop", "cannot be used with response_format json_object")
+    if request.HasField("max_tokens") and request.max_tokens < 1:
+        raise InvalidField("max_tokens", f"must be at least 1, got {request.max_tokens}")
+    prompt = model.render(messages)
+    room = model.context_window - len(prompt)
+    if room < 1:
+        raise InvalidField(
+            "messages",
+            f"make a prompt of {len(prompt)} tokens, which leaves no room in the context window"
+            f" of {model.context_window} tokens",
+        )
+    if request.HasField("max_tokens"):
+        if request.max_tokens > room:
+            raise InvalidField(
+                "max_tokens",
+                f"must fit the context window: prompt {len(prompt)} + max_tokens {request.max_tokens}"
+                f" exceeds {model.context_window} tokens",
+            )
+        max_tokens = request.max_tokens
+    else:
+        max_tokens = min(default_max_tokens, room)
+    return ValidRequest(
+        model=model.name,
+        prompt_token_ids=prompt,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=request.seed & _UINT64 if request.HasField("seed") else None,
+        stop=stop,
+        json_mode=json_mode,
+        user=request.user,
+    )
+
+
+def _check_model(name: str, catalog: ModelCatalog) -> ServedModel:
+    if not name:
+        raise InvalidField("model", "is required")
+    model = catalog.get(name)
+    if model is None:
+        raise ModelNotFound(name, catalog.names)
+    return model
+
+
+def _check_messages(messages: Sequence[chat_pb2.ChatMessage]) -> list[Message]:
+    if not messages:
+        raise InvalidField("messages", "must contain at least one message")
+    checked = []
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidField(
+                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message.role!r}"
+            )
+        name = message.name if message.HasField("name") and message.name else None
+        checked.append(Message(message.role, message.content, name))
+    return checked
+
+
+def _check_range(
+    request: chat_pb2.ChatCompletionRequest,
+    field: str,
+    default: float,
+    low: float,
+    high: float,
+    low_open: bool,
+) -> float:
+    if not request.HasField(field):
+        return default
+    value = float(getattr(request, field))
+    above_low = value > low if low_open else value >= low
+    if math.isnan(value) or not above_low or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidField(field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def _check_stop(stop: list[str]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidField("stop", f"may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}")
+    for i, sequence in enumerate(stop):
+        if not sequence:
+            raise InvalidField(f"stop[{i}]", "must not be empty")
+    return tuple(stop)
+
+
+def _check_response_format(request: chat_pb2.ChatCompletionRequest) -> bool:
+    if not request.HasField("response_format"):
+        return False
+    kind = request.response_format.type
+    if kind not in RESPONSE_FORMATS:
+        raise InvalidField(
+            "response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}"
+        )
+    return kind == "json_object"

@@ -1,0 +1,1 @@
+"""Worker process: takes jobs from Redis, runs them on an inference engine, publishes events."""

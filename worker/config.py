@@ -1,0 +1,61 @@
+"""Worker settings: the only place the worker reads environment variables.
+
+| variable | default | meaning |
+|---|---|---|
+| REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
+| WORKER_MODEL | SmolLM2-135M-Instruct | `NAME=DIR` of the model to serve; `NAME` alone is the bundled model |
+| WORKER_ENGINE | cpu | inference engine: `cpu` (transformers) or `vllm` |
+| WORKER_ID | host-pid-random | consumer name in the job stream's consumer group |
+| WORKER_MAX_CONCURRENCY | 8 | jobs run at once (free slots pulled from Redis) |
+| WORKER_CPU_THREADS | 0 | torch intra-op threads for the CPU engine; 0 = all cores |
+| WORKER_KV_CACHE_TOKENS | 32768 | CPU engine KV cache size in tokens, shared by running jobs |
+| WORKER_CANCEL_POLL_SECONDS | 0.1 | how often running jobs are checked for cancellation |
+"""
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.models import ModelSpec
+from common.settings import env_float, env_int, env_str
+from worker.engine.cpu import CpuEngineSettings
+
+ENGINES = ("cpu",)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str
+    model: ModelSpec
+    engine: str
+    worker_id: str
+    max_concurrency: int
+    cancel_poll_seconds: float
+    cpu: CpuEngineSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
+        env = os.environ if env is None else env
+        engine = env_str(env, "WORKER_ENGINE", "cpu")
+        if engine not in ENGINES:
+            raise ValueError(f"WORKER_ENGINE must be one of {ENGINES}, got {engine!r}")
+        max_concurrency = env_int(env, "WORKER_MAX_CONCURRENCY", 8, minimum=1)
+        return cls(
+            redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
+            model=ModelSpec.parse(env_str(env, "WORKER_MODEL", "SmolLM2-135M-Instruct")),
+            engine=engine,
+            worker_id=env_str(env, "WORKER_ID", _default_worker_id()),
+            max_concurrency=max_concurrency,
+            cancel_poll_seconds=env_float(env, "WORKER_CANCEL_POLL_SECONDS", 0.1, minimum=0.01),
+            cpu=CpuEngineSettings(
+                max_batch_size=max_concurrency,
+                num_threads=env_int(env, "WORKER_CPU_THREADS", 0, minimum=0),
+                kv_cache_tokens=env_int(env, "WORKER_KV_CACHE_TOKENS", 32768, minimum=1024),
+            ),
+        )
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
