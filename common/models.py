@@ -45,6 +45,10 @@ def parse_model_specs(text: str) -> tuple[ModelSpec, ...]:
     return specs
 
 
+# How chat templates read a message's name, when they do.
+_NAME_FIELDS = ("message.name", "message['name']", 'message["name"]')
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -65,7 +69,7 @@ class PromptRenderer:
         template = self.tokenizer.chat_template or ""
         # Templates that know about `name` render it themselves; for the others we prefix the
         # content, so the model still sees who is speaking.
-        self._template_renders_name = "name" in template.replace("__name__", "")
+        self._template_renders_name = any(f in template for f in _NAME_FIELDS)
         self.context_window = read_context_window(spec.path)
 
     def render(self, messages: Sequence[Message]) -> list[int]:

@@ -123,12 +123,15 @@ class JobConsumer:
             self._running.pop(job.request_id, None)
             self._slot_freed.set()
         await self._publisher.flush()
-        await self._acknowledge(entry_id)
+        await self._acknowledge(entry_id, job.request_id)
 
-    async def _acknowledge(self, entry_id: bytes) -> None:
+    async def _acknowledge(self, entry_id: bytes, request_id: str | None = None) -> None:
+        """Removes a finished job from the stream (and its cancel flag, which has served its purpose)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(self._stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(self._stream, entry_id)
+            if request_id is not None:
+                pipe.delete(keys.cancel_flag(request_id))
             await pipe.execute()
 
     async def _watch_cancellations(self) -> None:

@@ -81,7 +81,8 @@ class CpuEngine(Engine):
         info = xgr.TokenizerInfo.from_huggingface(
             self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=sorted(self._eos_ids)
         )
-        self._json_grammar = xgr.GrammarCompiler(info).compile_builtin_json_grammar()
+        # response_format json_object: any JSON object (the builtin JSON grammar also allows arrays).
+        self._json_grammar = xgr.GrammarCompiler(info).compile_json_schema('{"type": "object"}')
         # Room for at least one request that fills the whole context window.
         cache_tokens = max(self._settings.kv_cache_tokens, self.context_window + _PAGE_SIZE)
         config = ContinuousBatchingConfig(

@@ -1,0 +1,40 @@
+"""Builds a chat.v1 request from the reference SDK's keyword arguments."""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from chat.v1 import chat_pb2
+
+MessageLike = Mapping[str, Any]
+
+
+def build_request(
+    *,
+    model: str,
+    messages: Iterable[MessageLike],
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    response_format: Mapping[str, str] | None = None,
+    user: str | None = None,
+) -> chat_pb2.ChatCompletionRequest:
+    request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
+    for m in messages:
+        message = request.messages.add(role=m.get("role", ""), content=m.get("content") or "")
+        if m.get("name") is not None:
+            message.name = m["name"]
+    if temperature is not None:
+        request.temperature = temperature
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    if stop is not None:
+        request.stop.extend([stop] if isinstance(stop, str) else stop)
+    if response_format is not None:
+        request.response_format.type = response_format.get("type", "")
+    return request

@@ -1,0 +1,107 @@
+"""Response objects, with the attribute names of the reference SDK."""
+
+from dataclasses import dataclass
+
+from chat.v1 import chat_pb2
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    queue_time: float
+    prompt_time: float
+    completion_time: float
+    total_time: float
+
+    @classmethod
+    def from_proto(cls, usage: chat_pb2.Usage) -> "Usage":
+        return cls(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            usage.queue_time,
+            usage.prompt_time,
+            usage.completion_time,
+            usage.total_time,
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    message: Message
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str
+
+    @classmethod
+    def from_proto(cls, r: chat_pb2.ChatCompletionResponse) -> "ChatCompletion":
+        choices = [
+            Choice(c.index, Message(c.message.role, c.message.content), c.finish_reason) for c in r.choices
+        ]
+        return cls(
+            r.id, r.object, r.created, r.model, choices, Usage.from_proto(r.usage), r.system_fingerprint
+        )
+
+
+@dataclass(frozen=True)
+class Delta:
+    role: str | None
+    content: str  # "" on the role and final chunks, so `print(delta.content, end="")` prints cleanly
+
+
+@dataclass(frozen=True)
+class ChunkChoice:
+    index: int
+    delta: Delta
+    finish_reason: str | None  # None until the last chunk
+
+
+@dataclass(frozen=True)
+class ChatCompletionChunk:
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None  # on the last chunk only
+    system_fingerprint: str
+
+    @classmethod
+    def from_proto(cls, c: chat_pb2.ChatCompletionChunk) -> "ChatCompletionChunk":
+        choices = [
+            ChunkChoice(
+                ch.index,
+                Delta(ch.delta.role if ch.delta.HasField("role") else None, ch.delta.content),
+                ch.finish_reason or None,
+            )
+            for ch in c.choices
+        ]
+        usage = Usage.from_proto(c.usage) if c.HasField("usage") else None
+        return cls(c.id, c.object, c.created, c.model, choices, usage, c.system_fingerprint)
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    context_window: int

@@ -1,0 +1,67 @@
+"""The integration stack: real redis-server, gateway and CPU worker processes, real model.
+
+One stack serves the whole session (loading the model takes seconds); each test
+ends by checking that it left no job, pending entry or cancel flag behind.
+"""
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from chat.v1 import chat_pb2_grpc
+from devstack.redis_server import RedisServer
+from tests.integration.stack import Stack, assert_nothing_leaked
+
+# Generations in tests stay short: requests that set no max_tokens get this many.
+TEST_DEFAULT_MAX_TOKENS = "64"
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_dir = Path(tmp_path_factory.mktemp("logs"))
+    stack = Stack(
+        redis_server,
+        log_dir,
+        gateway_env={"GATEWAY_DEFAULT_MAX_TOKENS": TEST_DEFAULT_MAX_TOKENS},
+        worker_env={"WORKER_CANCEL_POLL_SECONDS": "0.05"},
+    )
+    try:
+        stack.start_gateway()
+        stack.start_worker()
+        stack.wait_worker_ready()
+        yield stack
+    finally:
+        stack.stop()
+        for log in sorted(log_dir.glob("*.log")):
+            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    uses_stack = "stack" in request.fixturenames
+    client = request.getfixturevalue("redis_client") if uses_stack else None
+    yield
+    if client is not None:
+        assert_nothing_leaked(client)
+
+
+@pytest.fixture(scope="session")
+def stub(stack: Stack) -> Iterator[chat_pb2_grpc.ChatServiceStub]:
+    with grpc.insecure_channel(stack.address) as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+@pytest.fixture
+async def aio_stub(stack: Stack) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel)

@@ -1,0 +1,113 @@
+"""A running stack for integration tests: real redis-server, gateway and worker processes."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import grpc
+import redis
+
+from chat.v1 import chat_pb2, chat_pb2_grpc
+from common import keys
+from devstack import processes
+from devstack.redis_server import RedisServer, free_port
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Stack:
+    redis_server: RedisServer
+    log_dir: Path
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    worker_env: dict[str, str] = field(default_factory=dict)
+    gateway: Popen[bytes] | None = None
+    workers: list[Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_gateway(self) -> None:
+        self.port = self.port or free_port()
+        env = {"REDIS_URL": self.redis_server.url, "GATEWAY_ADDRESS": self.address, **self.gateway_env}
+        self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
+        processes.wait_serving(self.address, self.gateway)
+
+    def start_worker(self) -> Popen[bytes]:
+        env = {"REDIS_URL": self.redis_server.url, **self.worker_env}
+        worker = processes.launch("worker", env, self.log_dir / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def wait_worker_ready(self, timeout: float = 180.0) -> None:
+        """A first one-token completion proves a worker has loaded the model and takes jobs."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            request = chat_pb2.ChatCompletionRequest(
+                model=MODEL, messages=[chat_pb2.ChatMessage(role="user", content="hi")], max_tokens=1
+            )
+            stub.ChatCompletion(request, timeout=timeout)
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.gateway]:
+            if process is not None:
+                processes.stop(process)
+
+
+def assert_nothing_leaked(client: redis.Redis, timeout: float = 10.0) -> None:
+    """No queued or pending jobs and no cancel flags; waits briefly for jobs that are ending."""
+    end = time.monotonic() + timeout
+    while True:
+        problems = leaks(client)
+        if not problems or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert not problems, problems
+
+
+def leaks(client: redis.Redis) -> list[str]:
+    problems = []
+    stream = keys.job_stream(MODEL)
+    if client.exists(stream):
+        if (n := client.xlen(stream)) != 0:
+            problems.append(f"{n} jobs left in {stream}")
+        pending = client.xpending(stream, keys.WORKER_GROUP)
+        if pending["pending"]:
+            problems.append(f"{pending['pending']} pending jobs in {stream}")
+    for key in client.scan_iter(f"{keys.PREFIX}:*"):
+        name = key.decode()
+        if not (name.startswith(f"{keys.PREFIX}:jobs:") or name.startswith(f"{keys.PREFIX}:replies:")):
+            problems.append(f"stray key {name}")
+    return problems
+
+
+def jobs_ever_queued(client: redis.Redis) -> int:
+    """How many entries were ever added to the model's job stream (survives XDEL)."""
+    stream = keys.job_stream(MODEL)
+    if not client.exists(stream):
+        return 0
+    return int(client.xinfo_stream(stream)["entries-added"])
+
+
+def chat_request(content: str = "Say hello.", **fields: object) -> chat_pb2.ChatCompletionRequest:
+    """A request for the test model with one user message; fields override or add."""
+    request = chat_pb2.ChatCompletionRequest(model=MODEL)
+    request.messages.add(role="user", content=content)
+    for name, value in fields.items():
+        if name == "stop":
+            request.stop.extend(value)  # type: ignore[call-overload]
+        elif name == "response_format":
+            request.response_format.type = str(value)
+        elif name == "messages":
+            del request.messages[:]
+            request.messages.extend(value)  # type: ignore[call-overload]
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def stream_text(chunks: list[chat_pb2.ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content for c in chunks)

@@ -1,0 +1,81 @@
+"""The Python client package against the real stack."""
+
+import json
+
+import pytest
+
+from chat_client import AsyncClient, BadRequestError, Client, NotFoundError
+from tests.integration.stack import MODEL, Stack
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_sync_client_unary_and_stream(stack: Stack) -> None:
+    with Client(stack.address) as client:
+        completion = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+        assert completion.choices[0].message.content
+        assert completion.usage.completion_tokens <= 8
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=8, temperature=0, stream=True
+            )
+        )
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage is not None
+        text = "".join(c.choices[0].delta.content for c in chunks)
+        assert text == completion.choices[0].message.content
+
+
+async def test_async_client_unary_and_stream(stack: Stack) -> None:
+    async with AsyncClient(stack.address) as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=8, temperature=0
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=8, temperature=0, stream=True
+        )
+        text = "".join([chunk.choices[0].delta.content async for chunk in stream])
+        assert text == completion.choices[0].message.content
+        [model] = await client.models.list()
+        assert model.id == MODEL
+
+
+def test_client_maps_statuses_to_sdk_errors(stack: Stack) -> None:
+    with Client(stack.address) as client:
+        with pytest.raises(NotFoundError) as not_found:
+            client.chat.completions.create(model="missing", messages=HELLO)
+        assert not_found.value.field == "model"
+        with pytest.raises(BadRequestError) as bad:
+            client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=3, response_format={"type": "json_object"}
+            )
+        assert bad.value.reason == "json_validate_failed"
+        assert bad.value.failed_generation is not None
+
+
+def test_model_aliases_and_stop_as_a_string(stack: Stack) -> None:
+    with Client(stack.address, model_aliases={"mixtral-8x7b-32768": MODEL}) as client:
+        completion = client.chat.completions.create(
+            model="mixtral-8x7b-32768",
+            messages=[{"role": "user", "content": "Count from 1 to 9, separated by commas."}],
+            stop="5",
+            temperature=0,
+            max_tokens=40,
+        )
+        assert completion.model == MODEL
+        assert "5" not in completion.choices[0].message.content
+
+
+def test_json_mode_through_the_client(stack: Stack) -> None:
+    with Client(stack.address) as client:
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=[
+                {"role": "system", "content": "You are a data API that responds in JSON."},
+                {"role": "user", "content": "Give a JSON object with a city and its country."},
+            ],
+            temperature=0,
+            max_tokens=100,
+            response_format={"type": "json_object"},
+        )
+        assert isinstance(json.loads(completion.choices[0].message.content), dict)

@@ -1,0 +1,67 @@
+"""Several requests at once, cancellation and deadlines, through the real stack."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import redis
+
+from chat.v1 import chat_pb2_grpc
+from common import keys
+from tests.integration.stack import MODEL, chat_request
+
+
+def pending_jobs(client: redis.Redis) -> int:
+    return int(client.xpending(keys.job_stream(MODEL), keys.WORKER_GROUP)["pending"])
+
+
+async def wait_until_no_pending(client: redis.Redis, timeout: float = 10.0) -> float:
+    """Seconds until the worker has acknowledged every job (it acks only after the engine let go)."""
+    start = time.monotonic()
+    while pending_jobs(client) and time.monotonic() - start < timeout:
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def test_eight_concurrent_requests_all_complete(aio_stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    requests = [chat_request(f"Say a word about the number {i}.", max_tokens=16, seed=i) for i in range(8)]
+    replies = await asyncio.gather(*(aio_stub.ChatCompletion(r) for r in requests))
+    assert all(r.usage.completion_tokens > 0 and r.choices[0].message.content for r in replies)
+
+
+async def test_a_long_generation_does_not_hold_up_a_short_one(
+    aio_stub: chat_pb2_grpc.ChatServiceStub,
+) -> None:
+    long_call = aio_stub.StreamChatCompletion(
+        chat_request("Write a long essay about rivers.", max_tokens=400)
+    )
+    await long_call.read()  # the long job is running
+    short = await aio_stub.ChatCompletion(chat_request("Say hi.", max_tokens=4))
+    assert short.usage.completion_tokens > 0
+    assert long_call.done() is False  # still generating when the short one finished
+    long_call.cancel()
+
+
+async def test_cancelled_stream_aborts_its_job_promptly(
+    aio_stub: chat_pb2_grpc.ChatServiceStub, redis_client: redis.Redis
+) -> None:
+    call = aio_stub.StreamChatCompletion(chat_request("Write a long essay about mountains.", max_tokens=2000))
+    for _ in range(3):
+        await call.read()
+    assert pending_jobs(redis_client) == 1
+    call.cancel()
+    seconds = await wait_until_no_pending(redis_client)
+    print(f"cancel -> job released by the worker: {seconds * 1000:.0f} ms")
+    assert pending_jobs(redis_client) == 0
+
+
+async def test_caller_deadline_ends_the_call_and_the_job(
+    aio_stub: chat_pb2_grpc.ChatServiceStub, redis_client: redis.Redis
+) -> None:
+    request = chat_request("Write a long essay about the ocean.", max_tokens=2000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await aio_stub.ChatCompletion(request, timeout=1.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_until_no_pending(redis_client)
+    assert pending_jobs(redis_client) == 0
