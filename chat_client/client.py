@@ -94,8 +94,8 @@ class _AsyncCompletions:
         self,
         *,
         stream: bool = False,
-        timeout: float | None = None,
-        **kwargs: Any,  # noqa: ASYNC109 - gRPC deadline
+        timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, as in the SDK
+        **kwargs: Any,
     ) -> ChatCompletion | AsyncStream:
         request = build_request(**self._client._resolve(kwargs))
         timeout = timeout if timeout is not None else self._client.timeout

@@ -16,10 +16,12 @@ def pending_jobs(client: redis.Redis) -> int:
     return int(client.xpending(keys.job_stream(MODEL), keys.WORKER_GROUP)["pending"])
 
 
-async def wait_until_no_pending(client: redis.Redis, timeout: float = 10.0) -> float:
+async def wait_until_no_pending(client: redis.Redis, limit_seconds: float = 10.0) -> float:
     """Seconds until the worker has acknowledged every job (it acks only after the engine let go)."""
     start = time.monotonic()
-    while pending_jobs(client) and time.monotonic() - start < timeout:
+    for _ in range(int(limit_seconds / 0.01)):
+        if not pending_jobs(client):
+            break
         await asyncio.sleep(0.01)
     return time.monotonic() - start
 

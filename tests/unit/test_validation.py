@@ -1,0 +1,97 @@
+"""Request validation rules (gateway/validation.py), one case per rule."""
+
+import pytest
+
+from chat.v1 import chat_pb2
+from common.models import ModelSpec
+from gateway.catalog import ModelCatalog
+from gateway.errors import InvalidField, ModelNotFound
+from gateway.validation import validate
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def catalog() -> ModelCatalog:
+    return ModelCatalog.load((ModelSpec.parse(MODEL),))
+
+
+def request(**fields: object) -> chat_pb2.ChatCompletionRequest:
+    r = chat_pb2.ChatCompletionRequest(model=MODEL)
+    r.messages.add(role="user", content="hi")
+    for name, value in fields.items():
+        if name == "stop":
+            r.stop.extend(value)  # type: ignore[call-overload]
+        elif name == "response_format":
+            r.response_format.type = str(value)
+        else:
+            setattr(r, name, value)
+    return r
+
+
+def test_defaults(catalog: ModelCatalog) -> None:
+    valid = validate(request(), catalog, default_max_tokens=100)
+    assert valid.temperature == 1.0 and valid.top_p == 1.0 and valid.max_tokens == 100
+    assert valid.seed is None and valid.stop == () and not valid.json_mode
+    assert len(valid.prompt_token_ids) > 5
+
+
+def test_temperature_zero_is_kept_not_defaulted(catalog: ModelCatalog) -> None:
+    assert validate(request(temperature=0.0), catalog, 100).temperature == 0.0
+
+
+def test_default_max_tokens_is_capped_by_the_context_window(catalog: ModelCatalog) -> None:
+    valid = validate(request(), catalog, default_max_tokens=100_000)
+    assert len(valid.prompt_token_ids) + valid.max_tokens == 8192
+
+
+def test_negative_seed_becomes_uint64(catalog: ModelCatalog) -> None:
+    assert validate(request(seed=-1), catalog, 10).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(temperature=2.01), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=-1.0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=8192), "max_tokens"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(stop=[""]), "stop[0]"),
+        (dict(response_format="xml"), "response_format.type"),
+        (dict(response_format=""), "response_format.type"),
+        (dict(response_format="json_object", stop=["x"]), "stop"),
+        (dict(model=""), "model"),
+    ],
+)
+def test_each_rule_names_its_field(catalog: ModelCatalog, fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidField) as caught:
+        validate(request(**fields), catalog, 10)
+    assert caught.value.field == field
+    assert caught.value.message.startswith(f"`{field}` ")
+
+
+def test_unknown_model(catalog: ModelCatalog) -> None:
+    with pytest.raises(ModelNotFound):
+        validate(request(model="nope"), catalog, 10)
+
+
+def test_roles_and_messages(catalog: ModelCatalog) -> None:
+    empty = chat_pb2.ChatCompletionRequest(model=MODEL)
+    with pytest.raises(InvalidField, match="at least one"):
+        validate(empty, catalog, 10)
+    bad = request()
+    bad.messages.add(role="function", content="x")
+    with pytest.raises(InvalidField) as caught:
+        validate(bad, catalog, 10)
+    assert caught.value.field == "messages[1].role"
+
+
+def test_prompt_longer_than_the_context_window(catalog: ModelCatalog) -> None:
+    long = chat_pb2.ChatCompletionRequest(model=MODEL)
+    long.messages.add(role="user", content="word " * 9000)
+    with pytest.raises(InvalidField) as caught:
+        validate(long, catalog, 10)
+    assert caught.value.field == "messages" and "8192" in caught.value.message
