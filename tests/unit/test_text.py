@@ -1,5 +1,6 @@
 """Stop sequences and incremental detokenization (worker/engine/text.py)."""
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -41,7 +42,7 @@ def test_stop_matcher_reports_the_match_and_emits_nothing_after_it() -> None:
 @given(text=st.text(alphabet="ab, 6", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
 def test_stop_matcher_output_does_not_depend_on_how_text_is_split(text: str, cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     expected = text.split(", 6")[0]
     assert feed_all(StopMatcher([", 6"]), pieces) == expected
 
