@@ -20,8 +20,9 @@ from common.model_store import DEFAULT_MODEL_NAME
 from common.models import Message, ModelSpec, PromptRenderer
 from devstack import processes
 from devstack.redis_server import RedisServer, free_port
+from worker.config import CpuEngineSettings
 from worker.engine.base import GenerationRequest, SamplingParams
-from worker.engine.cpu import CpuEngine, CpuEngineSettings
+from worker.engine.cpu import CpuEngine
 
 PROMPT = "Write a short story about a lighthouse keeper."
 

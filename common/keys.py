@@ -5,8 +5,17 @@ PREFIX = "chat"
 # Consumer group on every job stream; all workers of a model share it.
 WORKER_GROUP = "workers"
 
-# Field of a job-stream or reply-stream entry that holds the protobuf bytes.
+# Fields of a job-stream or reply-stream entry. The payload is the protobuf message;
+# request id and reply stream are repeated in plain text so that an entry whose payload
+# cannot be decoded can still be answered (job entries) or attributed (event entries).
 PAYLOAD_FIELD = b"p"
+REQUEST_ID_FIELD = b"r"
+REPLY_TO_FIELD = b"g"
+
+
+# Stream of jobs given up on (undecodable, or delivered too many times), for people to inspect.
+def dead_letter_stream(model: str) -> str:
+    return f"{PREFIX}:dead:{model}"
 
 
 def job_stream(model: str) -> str:

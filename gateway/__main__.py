@@ -11,8 +11,6 @@ from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
 
-SHUTDOWN_GRACE_SECONDS = 25.0
-
 
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings, ModelCatalog.load(settings.models))
@@ -22,7 +20,7 @@ async def serve(settings: GatewaySettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await gateway.stop(SHUTDOWN_GRACE_SECONDS)
+    await gateway.stop()
 
 
 def main() -> None:

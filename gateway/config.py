@@ -8,6 +8,11 @@
 | GATEWAY_DEFAULT_MAX_TOKENS | 1024 | max_tokens when a request sets none (capped by the context window) |
 | GATEWAY_DEFAULT_TIMEOUT_SECONDS | 300 | deadline when the caller sets none; also the longest honoured |
 | GATEWAY_ID | host-pid-random | names this process's reply stream in Redis |
+| GATEWAY_MAX_QUEUED_JOBS | 1000 | jobs waiting per model beyond which calls get RESOURCE_EXHAUSTED |
+| GATEWAY_MAX_CONCURRENT_CALLS | 2000 | open calls beyond which new ones get RESOURCE_EXHAUSTED |
+| GATEWAY_RETRY_AFTER_SECONDS | 1 | retry delay suggested (google.rpc.RetryInfo) when overloaded |
+| GATEWAY_SHUTDOWN_GRACE_SECONDS | 25 | on SIGTERM, time open calls get to finish |
+| GATEWAY_REDIS_TIMEOUT_SECONDS | 2 | connect/command timeout towards Redis; then a call fails UNAVAILABLE |
 """
 
 import os
@@ -28,6 +33,11 @@ class GatewaySettings:
     default_max_tokens: int
     default_timeout_seconds: float
     gateway_id: str
+    max_queued_jobs: int
+    max_concurrent_calls: int
+    retry_after_seconds: float
+    shutdown_grace_seconds: float
+    redis_timeout_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewaySettings":
@@ -41,4 +51,9 @@ class GatewaySettings:
             gateway_id=env_str(
                 env, "GATEWAY_ID", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             ),
+            max_queued_jobs=env_int(env, "GATEWAY_MAX_QUEUED_JOBS", 1000, minimum=1),
+            max_concurrent_calls=env_int(env, "GATEWAY_MAX_CONCURRENT_CALLS", 2000, minimum=1),
+            retry_after_seconds=env_float(env, "GATEWAY_RETRY_AFTER_SECONDS", 1.0, minimum=0.0),
+            shutdown_grace_seconds=env_float(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0.0),
+            redis_timeout_seconds=env_float(env, "GATEWAY_REDIS_TIMEOUT_SECONDS", 2.0, minimum=0.1),
         )

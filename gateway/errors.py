@@ -6,10 +6,14 @@ ServiceError                     any error the caller is told about
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
 ├── JobFailed                    status chosen by the worker's failure kind
 ├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
-└── DeadlineExceeded             DEADLINE_EXCEEDED
+├── Aborted                      ABORTED (the job's worker was lost after tokens were sent)
+├── DeadlineExceeded             DEADLINE_EXCEEDED
+└── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
+    ├── QueueFull                too many jobs waiting for the model
+    └── TooManyCalls             too many calls open on this gateway
 """
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from common import codec
@@ -74,6 +78,30 @@ class DeadlineExceeded(ServiceError):
     code = code_pb2.DEADLINE_EXCEEDED
 
 
+class Aborted(ServiceError):
+    code = code_pb2.ABORTED
+
+
+class Overloaded(ServiceError):
+    code = code_pb2.RESOURCE_EXHAUSTED
+    retry_after_seconds = 1.0  # GATEWAY_RETRY_AFTER_SECONDS, set at start-up
+
+    def details(self) -> list[any_pb2.Any]:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(self.retry_after_seconds * 1e9))
+        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+
+
+class QueueFull(Overloaded):
+    def __init__(self, model: str, waiting: int) -> None:
+        super().__init__(f"the queue for model {model!r} is full ({waiting} jobs waiting); retry later")
+
+
+class TooManyCalls(Overloaded):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this gateway already serves {limit} calls; retry later")
+
+
 class JobFailed(ServiceError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -97,7 +125,9 @@ def from_failed_event(failed: codec.Failed) -> ServiceError:
     return JobFailed(code, failed.message or "the job failed")
 
 
-def _pack(message: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

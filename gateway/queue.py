@@ -5,70 +5,53 @@ all of this gateway's jobs to it, and one background task reads it with a blocki
 XREAD and hands each event to the job's Subscription. One reader per process, not
 one blocking read per request, keeps Redis connections and wake-ups independent of
 the number of open streams. The reply stream expires unless the gateway keeps
-touching it, so a dead gateway leaves nothing behind (workers write with NOMKSTREAM).
+touching it, so a dead gateway leaves nothing behind (workers write with NOMKSTREAM)
+and workers abort the jobs of a gateway whose reply stream is gone.
 """
 
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
-from collections import deque
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common import codec, keys, streams
-from gateway.errors import Unavailable
+from gateway.errors import QueueFull, ServiceError, Unavailable
+from gateway.subscription import Subscription
 from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
-REPLY_STREAM_TTL_SECONDS = 60
-_KEEPALIVE_SECONDS = 5
+REPLY_STREAM_TTL_SECONDS = 10  # workers treat a missing reply stream as a dead gateway
+_KEEPALIVE_SECONDS = 2
 _TRIM_EVERY_SECONDS = 1.0
 
-
-class Subscription:
-    """The events of one job, in order, as the reply reader delivers them."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self._events: deque[codec.Event] = deque()
-        self._arrived = asyncio.Event()
-        self._next_seq = 0
-        self.gap: str | None = None  # set when an event went missing
-
-    def deliver(self, event: codec.Event) -> None:
-        if event.seq < self._next_seq:
-            return  # a duplicate (e.g. a re-delivered batch)
-        if event.seq > self._next_seq and self.gap is None:
-            self.gap = f"events {self._next_seq}..{event.seq - 1} of the job were lost"
-        self._next_seq = event.seq + 1
-        self._events.append(event)
-        self._arrived.set()
-
-    async def next(self) -> codec.Event:
-        while not self._events:
-            self._arrived.clear()
-            await self._arrived.wait()
-        if self.gap is not None:
-            raise Unavailable(f"lost contact with the worker: {self.gap}")
-        return self._events.popleft()
-
-    def take_ready_delta(self) -> codec.Event | None:
-        """The next event if it is a delta that has already arrived (to coalesce a backlog)."""
-        if self._events and self._events[0].WhichOneof("kind") == "delta":
-            return self._events.popleft()
-        return None
+# Queues a job unless the model already has `limit` jobs waiting (queued, not yet taken).
+# Returns the entry id, or the number waiting when full. Atomic, so concurrent gateways
+# cannot overshoot the limit together.
+_SUBMIT = """
+local waiting = redis.call('XLEN', KEYS[1])
+if waiting > 0 then
+  local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+  if ok then waiting = waiting - pending[1] end
+end
+if waiting >= tonumber(ARGV[2]) then return waiting end
+return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+"""
 
 
 class JobQueue:
-    def __init__(self, redis: Redis, reader: Redis, gateway_id: str) -> None:
+    def __init__(self, redis: Redis, reader: Redis, gateway_id: str, max_queued_jobs: int) -> None:
         self._redis = redis
         self._reader = reader  # its own connection: the blocking XREAD holds it
         self._gateway_id = gateway_id
+        self._max_queued_jobs = max_queued_jobs
         self._reply_stream = keys.reply_stream(gateway_id)
+        self._submit = redis.register_script(_SUBMIT)
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -102,7 +85,8 @@ class JobQueue:
                 temperature=request.temperature,
                 top_p=request.top_p,
                 max_tokens=request.max_tokens,
-                seed=request.seed,
+                # Always seeded, so a job that re-runs on another worker reproduces what was sent.
+                seed=request.seed if request.seed is not None else secrets.randbits(63),
                 stop=request.stop,
                 json_mode=request.json_mode,
             ),
@@ -113,11 +97,22 @@ class JobQueue:
         )
         subscription = Subscription(request_id)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
+        fields = (
+            keys.REQUEST_ID_FIELD, request_id.encode(),
+            keys.REPLY_TO_FIELD, self._reply_stream.encode(),
+            keys.PAYLOAD_FIELD, codec.encode(job),
+        )  # fmt: skip
         try:
-            await self._redis.xadd(keys.job_stream(request.model), {keys.PAYLOAD_FIELD: codec.encode(job)})
+            added = await self._submit(
+                keys=[keys.job_stream(request.model)],
+                args=[keys.WORKER_GROUP, self._max_queued_jobs, *fields],
+            )
         except RedisError as exc:
             self._subscriptions.pop(request_id, None)
             raise Unavailable(f"job queue unreachable: {exc}") from exc
+        if isinstance(added, int):
+            self._subscriptions.pop(request_id, None)
+            raise QueueFull(request.model, added)
         return subscription
 
     def release(self, request_id: str, cancel_until: float | None = None) -> None:
@@ -139,27 +134,48 @@ class JobQueue:
     async def _read_replies(self) -> None:
         last_id = b"0-0"
         last_trim = time.monotonic()
+        broken = False
         while True:
             try:
+                if broken:
+                    last_id = await self._recover(last_id)
+                    broken = False
                 reply = await self._reader.xread({self._reply_stream: last_id}, count=1024, block=1000)
             except RedisError as exc:
-                log.warning("reply stream unreadable: %s", exc)
-                await asyncio.sleep(0.5)
+                if not broken:
+                    log.warning("reply stream unreadable: %s", exc)
+                broken = True
+                await asyncio.sleep(0.2)
                 continue
             for entry_id, fields in streams.entries(reply):
                 last_id = entry_id
-                self._route(fields.get(keys.PAYLOAD_FIELD))
+                self._route(fields)
             if reply and time.monotonic() - last_trim > _TRIM_EVERY_SECONDS:
                 last_trim = time.monotonic()
                 await self._trim(last_id)
 
-    def _route(self, payload: bytes | None) -> None:
+    async def _recover(self, last_id: bytes) -> bytes:
+        """After a Redis outage: if our reply stream lost entries, fail every waiting call."""
+        if last_id == b"0-0" or await self._reader.xrange(self._reply_stream, last_id, last_id):
+            return last_id
+        log.error("Redis lost this gateway's reply stream; failing %d calls", len(self._subscriptions))
+        error = Unavailable("the job queue restarted and lost this job's progress; retry the request")
+        for subscription in list(self._subscriptions.values()):
+            subscription.fail(error)
+        await self._touch_reply_stream()
+        return b"0-0"
+
+    def _route(self, fields: dict[bytes, bytes]) -> None:
+        payload = fields.get(keys.PAYLOAD_FIELD)
         if payload is None:
             return  # the marker entry that creates the stream
         try:
             event = codec.decode_event(payload)
         except codec.BadPayload as exc:
-            log.error("dropping malformed event: %s", exc)
+            request_id = fields.get(keys.REQUEST_ID_FIELD, b"").decode(errors="replace")
+            log.error("malformed event for job %r: %s", request_id, exc)
+            if (subscription := self._subscriptions.get(request_id)) is not None:
+                subscription.fail(ServiceError("the worker sent a malformed event"))
             return
         subscription = self._subscriptions.get(event.request_id)
         if subscription is not None:
@@ -181,6 +197,6 @@ class JobQueue:
         while True:
             await asyncio.sleep(_KEEPALIVE_SECONDS)
             try:
-                await self._touch_reply_stream()
+                await self._redis.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS)
             except RedisError as exc:
                 log.warning("cannot refresh reply stream: %s", exc)

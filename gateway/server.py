@@ -1,21 +1,25 @@
 """Builds the gateway's gRPC server: chat service, health checks and reflection."""
 
+import asyncio
 import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
+from gateway.errors import Overloaded
 from gateway.queue import JobQueue
 from gateway.servicer import ChatServicer
 
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+_HEALTH_CHECK_SECONDS = 1.0
 
 
 class Gateway:
@@ -23,14 +27,20 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings, catalog: ModelCatalog) -> None:
         self.settings = settings
-        self._redis = Redis.from_url(settings.redis_url)
-        self._reader_redis = Redis.from_url(settings.redis_url)
-        self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id)
+        timeout = settings.redis_timeout_seconds
+        self._redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
+        # The reply reader blocks up to 1 s per XREAD: its socket timeout must be longer.
+        self._reader_redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout + 1.0
+        )
+        Overloaded.retry_after_seconds = settings.retry_after_seconds
+        self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs)
+        self.servicer = ChatServicer(settings, catalog, self.queue)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(settings, catalog, self.queue), self.server
-        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
@@ -41,17 +51,45 @@ class Gateway:
             self.server,
         )
         self.port = self.server.add_insecure_port(settings.address)
+        self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.queue.start()
         await self.server.start()
-        for service in ("", CHAT_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
+        self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
         log.info("gateway %s listening on port %d", self.settings.gateway_id, self.port)
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self) -> None:
+        """Stops accepting calls and lets open ones finish within the shutdown grace period."""
+        if self._monitor is not None:
+            self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.server.stop(self.settings.shutdown_grace_seconds)
         await self.queue.stop()
         await self._redis.aclose()
         await self._reader_redis.aclose()
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", CHAT_SERVICE):
+            await self.health.set(service, status)
+
+    async def _watch_redis(self) -> None:
+        """Health says NOT_SERVING while Redis is unreachable, so load balancers route around us."""
+        serving = True
+        while True:
+            await asyncio.sleep(_HEALTH_CHECK_SECONDS)
+            try:
+                await self._redis.ping()
+                ok = True
+            except (RedisError, OSError) as exc:
+                ok = False
+                if serving:
+                    log.error("Redis unreachable: %s", exc)
+            if ok != serving:
+                serving = ok
+                await self._set_serving(ok)
+                log.info("health: %s", "SERVING" if ok else "NOT_SERVING")

@@ -20,8 +20,9 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import codec
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
-from gateway.errors import DeadlineExceeded, ServiceError, from_failed_event
-from gateway.queue import JobQueue, Subscription
+from gateway.errors import DeadlineExceeded, ServiceError, TooManyCalls, from_failed_event
+from gateway.queue import JobQueue
+from gateway.resume import StreamedText
 from gateway.validation import ValidRequest, validate
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._settings = settings
         self._catalog = catalog
         self._queue = queue
+        self.open_calls = 0
 
     async def ChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
@@ -54,7 +56,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             async with aclosing(self._relay(request, context)) as events:
                 async for call, event in events:
-                    if event.HasField("delta"):
+                    if event.HasField("started"):
+                        pieces.clear()  # a re-run on another worker starts over
+                    elif event.HasField("delta"):
                         pieces.append(event.delta.text)
                     elif event.HasField("finished"):
                         choice = chat_pb2.Choice(
@@ -79,15 +83,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def StreamChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        streamed = StreamedText()
+        role_sent = False
         try:
             async with aclosing(self._relay(request, context)) as events:
                 async for call, event in events:
                     kind = event.WhichOneof("kind")
                     if kind == "started":
-                        yield _chunk(call, chat_pb2.Delta(role="assistant"))
+                        streamed.restart()
+                        if not role_sent:
+                            role_sent = True
+                            yield _chunk(call, chat_pb2.Delta(role="assistant"))
                     elif kind == "delta":
-                        yield _chunk(call, chat_pb2.Delta(content=event.delta.text))
+                        if text := streamed.forward(event.delta.text, event.delta.completion_tokens):
+                            yield _chunk(call, chat_pb2.Delta(content=text))
                     elif kind == "finished":
+                        streamed.check_finished()
                         yield _chunk(
                             call,
                             chat_pb2.Delta(),
@@ -118,12 +129,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[tuple[_Call, codec.Event]]:
         """Validates, queues, and yields the job's events up to Finished; raises ServiceError on failure."""
+        if self.open_calls >= self._settings.max_concurrent_calls:
+            raise TooManyCalls(self._settings.max_concurrent_calls)
         valid: ValidRequest = validate(request, self._catalog, self._settings.default_max_tokens)
         timeout = self._timeout(context)
         deadline = time.time() + timeout
         subscription = await self._queue.submit(valid, deadline)
         call = _Call(subscription.request_id, int(time.time()), valid.model)
         finished = False
+        self.open_calls += 1
         try:
             async with asyncio.timeout(timeout):
                 while not finished:
@@ -134,8 +148,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         raise from_failed_event(event.failed)
                     if kind == "started":
                         call.fingerprint = event.started.system_fingerprint
-                    elif kind == "delta":
-                        _coalesce(event, subscription)
                     finished = kind == "finished"
                     yield call, event
         except TimeoutError:
@@ -143,19 +155,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"deadline of {timeout:.1f}s passed before the completion finished"
             ) from None
         finally:
+            self.open_calls -= 1
             self._queue.release(subscription.request_id, cancel_until=None if finished else deadline)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         default = self._settings.default_timeout_seconds
         return default if remaining is None else max(0.0, min(remaining, default))
-
-
-def _coalesce(event: codec.Event, subscription: Subscription) -> None:
-    """Appends deltas that are already waiting, so a slow caller gets fewer, larger messages."""
-    while (more := subscription.take_ready_delta()) is not None:
-        event.delta.text += more.delta.text
-        event.delta.completion_tokens = more.delta.completion_tokens
 
 
 def _chunk(

@@ -10,13 +10,17 @@ from redis.asyncio import Redis
 
 from worker.config import WorkerSettings
 from worker.consumer import JobConsumer
-from worker.engine.base import Engine
+from worker.engine.base import Engine, EngineDead
 from worker.publisher import EventPublisher
 
 log = logging.getLogger("worker")
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "bench":
+        from worker.engine.bench import BenchEngine
+
+        return BenchEngine(settings.model, settings.bench_tokens_per_second)
     from worker.engine.cpu import CpuEngine
 
     return CpuEngine(settings.model, settings.cpu)
@@ -34,9 +38,8 @@ async def serve(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, consumer.stop)
     log.info("worker %s serving %s on %s", settings.worker_id, settings.model.name, settings.engine)
     try:
-        await consumer.run()
+        await consumer.run()  # returns after SIGTERM and drain; raises if the engine died
     finally:
-        await consumer.wait_idle()
         await publisher.stop()
         await engine.stop()
         await redis.aclose()
@@ -48,7 +51,12 @@ def main() -> None:
         settings = WorkerSettings.from_env()
     except ValueError as exc:
         sys.exit(f"worker: bad settings: {exc}")
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except EngineDead as exc:
+        # Exit non-zero so the orchestrator restarts the worker with a fresh engine.
+        log.critical("exiting: %s", exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

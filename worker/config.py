@@ -10,6 +10,11 @@
 | WORKER_CPU_THREADS | 0 | torch intra-op threads for the CPU engine; 0 = all cores |
 | WORKER_KV_CACHE_TOKENS | 32768 | CPU engine KV cache size in tokens, shared by running jobs |
 | WORKER_CANCEL_POLL_SECONDS | 0.1 | how often running jobs are checked for cancellation |
+| WORKER_HEARTBEAT_SECONDS | 2 | how often the worker marks its jobs alive and looks for orphaned ones |
+| WORKER_CLAIM_IDLE_SECONDS | 10 | a job whose worker has not heartbeated for this long is reclaimed |
+| WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
+| WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
+| WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
 """
 
 import os
@@ -20,9 +25,16 @@ from dataclasses import dataclass
 
 from common.models import ModelSpec
 from common.settings import env_float, env_int, env_str
-from worker.engine.cpu import CpuEngineSettings
 
-ENGINES = ("cpu",)
+ENGINES = ("cpu", "bench")
+
+
+@dataclass(frozen=True)
+class CpuEngineSettings:
+    max_batch_size: int = 8  # requests decoded together in one step
+    num_threads: int = 0  # torch intra-op threads; 0 = all cores
+    kv_cache_tokens: int = 32768  # KV cache capacity shared by all running requests
+    max_batch_tokens: int = 512  # tokens (prefill chunks + decodes) per forward pass
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,11 @@ class WorkerSettings:
     worker_id: str
     max_concurrency: int
     cancel_poll_seconds: float
+    heartbeat_seconds: float
+    claim_idle_seconds: float
+    max_deliveries: int
+    drain_seconds: float
+    bench_tokens_per_second: float
     cpu: CpuEngineSettings
 
     @classmethod
@@ -42,6 +59,10 @@ class WorkerSettings:
         if engine not in ENGINES:
             raise ValueError(f"WORKER_ENGINE must be one of {ENGINES}, got {engine!r}")
         max_concurrency = env_int(env, "WORKER_MAX_CONCURRENCY", 8, minimum=1)
+        heartbeat = env_float(env, "WORKER_HEARTBEAT_SECONDS", 2.0, minimum=0.1)
+        claim_idle = env_float(env, "WORKER_CLAIM_IDLE_SECONDS", 10.0, minimum=0.1)
+        if claim_idle < 2 * heartbeat:
+            raise ValueError("WORKER_CLAIM_IDLE_SECONDS must be at least twice WORKER_HEARTBEAT_SECONDS")
         return cls(
             redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
             model=ModelSpec.parse(env_str(env, "WORKER_MODEL", "SmolLM2-135M-Instruct")),
@@ -49,6 +70,11 @@ class WorkerSettings:
             worker_id=env_str(env, "WORKER_ID", _default_worker_id()),
             max_concurrency=max_concurrency,
             cancel_poll_seconds=env_float(env, "WORKER_CANCEL_POLL_SECONDS", 0.1, minimum=0.01),
+            heartbeat_seconds=heartbeat,
+            claim_idle_seconds=claim_idle,
+            max_deliveries=env_int(env, "WORKER_MAX_DELIVERIES", 3, minimum=1),
+            drain_seconds=env_float(env, "WORKER_DRAIN_SECONDS", 20.0, minimum=0.0),
+            bench_tokens_per_second=env_float(env, "WORKER_BENCH_TOKENS_PER_SECOND", 50.0, minimum=0.0),
             cpu=CpuEngineSettings(
                 max_batch_size=max_concurrency,
                 num_threads=env_int(env, "WORKER_CPU_THREADS", 0, minimum=0),

@@ -1,26 +1,37 @@
-"""The worker loop: take as many jobs as there are free slots, run them, watch for cancels.
+"""The worker loop: claim jobs up to free capacity, run them, watch them, drain on SIGTERM.
 
-Jobs come from the model's job stream through the consumer group, so each job goes
-to exactly one worker and stays in the group's pending list until it is acknowledged.
-A job is acknowledged (and deleted) only after its terminal event is in Redis.
+take:      new jobs (XREADGROUP) and jobs of dead workers (XAUTOCLAIM), up to free slots
+run:       one task per job (runner.run_job), exactly one terminal event each
+watch:     abort jobs whose caller left (cancel flag) or whose gateway died (reply stream gone)
+heartbeat: keep our pending entries fresh; drop jobs another worker has reclaimed
+drain:     on stop, finish what runs within the grace period, hand the rest back
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from common import codec, keys, streams
+from common import keys
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
+from worker.jobs import Delivery, JobStream
 from worker.publisher import EventPublisher
 from worker.runner import FailureKind, JobEvents, run_job
 
 log = logging.getLogger(__name__)
+
+_BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class _Running:
+    def __init__(self, delivery: Delivery, events: JobEvents) -> None:
+        self.delivery = delivery
+        self.events = events
+        self.task: asyncio.Task[None] | None = None
+        self.handed_back = False  # True: leave it pending for another worker, publish nothing more
 
 
 class JobConsumer:
@@ -31,81 +42,111 @@ class JobConsumer:
         self._redis = redis
         self._engine = engine
         self._publisher = publisher
-        self._stream = keys.job_stream(settings.model.name)
-        self._running: dict[str, asyncio.Task[None]] = {}  # request_id -> job task
+        self._jobs = JobStream(redis, settings.model.name, settings.worker_id)
+        self._running: dict[str, _Running] = {}  # by request_id
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._next_reclaim = 0.0
         self.fatal_error: BaseException | None = None
 
     @property
     def num_running(self) -> int:
         return len(self._running)
 
+    def stop(self) -> None:
+        """Stop taking jobs (SIGTERM); run() returns, then drain() finishes or hands back the rest."""
+        self._stopping.set()
+        self._slot_freed.set()
+
     async def run(self) -> None:
         """Serves jobs until stop() is called or the engine dies."""
-        await self._ensure_group()
-        watcher = asyncio.create_task(self._watch_cancellations(), name="cancel-watcher")
+        helpers = [
+            asyncio.create_task(self._watch_running(), name="watch-running"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        failures = 0
         try:
+            await self._jobs.ensure_group()
             while not self._stopping.is_set():
                 free = self._settings.max_concurrency - len(self._running)
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
-                await self._take_jobs(free)
+                try:
+                    for delivery in await self._take(free):
+                        self._accept(delivery)
+                    failures = 0
+                except RedisError as exc:
+                    delay = _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS) - 1)]
+                    failures += 1
+                    log.warning("job stream unavailable (%s); retrying in %.1fs", exc, delay)
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        await self._jobs.ensure_group()  # Redis lost its data: start over
+                    await asyncio.sleep(delay)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            if self.fatal_error is None:
+                await self.drain()
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
         if self.fatal_error is not None:
             raise self.fatal_error
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._slot_freed.set()
-
-    async def wait_idle(self) -> None:
-        while self._running:
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
-
-    async def _ensure_group(self) -> None:
-        try:
-            # Id 0: jobs queued before any worker existed are served too.
-            await self._redis.xgroup_create(self._stream, keys.WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def _take_jobs(self, count: int) -> None:
-        reply = await self._redis.xreadgroup(
-            keys.WORKER_GROUP, self._settings.worker_id, {self._stream: ">"}, count=count, block=1000
-        )
-        for entry_id, fields in streams.entries(reply):
-            self._accept(entry_id, fields)
-
-    def _accept(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            job = codec.decode_job(fields.get(keys.PAYLOAD_FIELD, b""))
-        except codec.BadPayload as exc:
-            log.error("dropping malformed job %s: %s", entry_id, exc)
-            self._spawn(self._acknowledge(entry_id))
+    async def drain(self) -> None:
+        """Lets running jobs finish within the drain period, then hands the rest back."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            log.info("draining %d jobs (up to %.0fs)", len(tasks), self._settings.drain_seconds)
+            await asyncio.wait(tasks, timeout=self._settings.drain_seconds)
+        left = list(self._running.values())
+        if not left:
             return
-        if job.request_id in self._running:
-            log.error("job %s is already running here; dropping duplicate entry %s", job.request_id, entry_id)
-            self._spawn(self._acknowledge(entry_id))
-            return
-        task = asyncio.create_task(self._run_job(entry_id, job), name=f"job-{job.request_id}")
-        self._running[job.request_id] = task
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _run_job(self, entry_id: bytes, job: codec.Job) -> None:
-        events = JobEvents(job, self._publisher)
+        log.warning("handing back %d unfinished jobs", len(left))
+        for running in left:
+            running.handed_back = True
+            running.events.silenced = True
         try:
-            if job.deadline and job.deadline <= time.time():
+            await self._jobs.hand_back([r.delivery.entry_id for r in left])
+        except RedisError as exc:
+            log.error("cannot hand back jobs (%s); they are reclaimed after the claim timeout", exc)
+        for running in left:
+            await self._engine.abort(running.delivery.request_id)
+        await asyncio.gather(*(r.task for r in left if r.task is not None), return_exceptions=True)
+
+    async def _take(self, free: int) -> list[Delivery]:
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + self._settings.heartbeat_seconds
+            reclaimed = await self._jobs.reclaim(free, int(self._settings.claim_idle_seconds * 1000))
+            if reclaimed:
+                log.info("reclaimed %d jobs of unresponsive workers", len(reclaimed))
+                return reclaimed
+        return await self._jobs.read_new(free, block_ms=int(self._settings.heartbeat_seconds * 1000))
+
+    def _accept(self, delivery: Delivery) -> None:
+        events = JobEvents(delivery.request_id, delivery.reply_to, delivery.attempt, self._publisher)
+        running = _Running(delivery, events)
+        if delivery.request_id in self._running:
+            log.error(
+                "job %s is already running here; ignoring entry %s", delivery.request_id, delivery.entry_id
+            )
+            return
+        self._running[delivery.request_id] = running
+        running.task = asyncio.create_task(self._run(running), name=f"job-{delivery.request_id}")
+
+    async def _run(self, running: _Running) -> None:
+        delivery, events = running.delivery, running.events
+        job = delivery.job
+        dead_letter_reason = ""
+        try:
+            if job is None:
+                dead_letter_reason = f"undecodable job: {delivery.error}"
+                events.failed(FailureKind.FAILURE_KIND_BAD_PAYLOAD, "the job could not be decoded")
+            elif delivery.attempt > self._settings.max_deliveries:
+                dead_letter_reason = f"delivered {delivery.attempt} times; its workers keep dying"
+                events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"job abandoned: {dead_letter_reason}")
+            elif job.deadline and job.deadline <= time.time():
                 events.failed(FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, "deadline passed while queued")
             elif await self._redis.exists(keys.cancel_flag(job.request_id)):
                 events.failed(FailureKind.FAILURE_KIND_CANCELLED, "caller left while queued")
@@ -116,37 +157,64 @@ class JobConsumer:
             self.fatal_error = exc
             self.stop()
         except Exception:
-            log.exception("job %s: unexpected error", job.request_id)
+            log.exception("job %s: unexpected error", delivery.request_id)
             if not events.terminal_sent:
                 events.failed(FailureKind.FAILURE_KIND_INTERNAL, "worker error")
         finally:
-            self._running.pop(job.request_id, None)
+            self._running.pop(delivery.request_id, None)
             self._slot_freed.set()
-        await self._publisher.flush()
-        await self._acknowledge(entry_id, job.request_id)
+        if running.handed_back:
+            return
+        try:
+            await self._publisher.flush()
+            if dead_letter_reason:
+                await self._jobs.dead_letter(delivery, dead_letter_reason)
+            else:
+                await self._jobs.acknowledge(delivery.entry_id, delivery.request_id)
+        except RedisError as exc:
+            # Left pending: after the claim timeout another worker runs it again.
+            log.error("job %s: cannot report its end (%s)", delivery.request_id, exc)
 
-    async def _acknowledge(self, entry_id: bytes, request_id: str | None = None) -> None:
-        """Removes a finished job from the stream (and its cancel flag, which has served its purpose)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, keys.WORKER_GROUP, entry_id)
-            pipe.xdel(self._stream, entry_id)
-            if request_id is not None:
-                pipe.delete(keys.cancel_flag(request_id))
-            await pipe.execute()
-
-    async def _watch_cancellations(self) -> None:
-        """Aborts running jobs whose caller has gone (the gateway sets their cancel flag)."""
+    async def _watch_running(self) -> None:
+        """Aborts jobs whose caller has gone (cancel flag) or whose gateway died (reply stream gone)."""
         while True:
             await asyncio.sleep(self._settings.cancel_poll_seconds)
-            request_ids = list(self._running)
-            if not request_ids:
+            running = list(self._running.values())
+            if not running:
                 continue
             try:
-                flags = await self._redis.mget([keys.cancel_flag(r) for r in request_ids])
-            except Exception as exc:
-                log.warning("cannot check cancellations: %s", exc)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for r in running:
+                        pipe.exists(keys.cancel_flag(r.delivery.request_id))
+                        pipe.exists(r.delivery.reply_to)
+                    replies = await pipe.execute()
+            except RedisError as exc:
+                log.warning("cannot check running jobs: %s", exc)
                 continue
-            for request_id, flag in zip(request_ids, flags, strict=True):
-                if flag is not None:
-                    log.info("job %s cancelled by its caller", request_id)
-                    await self._engine.abort(request_id)
+            for r, cancelled, gateway_alive in zip(running, replies[::2], replies[1::2], strict=True):
+                if cancelled or not gateway_alive:
+                    log.info(
+                        "aborting job %s: %s",
+                        r.delivery.request_id,
+                        "cancelled" if cancelled else "gateway gone",
+                    )
+                    await self._engine.abort(r.delivery.request_id)
+
+    async def _heartbeat(self) -> None:
+        """Keeps our jobs from being reclaimed; stops jobs another worker has taken over meanwhile."""
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            running = [r for r in self._running.values() if not r.handed_back]
+            try:
+                owned = await self._jobs.heartbeat([r.delivery.entry_id for r in running])
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            for r in running:
+                if r.delivery.entry_id not in owned and r.delivery.request_id in self._running:
+                    log.warning(
+                        "job %s was reclaimed by another worker; stopping our copy", r.delivery.request_id
+                    )
+                    r.handed_back = True
+                    r.events.silenced = True
+                    await self._engine.abort(r.delivery.request_id)

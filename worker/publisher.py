@@ -8,6 +8,7 @@ their order because batches are written one after another.
 
 import asyncio
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class EventPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._batch: list[tuple[str, bytes]] = []
+        self._batch: list[tuple[str, bytes, bytes]] = []  # (reply stream, request id, payload)
         self._batch_written: asyncio.Future[None] | None = None  # resolves when _batch is in Redis
         self._in_flight: asyncio.Future[None] | None = None  # the batch being written now
         self._wakeup = asyncio.Event()
@@ -40,7 +41,7 @@ class EventPublisher:
             self._batch_written = asyncio.get_running_loop().create_future()
             # Nobody may await this batch; mark a failure as seen so asyncio does not warn.
             self._batch_written.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._batch.append((reply_to, codec.encode(event)))
+        self._batch.append((reply_to, event.request_id.encode(), codec.encode(event)))
         self._wakeup.set()
 
     async def flush(self) -> None:
@@ -67,9 +68,10 @@ class EventPublisher:
             finally:
                 self._in_flight = None
 
-    async def _write(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _write(self, batch: list[tuple[str, bytes, bytes]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for reply_to, payload in batch:
+            for reply_to, request_id, payload in batch:
+                fields: dict[Any, Any] = {keys.REQUEST_ID_FIELD: request_id, keys.PAYLOAD_FIELD: payload}
                 # NOMKSTREAM: a gateway that died has let its reply stream expire; don't recreate it.
-                pipe.xadd(reply_to, {keys.PAYLOAD_FIELD: payload}, nomkstream=True)
+                pipe.xadd(reply_to, fields, nomkstream=True)
             await pipe.execute()

@@ -20,19 +20,26 @@ FailureKind = codec.FailureKind
 
 
 class JobEvents:
-    """Numbers and publishes the events of one job."""
+    """Numbers and publishes the events of one attempt at a job."""
 
-    def __init__(self, job: codec.Job, publisher: EventPublisher) -> None:
-        self._job = job
+    def __init__(self, request_id: str, reply_to: str, attempt: int, publisher: EventPublisher) -> None:
+        self._request_id = request_id
+        self._reply_to = reply_to
+        self._attempt = attempt
         self._publisher = publisher
         self._seq = 0
         self.terminal_sent = False
+        # Set when the job is handed to another worker: this attempt must say nothing more.
+        self.silenced = False
 
     def _send(self, event: codec.Event) -> None:
-        event.request_id = self._job.request_id
+        if self.silenced or not self._reply_to:
+            return
+        event.request_id = self._request_id
         event.seq = self._seq
+        event.attempt = self._attempt
         self._seq += 1
-        self._publisher.publish(self._job.reply_to, event)
+        self._publisher.publish(self._reply_to, event)
 
     def started(self, worker_id: str, fingerprint: str) -> None:
         self._send(codec.Event(started=codec.Started(worker_id=worker_id, system_fingerprint=fingerprint)))

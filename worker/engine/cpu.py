@@ -16,7 +16,6 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -30,6 +29,7 @@ from transformers.generation.continuous_batching.continuous_api import Continuou
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from common.models import ModelSpec, read_context_window
+from worker.config import CpuEngineSettings
 from worker.engine.base import Delta, Engine, EngineDead, EngineError, GenerationRequest
 from worker.engine.sampler import SLOT_KWARG, BatchSampler, RequestSampler
 from worker.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
@@ -38,14 +38,6 @@ log = logging.getLogger(__name__)
 
 _ABORTED = object()  # queued to a request's outputs by abort()
 _PAGE_SIZE = 128
-
-
-@dataclass(frozen=True)
-class CpuEngineSettings:
-    max_batch_size: int = 8  # requests decoded together in one step
-    num_threads: int = 0  # torch intra-op threads; 0 = all cores
-    kv_cache_tokens: int = 32768  # KV cache capacity shared by all running requests
-    max_batch_tokens: int = 512  # tokens (prefill chunks + decodes) per forward pass
 
 
 class CpuEngine(Engine):

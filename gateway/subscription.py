@@ -1,0 +1,60 @@
+"""The events of one job on their way from the reply reader to the call that waits for them."""
+
+import asyncio
+from collections import deque
+
+from common import codec
+from gateway.errors import ServiceError, Unavailable
+
+
+class Subscription:
+    """Ordered events of the job's current attempt, with deltas merged while the caller lags.
+
+    Merging keeps the backlog of a slow caller at a few events, whatever the engine's pace;
+    its text is bounded by the job's max_tokens.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._events: deque[codec.Event] = deque()
+        self._arrived = asyncio.Event()
+        self._attempt = 1
+        self._next_seq = 0
+        self._error: ServiceError | None = None
+
+    def deliver(self, event: codec.Event) -> None:
+        attempt = max(event.attempt, 1)
+        if attempt < self._attempt:
+            return  # late event of a worker that lost the job
+        if attempt > self._attempt:
+            self._attempt, self._next_seq = attempt, 0
+            self._events = deque(e for e in self._events if e.WhichOneof("kind") != "delta")
+        if event.seq < self._next_seq:
+            return  # a duplicate
+        if event.seq > self._next_seq:
+            self.fail(
+                Unavailable(f"lost contact with the worker: events {self._next_seq}..{event.seq - 1} missing")
+            )
+            return
+        self._next_seq += 1
+        last = self._events[-1] if self._events else None
+        if last is not None and last.HasField("delta") and event.HasField("delta"):
+            last.delta.text += event.delta.text
+            last.delta.completion_tokens = event.delta.completion_tokens
+        else:
+            self._events.append(event)
+        self._arrived.set()
+
+    def fail(self, error: ServiceError) -> None:
+        """Ends the subscription: next() raises error once queued events are consumed."""
+        if self._error is None:
+            self._error = error
+            self._arrived.set()
+
+    async def next(self) -> codec.Event:
+        while not self._events:
+            if self._error is not None:
+                raise self._error
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._events.popleft()
