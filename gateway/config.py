@@ -12,6 +12,7 @@
 | GATEWAY_MAX_CONCURRENT_CALLS | 2000 | open calls beyond which new ones get RESOURCE_EXHAUSTED |
 | GATEWAY_RETRY_AFTER_SECONDS | 1 | retry delay suggested (google.rpc.RetryInfo) when overloaded |
 | GATEWAY_SHUTDOWN_GRACE_SECONDS | 25 | on SIGTERM, time open calls get to finish |
+| GATEWAY_METRICS_PORT | 9100 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | GATEWAY_REDIS_TIMEOUT_SECONDS | 2 | connect/command timeout towards Redis; then a call fails UNAVAILABLE |
 """
 
@@ -38,6 +39,7 @@ class GatewaySettings:
     retry_after_seconds: float
     shutdown_grace_seconds: float
     redis_timeout_seconds: float
+    metrics_port: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewaySettings":
@@ -56,4 +58,5 @@ class GatewaySettings:
             retry_after_seconds=env_float(env, "GATEWAY_RETRY_AFTER_SECONDS", 1.0, minimum=0.0),
             shutdown_grace_seconds=env_float(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0.0),
             redis_timeout_seconds=env_float(env, "GATEWAY_REDIS_TIMEOUT_SECONDS", 2.0, minimum=0.1),
+            metrics_port=env_int(env, "GATEWAY_METRICS_PORT", 9100, minimum=0),
         )

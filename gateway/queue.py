@@ -33,15 +33,20 @@ _TRIM_EVERY_SECONDS = 1.0
 # Queues a job unless the model already has `limit` jobs waiting (queued, not yet taken).
 # Returns the entry id, or the number waiting when full. Atomic, so concurrent gateways
 # cannot overshoot the limit together.
-_SUBMIT = """
+_WAITING = """
 local waiting = redis.call('XLEN', KEYS[1])
 if waiting > 0 then
   local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
   if ok then waiting = waiting - pending[1] end
 end
+"""
+_SUBMIT = (
+    _WAITING
+    + """
 if waiting >= tonumber(ARGV[2]) then return waiting end
 return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
+)
 
 
 class JobQueue:
@@ -52,6 +57,7 @@ class JobQueue:
         self._max_queued_jobs = max_queued_jobs
         self._reply_stream = keys.reply_stream(gateway_id)
         self._submit = redis.register_script(_SUBMIT)
+        self._waiting = redis.register_script(_WAITING + "return waiting")
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -73,6 +79,10 @@ class JobQueue:
     @property
     def num_subscriptions(self) -> int:
         return len(self._subscriptions)
+
+    async def waiting_jobs(self, model: str) -> int:
+        """Jobs of the model that no worker has taken yet."""
+        return int(await self._waiting(keys=[keys.job_stream(model)], args=[keys.WORKER_GROUP]))
 
     async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
         """Queues a validated request; its events arrive on the returned Subscription."""

@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
+from common.metrics_server import serve_metrics
+from gateway import metrics
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
@@ -52,8 +54,10 @@ class Gateway:
         )
         self.port = self.server.add_insecure_port(settings.address)
         self._monitor: asyncio.Task[None] | None = None
+        self._models = catalog.names
 
     async def start(self) -> None:
+        serve_metrics(self.settings.metrics_port)
         await self.queue.start()
         await self.server.start()
         await self._set_serving(True)
@@ -83,12 +87,14 @@ class Gateway:
         while True:
             await asyncio.sleep(_HEALTH_CHECK_SECONDS)
             try:
-                await self._redis.ping()
+                for model in self._models:
+                    metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
                 ok = True
             except (RedisError, OSError) as exc:
                 ok = False
                 if serving:
                     log.error("Redis unreachable: %s", exc)
+            metrics.REDIS_UP.set(1 if ok else 0)
             if ok != serving:
                 serving = ok
                 await self._set_serving(ok)

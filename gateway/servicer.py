@@ -14,16 +14,29 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import code_pb2
 from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import codec
+from gateway import metrics
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
-from gateway.errors import DeadlineExceeded, ServiceError, TooManyCalls, from_failed_event
+from gateway.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidField,
+    QueueFull,
+    ServiceError,
+    TooManyCalls,
+    Unavailable,
+    from_failed_event,
+)
+from gateway.metrics import CallRecorder
 from gateway.queue import JobQueue
 from gateway.resume import StreamedText
-from gateway.validation import ValidRequest, validate
+from gateway.subscription import Subscription
+from gateway.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +65,43 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatCompletionResponse:
+        recorder = self._recorder("ChatCompletion", request)
         pieces: list[str] = []
+        code = "OK"
         try:
-            async with aclosing(self._relay(request, context)) as events:
+            async with aclosing(self._relay(request, context, recorder)) as events:
                 async for call, event in events:
                     if event.HasField("started"):
                         pieces.clear()  # a re-run on another worker starts over
                     elif event.HasField("delta"):
                         pieces.append(event.delta.text)
                     elif event.HasField("finished"):
-                        choice = chat_pb2.Choice(
-                            index=0,
-                            message=chat_pb2.AssistantMessage(role="assistant", content="".join(pieces)),
-                            finish_reason=event.finished.finish_reason,
-                        )
-                        return chat_pb2.ChatCompletionResponse(
-                            id=call.completion_id,
-                            object="chat.completion",
-                            created=call.created,
-                            model=call.model,
-                            choices=[choice],
-                            usage=_usage(event.finished),
-                            system_fingerprint=call.fingerprint,
-                        )
+                        return _response(call, "".join(pieces), event.finished)
+            raise ServiceError("the job ended without a result")
         except ServiceError as exc:
+            code = code_pb2.Code.Name(exc.code)
             await _abort(context, exc)
-        await _abort(context, ServiceError("the job ended without a result"))
-        raise AssertionError("unreachable")  # abort always raises
+            raise AssertionError("unreachable") from exc  # abort always raises
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            recorder.done(code)
 
     async def StreamChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        recorder = self._recorder("StreamChatCompletion", request)
         streamed = StreamedText()
         role_sent = False
+        code = "OK"
         try:
-            async with aclosing(self._relay(request, context)) as events:
+            async with aclosing(self._relay(request, context, recorder)) as events:
                 async for call, event in events:
                     kind = event.WhichOneof("kind")
                     if kind == "started":
+                        if event.attempt > 1:
+                            metrics.RESUMED_STREAMS.labels(recorder.model, "rerun").inc()
                         streamed.restart()
                         if not role_sent:
                             role_sent = True
@@ -99,16 +111,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                             yield _chunk(call, chat_pb2.Delta(content=text))
                     elif kind == "finished":
                         streamed.check_finished()
-                        yield _chunk(
-                            call,
-                            chat_pb2.Delta(),
-                            event.finished.finish_reason,
-                            _usage(event.finished),
-                        )
+                        usage = _usage(event.finished)
+                        yield _chunk(call, chat_pb2.Delta(), event.finished.finish_reason, usage)
                         return
+            raise ServiceError("the job ended without a result")
         except ServiceError as exc:
+            code = code_pb2.Code.Name(exc.code)
+            if isinstance(exc, Aborted):
+                metrics.RESUMED_STREAMS.labels(recorder.model, "aborted").inc()
             await _abort(context, exc)
-        await _abort(context, ServiceError("the job ended without a result"))
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            recorder.done(code)
 
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -125,19 +141,23 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         ]
         return chat_pb2.ListModelsResponse(object="list", data=models)
 
+    def _recorder(self, rpc: str, request: chat_pb2.ChatCompletionRequest) -> CallRecorder:
+        return CallRecorder(rpc, metrics.model_label(request.model, self._catalog.names))
+
     async def _relay(
-        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: chat_pb2.ChatCompletionRequest,
+        context: grpc.aio.ServicerContext,
+        recorder: CallRecorder,
     ) -> AsyncGenerator[tuple[_Call, codec.Event]]:
         """Validates, queues, and yields the job's events up to Finished; raises ServiceError on failure."""
-        if self.open_calls >= self._settings.max_concurrent_calls:
-            raise TooManyCalls(self._settings.max_concurrent_calls)
-        valid: ValidRequest = validate(request, self._catalog, self._settings.default_max_tokens)
         timeout = self._timeout(context)
         deadline = time.time() + timeout
-        subscription = await self._queue.submit(valid, deadline)
-        call = _Call(subscription.request_id, int(time.time()), valid.model)
+        subscription = await self._admit(request, deadline, recorder)
+        call = _Call(subscription.request_id, int(time.time()), request.model)
         finished = False
         self.open_calls += 1
+        metrics.OPEN_CALLS.inc()
         try:
             async with asyncio.timeout(timeout):
                 while not finished:
@@ -148,7 +168,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         raise from_failed_event(event.failed)
                     if kind == "started":
                         call.fingerprint = event.started.system_fingerprint
-                    finished = kind == "finished"
+                    elif kind == "delta":
+                        recorder.delta()
+                    elif kind == "finished":
+                        finished = True
+                        f = event.finished
+                        recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time)
                     yield call, event
         except TimeoutError:
             raise DeadlineExceeded(
@@ -156,7 +181,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             ) from None
         finally:
             self.open_calls -= 1
+            metrics.OPEN_CALLS.dec()
             self._queue.release(subscription.request_id, cancel_until=None if finished else deadline)
+
+    async def _admit(
+        self, request: chat_pb2.ChatCompletionRequest, deadline: float, recorder: CallRecorder
+    ) -> Subscription:
+        """Everything that may refuse a call before its job exists: limits, validation, queue capacity."""
+        try:
+            if self.open_calls >= self._settings.max_concurrent_calls:
+                raise TooManyCalls(self._settings.max_concurrent_calls)
+            valid = validate(request, self._catalog, self._settings.default_max_tokens)
+            return await self._queue.submit(valid, deadline)
+        except ServiceError as exc:
+            metrics.REJECTIONS.labels(recorder.model, _rejection_reason(exc)).inc()
+            raise
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -164,11 +203,35 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return default if remaining is None else max(0.0, min(remaining, default))
 
 
+def _rejection_reason(error: ServiceError) -> str:
+    reasons: list[tuple[type[ServiceError], str]] = [
+        (InvalidField, "invalid"),
+        (QueueFull, "queue_full"),
+        (TooManyCalls, "too_many_calls"),
+        (Unavailable, "redis_unavailable"),
+    ]
+    return next((reason for kind, reason in reasons if isinstance(error, kind)), "other")
+
+
+def _response(call: _Call, content: str, finished: codec.Finished) -> chat_pb2.ChatCompletionResponse:
+    choice = chat_pb2.Choice(
+        index=0,
+        message=chat_pb2.AssistantMessage(role="assistant", content=content),
+        finish_reason=finished.finish_reason,
+    )
+    return chat_pb2.ChatCompletionResponse(
+        id=call.completion_id,
+        object="chat.completion",
+        created=call.created,
+        model=call.model,
+        choices=[choice],
+        usage=_usage(finished),
+        system_fingerprint=call.fingerprint,
+    )
+
+
 def _chunk(
-    call: _Call,
-    delta: chat_pb2.Delta,
-    finish_reason: str = "",
-    usage: chat_pb2.Usage | None = None,
+    call: _Call, delta: chat_pb2.Delta, finish_reason: str = "", usage: chat_pb2.Usage | None = None
 ) -> chat_pb2.ChatCompletionChunk:
     return chat_pb2.ChatCompletionChunk(
         id=call.completion_id,
@@ -194,6 +257,6 @@ def _usage(finished: codec.Finished) -> chat_pb2.Usage:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    if error.code == grpc.StatusCode.INTERNAL.value[0]:
+    if error.code == code_pb2.INTERNAL:
         log.error("internal error: %s", error.message)
     await context.abort_with_status(rpc_status.to_status(error.to_status()))

@@ -8,6 +8,8 @@ import sys
 import uvloop
 from redis.asyncio import Redis
 
+from common.metrics_server import serve_metrics
+from worker import metrics
 from worker.config import WorkerSettings
 from worker.consumer import JobConsumer
 from worker.engine.base import Engine, EngineDead
@@ -27,12 +29,18 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def serve(settings: WorkerSettings) -> None:
+    serve_metrics(settings.metrics_port)
     engine = build_engine(settings)
     await engine.start()
     redis = Redis.from_url(settings.redis_url)
     publisher = EventPublisher(redis)
     publisher.start()
     consumer = JobConsumer(settings, redis, engine, publisher)
+    model = settings.model.name
+    metrics.RUNNING.labels(model).set_function(lambda: engine.num_active)
+    metrics.KV_CACHE_USAGE.labels(model).set_function(lambda: engine.kv_cache_usage)
+    metrics.FREE_SLOTS.labels(model).set_function(lambda: settings.max_concurrency - consumer.num_running)
+    metrics.WAITING.labels(model).set_function(lambda: max(0, consumer.num_running - engine.num_active))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, consumer.stop)

@@ -14,6 +14,7 @@
 | WORKER_CLAIM_IDLE_SECONDS | 10 | a job whose worker has not heartbeated for this long is reclaimed |
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
+| WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
 """
 
@@ -50,6 +51,7 @@ class WorkerSettings:
     max_deliveries: int
     drain_seconds: float
     bench_tokens_per_second: float
+    metrics_port: int
     cpu: CpuEngineSettings
 
     @classmethod
@@ -75,6 +77,7 @@ class WorkerSettings:
             max_deliveries=env_int(env, "WORKER_MAX_DELIVERIES", 3, minimum=1),
             drain_seconds=env_float(env, "WORKER_DRAIN_SECONDS", 20.0, minimum=0.0),
             bench_tokens_per_second=env_float(env, "WORKER_BENCH_TOKENS_PER_SECOND", 50.0, minimum=0.0),
+            metrics_port=env_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
             cpu=CpuEngineSettings(
                 max_batch_size=max_concurrency,
                 num_threads=env_int(env, "WORKER_CPU_THREADS", 0, minimum=0),

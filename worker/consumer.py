@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from common import keys
+from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
 from worker.jobs import Delivery, JobStream
@@ -42,7 +43,8 @@ class JobConsumer:
         self._redis = redis
         self._engine = engine
         self._publisher = publisher
-        self._jobs = JobStream(redis, settings.model.name, settings.worker_id)
+        self._model = settings.model.name
+        self._jobs = JobStream(redis, self._model, settings.worker_id)
         self._running: dict[str, _Running] = {}  # by request_id
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -110,8 +112,9 @@ class JobConsumer:
             await self._jobs.hand_back([r.delivery.entry_id for r in left])
         except RedisError as exc:
             log.error("cannot hand back jobs (%s); they are reclaimed after the claim timeout", exc)
+        metrics.HANDED_BACK.labels(self._model).inc(len(left))
         for running in left:
-            await self._engine.abort(running.delivery.request_id)
+            await self._abort(running, "drain")
         await asyncio.gather(*(r.task for r in left if r.task is not None), return_exceptions=True)
 
     async def _take(self, free: int) -> list[Delivery]:
@@ -121,6 +124,7 @@ class JobConsumer:
             reclaimed = await self._jobs.reclaim(free, int(self._settings.claim_idle_seconds * 1000))
             if reclaimed:
                 log.info("reclaimed %d jobs of unresponsive workers", len(reclaimed))
+                metrics.RECLAIMED.labels(self._model).inc(len(reclaimed))
                 return reclaimed
         return await self._jobs.read_new(free, block_ms=int(self._settings.heartbeat_seconds * 1000))
 
@@ -139,6 +143,7 @@ class JobConsumer:
         delivery, events = running.delivery, running.events
         job = delivery.job
         dead_letter_reason = ""
+        taken = time.monotonic()
         try:
             if job is None:
                 dead_letter_reason = f"undecodable job: {delivery.error}"
@@ -163,12 +168,16 @@ class JobConsumer:
         finally:
             self._running.pop(delivery.request_id, None)
             self._slot_freed.set()
+            metrics.JOBS.labels(self._model, events.outcome or "handed_back").inc()
+            metrics.GENERATED_TOKENS.labels(self._model).inc(events.tokens)
+            metrics.JOB_DURATION.labels(self._model).observe(time.monotonic() - taken)
         if running.handed_back:
             return
         try:
             await self._publisher.flush()
             if dead_letter_reason:
                 await self._jobs.dead_letter(delivery, dead_letter_reason)
+                metrics.DEAD_LETTERS.labels(self._model).inc()
             else:
                 await self._jobs.acknowledge(delivery.entry_id, delivery.request_id)
         except RedisError as exc:
@@ -193,12 +202,12 @@ class JobConsumer:
                 continue
             for r, cancelled, gateway_alive in zip(running, replies[::2], replies[1::2], strict=True):
                 if cancelled or not gateway_alive:
-                    log.info(
-                        "aborting job %s: %s",
-                        r.delivery.request_id,
-                        "cancelled" if cancelled else "gateway gone",
-                    )
-                    await self._engine.abort(r.delivery.request_id)
+                    await self._abort(r, "cancelled" if cancelled else "gateway_gone")
+
+    async def _abort(self, running: _Running, reason: str) -> None:
+        log.info("aborting job %s: %s", running.delivery.request_id, reason)
+        metrics.ABORTS.labels(self._model, reason).inc()
+        await self._engine.abort(running.delivery.request_id)
 
     async def _heartbeat(self) -> None:
         """Keeps our jobs from being reclaimed; stops jobs another worker has taken over meanwhile."""
@@ -217,4 +226,4 @@ class JobConsumer:
                     )
                     r.handed_back = True
                     r.events.silenced = True
-                    await self._engine.abort(r.delivery.request_id)
+                    await self._abort(r, "reclaimed")

@@ -31,6 +31,8 @@ class JobEvents:
         self.terminal_sent = False
         # Set when the job is handed to another worker: this attempt must say nothing more.
         self.silenced = False
+        self.outcome = ""  # "finished" or the failure kind, once the terminal event is sent
+        self.tokens = 0  # generated so far
 
     def _send(self, event: codec.Event) -> None:
         if self.silenced or not self._reply_to:
@@ -45,16 +47,20 @@ class JobEvents:
         self._send(codec.Event(started=codec.Started(worker_id=worker_id, system_fingerprint=fingerprint)))
 
     def delta(self, text: str, completion_tokens: int) -> None:
+        self.tokens = completion_tokens
         self._send(codec.Event(delta=codec.Delta(text=text, completion_tokens=completion_tokens)))
 
     def finished(self, finished: codec.Finished) -> None:
         self.terminal_sent = True
+        self.outcome = "finished"
+        self.tokens = finished.completion_tokens
         self._send(codec.Event(finished=finished))
 
     def failed(
         self, kind: codec.FailureKind, message: str, reason: str = "", failed_generation: str = ""
     ) -> None:
         self.terminal_sent = True
+        self.outcome = codec.FailureKind.Name(kind).removeprefix("FAILURE_KIND_").lower()
         failed = codec.Failed(
             kind=kind,
             message=message,

@@ -50,9 +50,10 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     uses_stack = "stack" in request.fixturenames
     client = request.getfixturevalue("redis_client") if uses_stack else None
+    stack = request.getfixturevalue("stack") if uses_stack else None
     yield
-    if client is not None:
-        assert_nothing_leaked(client)
+    if client is not None and stack is not None:
+        assert_nothing_leaked(client, stack.worker_metrics_ports)
 
 
 @pytest.fixture(scope="session")

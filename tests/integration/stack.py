@@ -1,12 +1,14 @@
 """A running stack for integration tests: real redis-server, gateway and worker processes."""
 
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 
 import grpc
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import keys
@@ -24,7 +26,9 @@ class Stack:
     worker_env: dict[str, str] = field(default_factory=dict)
     gateway: Popen[bytes] | None = None
     workers: list[Popen[bytes]] = field(default_factory=list)
+    worker_metrics_ports: list[int] = field(default_factory=list)
     port: int = 0
+    gateway_metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -32,14 +36,30 @@ class Stack:
 
     def start_gateway(self) -> None:
         self.port = self.port or free_port()
-        env = {"REDIS_URL": self.redis_server.url, "GATEWAY_ADDRESS": self.address, **self.gateway_env}
+        self.gateway_metrics_port = self.gateway_metrics_port or free_port()
+        env = {
+            "REDIS_URL": self.redis_server.url,
+            "GATEWAY_ADDRESS": self.address,
+            "GATEWAY_METRICS_PORT": str(self.gateway_metrics_port),
+            **self.gateway_env,
+        }
         self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
         processes.wait_serving(self.address, self.gateway)
 
-    def start_worker(self) -> Popen[bytes]:
-        env = {"REDIS_URL": self.redis_server.url, **self.worker_env}
-        worker = processes.launch("worker", env, self.log_dir / f"worker-{len(self.workers)}.log")
+    def start_worker(self, **extra_env: str) -> Popen[bytes]:
+        """Starts a worker named worker-N (its consumer name in Redis and its log file)."""
+        name = f"worker-{len(self.workers)}"
+        port = free_port()
+        env = {
+            "REDIS_URL": self.redis_server.url,
+            "WORKER_ID": name,
+            "WORKER_METRICS_PORT": str(port),
+            **self.worker_env,
+            **extra_env,
+        }
+        worker = processes.launch("worker", env, self.log_dir / f"{name}.log")
         self.workers.append(worker)
+        self.worker_metrics_ports.append(port)
         return worker
 
     def wait_worker_ready(self, timeout: float = 180.0) -> None:
@@ -57,11 +77,15 @@ class Stack:
                 processes.stop(process)
 
 
-def assert_nothing_leaked(client: redis.Redis, timeout: float = 10.0) -> None:
-    """No queued or pending jobs and no cancel flags; waits briefly for jobs that are ending."""
+def assert_nothing_leaked(client: redis.Redis, worker_ports: list[int], timeout: float = 10.0) -> None:
+    """No queued or pending jobs, no cancel flags, no active engine requests; waits for jobs ending."""
     end = time.monotonic() + timeout
     while True:
-        problems = leaks(client)
+        problems = leaks(client) + [
+            f"worker on metrics port {port} has {n:.0f} active engine requests"
+            for port in worker_ports
+            if (n := running_requests(port))
+        ]
         if not problems or time.monotonic() > end:
             break
         time.sleep(0.1)
@@ -84,12 +108,32 @@ def leaks(client: redis.Redis) -> list[str]:
     return problems
 
 
+def running_requests(port: int) -> float:
+    """The worker's engine active-request gauge; 0 when the worker is not running."""
+    try:
+        samples = scrape(port)
+    except OSError:
+        return 0.0
+    return sum(v for k, v in samples.items() if k.startswith("chat_worker_running_requests{"))
+
+
 def jobs_ever_queued(client: redis.Redis) -> int:
     """How many entries were ever added to the model's job stream (survives XDEL)."""
     stream = keys.job_stream(MODEL)
     if not client.exists(stream):
         return 0
     return int(client.xinfo_stream(stream)["entries-added"])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A process's metrics as {'name{label="v",...}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
 
 
 def chat_request(content: str = "Say hello.", **fields: object) -> chat_pb2.ChatCompletionRequest:

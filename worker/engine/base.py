@@ -70,3 +70,8 @@ class Engine(ABC):
     @abstractmethod
     def num_active(self) -> int:
         """Generations started and not yet ended (for leak checks and metrics)."""
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache in use, 0-1, where the engine can tell."""
+        return 0.0

@@ -106,6 +106,15 @@ class CpuEngine(Engine):
     def num_active(self) -> int:
         return len(self._outputs)
 
+    @property
+    def kv_cache_usage(self) -> float:
+        # Sectors of the paged cache in use (internal attributes; transformers is pinned).
+        try:
+            pool = self._manager.batch_processor.cache.pool  # type: ignore[union-attr]
+            return 1.0 - pool.num_free_sectors / pool.num_sectors
+        except (AttributeError, ZeroDivisionError):
+            return 0.0
+
     async def abort(self, request_id: str) -> None:
         outputs = self._outputs.get(request_id)
         if outputs is not None:

@@ -1,0 +1,94 @@
+"""Every gateway metric, defined once. Labels: model, rpc, code, reason; never a request id.
+
+Each gateway process serves its own metrics on GATEWAY_METRICS_PORT; run one process
+per pod (or give each its own port) so counters are never shared between processes.
+"""
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Buckets suited to LLM serving: first tokens take 10 ms .. a minute, tokens 1 ms .. seconds.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "chat_gateway_requests_total", "Calls answered, by final gRPC status code", ["model", "rpc", "code"]
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "chat_gateway_time_to_first_token_seconds",
+    "From accepting a call to relaying its first generated text",
+    ["model"],
+    buckets=TTFT_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "chat_gateway_inter_token_latency_seconds",
+    "Gap between consecutive relayed deltas of one stream (a delta holds one token unless the caller lags)",
+    ["model"],
+    buckets=ITL_BUCKETS,
+)
+REQUEST_DURATION = Histogram(
+    "chat_gateway_request_duration_seconds",
+    "End-to-end duration of completed calls",
+    ["model", "rpc"],
+    buckets=DURATION_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "chat_gateway_queue_wait_seconds",
+    "Time a job waited in Redis before a worker took it",
+    ["model"],
+    buckets=QUEUE_BUCKETS,
+)
+OPEN_CALLS = Gauge("chat_gateway_open_calls", "Calls (unary and streams) in progress on this gateway")
+QUEUE_DEPTH = Gauge(
+    "chat_gateway_queue_depth", "Jobs waiting in Redis for a worker, sampled every second", ["model"]
+)
+PROMPT_TOKENS = Counter("chat_gateway_prompt_tokens_total", "Prompt tokens of completed calls", ["model"])
+COMPLETION_TOKENS = Counter(
+    "chat_gateway_completion_tokens_total", "Tokens generated for completed calls", ["model"]
+)
+REJECTIONS = Counter(
+    "chat_gateway_rejections_total",
+    "Calls refused before queueing: invalid, queue_full, too_many_calls, redis_unavailable",
+    ["model", "reason"],
+)
+RESUMED_STREAMS = Counter(
+    "chat_gateway_resumed_streams_total",
+    "Jobs that re-ran on another worker, by outcome: resumed or aborted",
+    ["model", "outcome"],
+)
+REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
+
+
+def model_label(name: str, served: list[str]) -> str:
+    """A request's model as a label: only served names, so callers cannot grow the label set."""
+    return name if name in served else "other"
+
+
+class CallRecorder:
+    """Records the metrics of one call as its events pass through the gateway."""
+
+    def __init__(self, rpc: str, model: str) -> None:
+        self.rpc = rpc
+        self.model = model
+        self._start = time.monotonic()
+        self._last_delta: float | None = None
+
+    def delta(self) -> None:
+        now = time.monotonic()
+        if self._last_delta is None:
+            TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self._start)
+        else:
+            INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_delta)
+        self._last_delta = now
+
+    def finished(self, prompt_tokens: int, completion_tokens: int, queue_time: float) -> None:
+        PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
+        COMPLETION_TOKENS.labels(self.model).inc(completion_tokens)
+        QUEUE_WAIT.labels(self.model).observe(queue_time)
+        REQUEST_DURATION.labels(self.model, self.rpc).observe(time.monotonic() - self._start)
+
+    def done(self, code: str) -> None:
+        REQUESTS.labels(self.model, self.rpc, code).inc()
