@@ -49,6 +49,15 @@ return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV
 )
 
 
+# Sets a job's cancel flag only while its entry is still in the job stream: a worker deletes
+# entry and flag together when the job ends, so a late cancel cannot leave a stray flag.
+_CANCEL = """
+if redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1] then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+end
+"""
+
+
 class JobQueue:
     def __init__(self, redis: Redis, reader: Redis, gateway_id: str, max_queued_jobs: int) -> None:
         self._redis = redis
@@ -58,6 +67,7 @@ class JobQueue:
         self._reply_stream = keys.reply_stream(gateway_id)
         self._submit = redis.register_script(_SUBMIT)
         self._waiting = redis.register_script(_WAITING + "return waiting")
+        self._cancel_script = redis.register_script(_CANCEL)
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -105,7 +115,7 @@ class JobQueue:
             reply_to=self._reply_stream,
             gateway_id=self._gateway_id,
         )
-        subscription = Subscription(request_id)
+        subscription = Subscription(request_id, request.model)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (
             keys.REQUEST_ID_FIELD, request_id.encode(),
@@ -123,23 +133,27 @@ class JobQueue:
         if isinstance(added, int):
             self._subscriptions.pop(request_id, None)
             raise QueueFull(request.model, added)
+        subscription.entry_id = added
         return subscription
 
-    def release(self, request_id: str, cancel_until: float | None = None) -> None:
+    def release(self, subscription: Subscription, cancel_until: float | None = None) -> None:
         """Stops routing the job's events; with cancel_until, also tells workers to drop the job."""
-        self._subscriptions.pop(request_id, None)
+        self._subscriptions.pop(subscription.request_id, None)
         if cancel_until is not None:
-            task = asyncio.create_task(self._cancel(request_id, cancel_until))
+            task = asyncio.create_task(self._cancel(subscription, cancel_until))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _cancel(self, request_id: str, until: float) -> None:
+    async def _cancel(self, subscription: Subscription, until: float) -> None:
         # The flag must outlive the job's wait in the queue; after its deadline the job is dropped anyway.
         ttl = max(1, int(until - time.time()) + 60)
+        flag = keys.cancel_flag(subscription.request_id)
         try:
-            await self._redis.set(keys.cancel_flag(request_id), b"1", ex=ttl)
+            await self._cancel_script(
+                keys=[keys.job_stream(subscription.model), flag], args=[subscription.entry_id, ttl]
+            )
         except RedisError as exc:
-            log.warning("cannot cancel job %s: %s (its deadline still ends it)", request_id, exc)
+            log.warning("cannot cancel job %s: %s (its deadline still ends it)", subscription.request_id, exc)
 
     async def _read_replies(self) -> None:
         last_id = b"0-0"

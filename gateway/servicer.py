@@ -182,7 +182,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             self.open_calls -= 1
             metrics.OPEN_CALLS.dec()
-            self._queue.release(subscription.request_id, cancel_until=None if finished else deadline)
+            self._queue.release(subscription, cancel_until=None if finished else deadline)
 
     async def _admit(
         self, request: chat_pb2.ChatCompletionRequest, deadline: float, recorder: CallRecorder

@@ -14,8 +14,10 @@ class Subscription:
     its text is bounded by the job's max_tokens.
     """
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, model: str) -> None:
         self.request_id = request_id
+        self.model = model
+        self.entry_id = b""  # the job's entry in the job stream, once queued
         self._events: deque[codec.Event] = deque()
         self._arrived = asyncio.Event()
         self._attempt = 1

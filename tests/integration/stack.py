@@ -98,9 +98,12 @@ def leaks(client: redis.Redis) -> list[str]:
     if client.exists(stream):
         if (n := client.xlen(stream)) != 0:
             problems.append(f"{n} jobs left in {stream}")
-        pending = client.xpending(stream, keys.WORKER_GROUP)
-        if pending["pending"]:
-            problems.append(f"{pending['pending']} pending jobs in {stream}")
+        try:
+            pending = client.xpending(stream, keys.WORKER_GROUP)["pending"]
+        except redis.ResponseError:  # no worker has created the group yet
+            pending = 0
+        if pending:
+            problems.append(f"{pending} pending jobs in {stream}")
     for key in client.scan_iter(f"{keys.PREFIX}:*"):
         name = key.decode()
         if not (name.startswith(f"{keys.PREFIX}:jobs:") or name.startswith(f"{keys.PREFIX}:replies:")):

@@ -1,0 +1,62 @@
+"""Fault tests: real redis-server, gateway and worker processes, killed and restarted on purpose.
+
+Workers run the benchmark engine (token i of a reply is `t{i} `), a stand-in for the model
+that makes generations fast and their text predictable, so a resumed stream can be
+checked token by token. Each test gets its own redis-server and processes.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack.redis_server import RedisServer
+from tests.integration.stack import Stack, assert_nothing_leaked
+
+BENCH_WORKER_ENV = {
+    "WORKER_ENGINE": "bench",
+    "WORKER_BENCH_TOKENS_PER_SECOND": "20",
+    "WORKER_HEARTBEAT_SECONDS": "0.5",
+    "WORKER_CLAIM_IDLE_SECONDS": "2",
+    "WORKER_CANCEL_POLL_SECONDS": "0.05",
+    "WORKER_DRAIN_SECONDS": "5",
+}
+GATEWAY_ENV = {"GATEWAY_DEFAULT_MAX_TOKENS": "16", "GATEWAY_SHUTDOWN_GRACE_SECONDS": "10"}
+
+
+@pytest.fixture
+def fault_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_stack(fault_redis: RedisServer, tmp_path: Path) -> Iterator[Stack]:
+    """Nothing started yet: each test starts the gateway and workers it needs."""
+    stack = Stack(fault_redis, tmp_path, gateway_env=dict(GATEWAY_ENV), worker_env=dict(BENCH_WORKER_ENV))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        for log in sorted(tmp_path.glob("*.log")):
+            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-12:]))
+
+
+@pytest.fixture
+def fault_redis_client(fault_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(fault_redis.url)
+    yield client
+    client.close()
+
+
+def bench_text(n: int) -> str:
+    """What the benchmark engine generates for max_tokens=n."""
+    return "".join(f"t{i} " for i in range(1, n + 1))
+
+
+def check_clean(stack: Stack, client: redis.Redis) -> None:
+    ports = [p for p, w in zip(stack.worker_metrics_ports, stack.workers, strict=True) if w.poll() is None]
+    assert_nothing_leaked(client, ports, timeout=15)

@@ -1,0 +1,133 @@
+"""A worker dies, freezes or is stopped mid-stream: the caller still gets a whole, exact reply."""
+
+import signal
+import time
+
+import grpc
+import pytest
+import redis
+
+from chat.v1 import chat_pb2_grpc
+from common import keys
+from tests.faults.conftest import bench_text, check_clean
+from tests.faults.helpers import TimedStream, owner_of_only_job
+from tests.integration.stack import MODEL, Stack, chat_request, scrape
+
+
+def started(stack: Stack, workers: int, **worker_env: str) -> chat_pb2_grpc.ChatServiceStub:
+    stack.start_gateway()
+    for _ in range(workers):
+        stack.start_worker(**worker_env)
+    stack.wait_worker_ready()
+    return chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(stack.address))
+
+
+def test_sigkill_mid_stream_resumes_on_another_worker(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=2)
+    stream = TimedStream(stub, chat_request(max_tokens=60))
+    stream.read(content_chunks=10)
+    owner_of_only_job(fault_stack, fault_redis_client).send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stream.read()
+    done = time.monotonic() - killed_at
+    print(f"SIGKILL -> stream resumed; longest gap {stream.longest_gap:.2f}s; done after {done:.2f}s")
+    assert stream.text == bench_text(60)  # nothing missing, nothing twice
+    assert stream.chunks[-1].choices[0].finish_reason == "length"
+    assert stream.chunks[-1].usage.completion_tokens == 60
+    assert stream.longest_gap < 2 + 2 * 0.5 + 2  # claim timeout + heartbeats + slack
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_sigstop_past_the_claim_timeout_hands_the_job_over(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=2)
+    stream = TimedStream(stub, chat_request(max_tokens=80))
+    stream.read(content_chunks=5)
+    frozen = owner_of_only_job(fault_stack, fault_redis_client)
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        stream.read(content_chunks=30)  # the other worker has taken over
+    finally:
+        frozen.send_signal(signal.SIGCONT)  # it wakes up, finds the job gone and drops its copy
+    stream.read()
+    print(f"SIGSTOP -> taken over; longest gap {stream.longest_gap:.2f}s")
+    assert stream.text == bench_text(80)
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_a_job_that_keeps_killing_workers_is_dead_lettered(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=2, WORKER_MAX_DELIVERIES="1")
+    stream = TimedStream(stub, chat_request(max_tokens=200))
+    stream.read(content_chunks=3)
+    owner_of_only_job(fault_stack, fault_redis_client).send_signal(signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as caught:
+        stream.read()
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "abandoned" in caught.value.details()
+    [(_id, fields)] = fault_redis_client.xrange(keys.dead_letter_stream(MODEL))
+    assert b"keep dying" in fields[b"reason"]
+    fault_redis_client.delete(keys.dead_letter_stream(MODEL))
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_sigterm_lets_the_running_job_finish_and_exits_zero(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=1)
+    stream = TimedStream(stub, chat_request(max_tokens=30))  # 1.5 s at 20 tokens/s
+    stream.read(content_chunks=3)
+    worker = fault_stack.workers[0]
+    worker.send_signal(signal.SIGTERM)
+    stream.read()
+    assert stream.text == bench_text(30)
+    assert worker.wait(timeout=15) == 0
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_sigterm_hands_back_a_job_that_outlasts_the_drain(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=1, WORKER_DRAIN_SECONDS="1")
+    fault_stack.start_worker()
+    stream = TimedStream(stub, chat_request(max_tokens=100))  # 5 s at 20 tokens/s
+    stream.read(content_chunks=5)
+    draining = owner_of_only_job(fault_stack, fault_redis_client)
+    draining.send_signal(signal.SIGTERM)
+    stream.read()
+    print(f"SIGTERM + hand back; longest gap {stream.longest_gap:.2f}s")
+    assert stream.text == bench_text(100)
+    assert draining.wait(timeout=15) == 0
+    assert stream.longest_gap < 1 + 2 * 0.5 + 1.5  # drain + next reclaim + slack
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_a_running_job_is_stopped_at_its_deadline(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=1)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ChatCompletion(chat_request(max_tokens=1000), timeout=1.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not finish_reason "length"
+    assert time.monotonic() - start < 3
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_a_job_whose_deadline_passed_in_the_queue_is_never_started(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    fault_stack.start_gateway()
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(fault_stack.address))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ChatCompletion(chat_request(max_tokens=1000), timeout=1)  # no worker yet
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # At one token per second this job would hold the worker for 1000 s if it ran.
+    fault_stack.start_worker(WORKER_BENCH_TOKENS_PER_SECOND="1")
+    check_clean(fault_stack, fault_redis_client)
+    outcomes = scrape(fault_stack.worker_metrics_ports[0])
+    assert outcomes[f'chat_worker_jobs_total{{model="{MODEL}",outcome="deadline_exceeded"}}'] == 1
