@@ -2,6 +2,7 @@
 
 ServiceError                     any error the caller is told about
 ├── InvalidField                 INVALID_ARGUMENT, BadRequest field violation
+├── MalformedRequest             INVALID_ARGUMENT: the request bytes are not a valid message
 ├── ModelNotFound                NOT_FOUND, BadRequest field violation on `model`
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
 ├── JobFailed                    status chosen by the worker's failure kind
@@ -46,6 +47,10 @@ class InvalidField(ServiceError):
     def details(self) -> list[any_pb2.Any]:
         violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
         return [_pack(error_details_pb2.BadRequest(field_violations=[violation]))]
+
+
+class MalformedRequest(ServiceError):
+    code = code_pb2.INVALID_ARGUMENT
 
 
 class ModelNotFound(InvalidField):

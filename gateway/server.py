@@ -9,7 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from chat.v1 import chat_pb2, chat_pb2_grpc
+from chat.v1 import chat_pb2
 from common.metrics_server import serve_metrics
 from gateway import metrics
 from gateway.catalog import ModelCatalog
@@ -17,6 +17,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
 from gateway.queue import JobQueue
 from gateway.servicer import ChatServicer
+from gateway.wire import add_chat_service
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Gateway:
         self.servicer = ChatServicer(settings, catalog, self.queue)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self.server)
+        add_chat_service(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (

@@ -26,6 +26,7 @@ from gateway.errors import (
     Aborted,
     DeadlineExceeded,
     InvalidField,
+    MalformedRequest,
     QueueFull,
     ServiceError,
     TooManyCalls,
@@ -37,6 +38,7 @@ from gateway.queue import JobQueue
 from gateway.resume import StreamedText
 from gateway.subscription import Subscription
 from gateway.validation import validate
+from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.open_calls = 0
 
     async def ChatCompletion(
-        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+        self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatCompletionResponse:
         recorder = self._recorder("ChatCompletion", request)
         pieces: list[str] = []
@@ -89,7 +91,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             recorder.done(code)
 
     async def StreamChatCompletion(
-        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+        self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         recorder = self._recorder("StreamChatCompletion", request)
         streamed = StreamedText()
@@ -141,12 +143,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         ]
         return chat_pb2.ListModelsResponse(object="list", data=models)
 
-    def _recorder(self, rpc: str, request: chat_pb2.ChatCompletionRequest) -> CallRecorder:
-        return CallRecorder(rpc, metrics.model_label(request.model, self._catalog.names))
+    def _recorder(self, rpc: str, request: chat_pb2.ChatCompletionRequest | Undecodable) -> CallRecorder:
+        model = request.model if isinstance(request, chat_pb2.ChatCompletionRequest) else ""
+        return CallRecorder(rpc, metrics.model_label(model, self._catalog.names))
 
     async def _relay(
         self,
-        request: chat_pb2.ChatCompletionRequest,
+        request: chat_pb2.ChatCompletionRequest | Undecodable,
         context: grpc.aio.ServicerContext,
         recorder: CallRecorder,
     ) -> AsyncGenerator[tuple[_Call, codec.Event]]:
@@ -154,7 +157,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         timeout = self._timeout(context)
         deadline = time.time() + timeout
         subscription = await self._admit(request, deadline, recorder)
-        call = _Call(subscription.request_id, int(time.time()), request.model)
+        call = _Call(subscription.request_id, int(time.time()), subscription.model)
         finished = False
         self.open_calls += 1
         metrics.OPEN_CALLS.inc()
@@ -185,10 +188,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self._queue.release(subscription, cancel_until=None if finished else deadline)
 
     async def _admit(
-        self, request: chat_pb2.ChatCompletionRequest, deadline: float, recorder: CallRecorder
+        self, request: chat_pb2.ChatCompletionRequest | Undecodable, deadline: float, recorder: CallRecorder
     ) -> Subscription:
         """Everything that may refuse a call before its job exists: limits, validation, queue capacity."""
         try:
+            if isinstance(request, Undecodable):
+                raise MalformedRequest(f"the request is not a valid {request.message_type}: {request.error}")
             if self.open_calls >= self._settings.max_concurrent_calls:
                 raise TooManyCalls(self._settings.max_concurrent_calls)
             valid = validate(request, self._catalog, self._settings.default_max_tokens)
@@ -206,6 +211,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 def _rejection_reason(error: ServiceError) -> str:
     reasons: list[tuple[type[ServiceError], str]] = [
         (InvalidField, "invalid"),
+        (MalformedRequest, "invalid"),
         (QueueFull, "queue_full"),
         (TooManyCalls, "too_many_calls"),
         (Unavailable, "redis_unavailable"),

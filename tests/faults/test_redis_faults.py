@@ -1,0 +1,74 @@
+"""Redis stops and comes back: explicit errors meanwhile, recovery without restarting anything."""
+
+import time
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chat.v1 import chat_pb2_grpc
+from devstack.redis_server import RedisServer
+from tests.faults.conftest import bench_text, check_clean
+from tests.faults.helpers import TimedStream
+from tests.integration.stack import Stack, chat_request
+
+
+def health_status(channel: grpc.Channel) -> int:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return int(reply.status)
+
+
+def wait_for(predicate, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not predicate() and time.monotonic() - start < seconds:
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_redis_restart_mid_load(
+    fault_stack: Stack, fault_redis: RedisServer, fault_redis_client: redis.Redis
+) -> None:
+    fault_stack.start_gateway()
+    fault_stack.start_worker()
+    fault_stack.wait_worker_ready()
+    channel = grpc.insecure_channel(fault_stack.address)
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    streams = [TimedStream(stub, chat_request(max_tokens=400)) for _ in range(4)]
+    for stream in streams:
+        stream.read(content_chunks=2)
+
+    fault_redis.stop()  # no persistence in this test: everything in Redis is lost
+    to_not_serving = wait_for(
+        lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 10
+    )
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ChatCompletion(chat_request(max_tokens=4), timeout=10)
+    refused_in = time.monotonic() - start
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    fault_redis.start()
+    restarted = time.monotonic()
+    outcomes = []
+    for stream in streams:  # each ends with an explicit status, not at its deadline
+        with pytest.raises(grpc.RpcError) as lost:
+            stream.read()
+        outcomes.append(lost.value.code())
+    streams_ended = time.monotonic() - restarted
+    to_serving = wait_for(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 10)
+    # Gateway and worker reconnected by themselves.
+    reply = stub.ChatCompletion(chat_request(max_tokens=8), timeout=30)
+    recovered = time.monotonic() - restarted
+    print(
+        f"Redis down -> NOT_SERVING in {to_not_serving:.1f}s, "
+        f"new call refused in {refused_in * 1000:.0f} ms; "
+        f"after restart: in-flight streams ended in {streams_ended:.1f}s, SERVING in {to_serving:.1f}s, "
+        f"first completion after {recovered:.1f}s"
+    )
+    assert to_not_serving < 3
+    assert refused_in < 3
+    assert set(outcomes) == {grpc.StatusCode.UNAVAILABLE}
+    assert streams_ended < 10
+    assert reply.choices[0].message.content == bench_text(8)
+    check_clean(fault_stack, fault_redis_client)
