@@ -12,8 +12,10 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chat_client import AsyncClient
 from common.model_store import DEFAULT_MODEL_NAME
@@ -68,7 +70,7 @@ async def one_stack(client: AsyncClient, i: int, tokens: int) -> tuple[int, floa
     return count, first
 
 
-async def measure(calls: list) -> Run:  # type: ignore[type-arg]
+async def measure(calls: list[Coroutine[Any, Any, tuple[int, float]]]) -> Run:
     start = time.perf_counter()
     results = await asyncio.gather(*calls)
     return Run(time.perf_counter() - start, sum(r[0] for r in results), [r[1] for r in results])
@@ -115,7 +117,9 @@ async def main(concurrency: list[int], tokens: int, repeats: int) -> None:
                     for n in concurrency
                 }
         finally:
-            processes.stop(worker), processes.stop(gateway), redis.stop()
+            processes.stop(worker)
+            processes.stop(gateway)
+            redis.stop()
 
     print(f"{tokens} tokens per request, medians of {repeats} runs")
     for n in concurrency:

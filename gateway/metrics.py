@@ -62,6 +62,20 @@ RESUMED_STREAMS = Counter(
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
 
 
+REJECTION_REASONS = ("invalid", "queue_full", "too_many_calls", "redis_unavailable")
+
+
+def initialize(models: list[str]) -> None:
+    """Creates every labelled series at zero, so dashboards and alerts see them before the first event."""
+    for model in models:
+        for reason in REJECTION_REASONS:
+            REJECTIONS.labels(model, reason)
+        for outcome in ("rerun", "aborted"):
+            RESUMED_STREAMS.labels(model, outcome)
+        PROMPT_TOKENS.labels(model)
+        COMPLETION_TOKENS.labels(model)
+
+
 def model_label(name: str, served: list[str]) -> str:
     """A request's model as a label: only served names, so callers cannot grow the label set."""
     return name if name in served else "other"

@@ -58,6 +58,7 @@ class Gateway:
         self._models = catalog.names
 
     async def start(self) -> None:
+        metrics.initialize(self._models)
         serve_metrics(self.settings.metrics_port)
         await self.queue.start()
         await self.server.start()

@@ -19,6 +19,10 @@ log = logging.getLogger("worker")
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "vllm":
+        from worker.engine.vllm import VllmEngine  # the only import of vLLM
+
+        return VllmEngine(settings.model, settings.vllm, settings.max_concurrency)
     if settings.engine == "bench":
         from worker.engine.bench import BenchEngine
 
@@ -29,14 +33,16 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def serve(settings: WorkerSettings) -> None:
-    serve_metrics(settings.metrics_port)
     engine = build_engine(settings)
     await engine.start()
+    # Metrics answer only once the model is loaded: the Kubernetes startup probe relies on it.
+    serve_metrics(settings.metrics_port)
     redis = Redis.from_url(settings.redis_url)
     publisher = EventPublisher(redis)
     publisher.start()
     consumer = JobConsumer(settings, redis, engine, publisher)
     model = settings.model.name
+    metrics.initialize(model)
     metrics.RUNNING.labels(model).set_function(lambda: engine.num_active)
     metrics.KV_CACHE_USAGE.labels(model).set_function(lambda: engine.kv_cache_usage)
     metrics.FREE_SLOTS.labels(model).set_function(lambda: settings.max_concurrency - consumer.num_running)

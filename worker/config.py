@@ -15,6 +15,12 @@
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
 | WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
+| WORKER_VLLM_TENSOR_PARALLEL_SIZE | 1 | vLLM engine: GPUs per worker |
+| WORKER_VLLM_GPU_MEMORY_UTILIZATION | 0.9 | vLLM engine: fraction of GPU memory for weights + KV cache |
+| WORKER_VLLM_MAX_MODEL_LEN | 0 | vLLM engine: context length; 0 = the model's |
+| WORKER_VLLM_DTYPE | auto | vLLM engine: weight dtype (auto, bfloat16, float16) |
+| WORKER_VLLM_LOAD_FORMAT | auto | vLLM engine: `dummy` gives random weights (benchmarks, no download) |
+| WORKER_VLLM_ENFORCE_EAGER | 0 | vLLM engine: 1 disables CUDA graphs (faster start, slower decode) |
 | WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
 """
 
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from common.models import ModelSpec
 from common.settings import env_float, env_int, env_str
 
-ENGINES = ("cpu", "bench")
+ENGINES = ("cpu", "vllm", "bench")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,16 @@ class CpuEngineSettings:
     num_threads: int = 0  # torch intra-op threads; 0 = all cores
     kv_cache_tokens: int = 32768  # KV cache capacity shared by all running requests
     max_batch_tokens: int = 512  # tokens (prefill chunks + decodes) per forward pass
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 0  # 0: the model's own
+    dtype: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights, for benchmarks
+    enforce_eager: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class WorkerSettings:
     bench_tokens_per_second: float
     metrics_port: int
     cpu: CpuEngineSettings
+    vllm: VllmSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -78,6 +95,16 @@ class WorkerSettings:
             drain_seconds=env_float(env, "WORKER_DRAIN_SECONDS", 20.0, minimum=0.0),
             bench_tokens_per_second=env_float(env, "WORKER_BENCH_TOKENS_PER_SECOND", 50.0, minimum=0.0),
             metrics_port=env_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
+            vllm=VllmSettings(
+                tensor_parallel_size=env_int(env, "WORKER_VLLM_TENSOR_PARALLEL_SIZE", 1, minimum=1),
+                gpu_memory_utilization=env_float(
+                    env, "WORKER_VLLM_GPU_MEMORY_UTILIZATION", 0.9, minimum=0.05
+                ),
+                max_model_len=env_int(env, "WORKER_VLLM_MAX_MODEL_LEN", 0, minimum=0),
+                dtype=env_str(env, "WORKER_VLLM_DTYPE", "auto"),
+                load_format=env_str(env, "WORKER_VLLM_LOAD_FORMAT", "auto"),
+                enforce_eager=env_int(env, "WORKER_VLLM_ENFORCE_EAGER", 0, minimum=0) > 0,
+            ),
             cpu=CpuEngineSettings(
                 max_batch_size=max_concurrency,
                 num_threads=env_int(env, "WORKER_CPU_THREADS", 0, minimum=0),

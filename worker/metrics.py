@@ -33,6 +33,18 @@ ABORTS = Counter(
 HANDED_BACK = Counter(
     "chat_worker_handed_back_total", "Unfinished jobs handed to other workers on drain", ["model"]
 )
+ABORT_REASONS = ("cancelled", "gateway_gone", "reclaimed", "drain")
+
+
+def initialize(model: str) -> None:
+    """Creates every labelled series at zero, so dashboards and alerts see them before the first event."""
+    for counter in (GENERATED_TOKENS, RECLAIMED, DEAD_LETTERS, HANDED_BACK):
+        counter.labels(model)
+    for reason in ABORT_REASONS:
+        ABORTS.labels(model, reason)
+    JOBS.labels(model, "finished")
+
+
 JOB_DURATION = Histogram(
     "chat_worker_job_duration_seconds",
     "Time from taking a job to its terminal event",
