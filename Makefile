@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := gen/.generated
 MODEL := $(VENV)/.model-ready
 
-.PHONY: setup proto model run test test-unit test-integration lint format clean
+.PHONY: setup proto model run test test-unit test-integration lint format clean bench
 
 setup: $(INSTALLED) $(GENERATED) $(MODEL)
 
@@ -59,3 +59,8 @@ format: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) gen .run .pytest_cache .mypy_cache .ruff_cache
+
+# Relay benchmark (issue: what gateway + Redis + worker cost next to the engine); writes docs/BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.cpu_concurrency --concurrency 1 8 --tokens 64 --repeats 3
