@@ -35,6 +35,7 @@ class Sample:
     e2e: float = 0.0
     tokens: int = 0
     error: str = ""
+    detail: str = ""  # the error's message
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Report:
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
     error_kinds: dict[str, int]
+    error_examples: list[str]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -78,6 +80,7 @@ def summarize(samples: list[Sample], seconds: float) -> Report:
         itl_ms=percentiles([gap for s in ok for gap in s.itl]),
         e2e_ms=percentiles([s.e2e for s in ok]),
         error_kinds=kinds,
+        error_examples=sorted({s.detail for s in samples if s.detail})[:5],
     )
 
 
@@ -109,7 +112,7 @@ async def stream_once(stub: chat_pb2_grpc.ChatServiceStub, req: chat_pb2.ChatCom
             sample.tokens += k
             last = now
     except grpc.aio.AioRpcError as exc:
-        sample.error = exc.code().name
+        sample.error, sample.detail = exc.code().name, exc.details() or ""
     sample.e2e = time.perf_counter() - start
     return sample
 

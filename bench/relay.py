@@ -13,6 +13,7 @@ docs/benchmarks/relay.json and docs/benchmarks/relay.png.
 """
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -40,6 +41,7 @@ from worker.engine.bench import BenchEngine
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks"
 SPEC = ModelSpec("SmolLM2-135M-Instruct", REPO)
+STREAMS_PER_CHANNEL = 100
 
 
 async def engine_once(engine: BenchEngine, max_tokens: int, n: list[int]) -> Sample:
@@ -122,13 +124,23 @@ async def measure(
             lambda: engine_once(engine, max_tokens, counter), concurrency, seconds, label
         )
         return asdict(report)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{target.port}") as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
+    # Like a fleet of callers: at most STREAMS_PER_CHANNEL streams share one HTTP/2 connection.
+    address = f"127.0.0.1:{target.port}"
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # else channels share one TCP connection
+    channels = [
+        grpc.aio.insecure_channel(address, options=own_connection)
+        for _ in range(-(-concurrency // STREAMS_PER_CHANNEL))
+    ]
+    stubs = itertools.cycle([chat_pb2_grpc.ChatServiceStub(c) for c in channels])
+    try:
         req = request(16, max_tokens)
-        await stream_once(stub, request(1, 1))  # warm the channel (and the worker)
+        await stream_once(next(stubs), request(1, 1))  # warm the worker
         before = target.cpu_seconds()
-        report = await closed_loop(lambda: stream_once(stub, req), concurrency, seconds, label)
+        report = await closed_loop(lambda: stream_once(next(stubs), req), concurrency, seconds, label)
         after = target.cpu_seconds()
+    finally:
+        for channel in channels:
+            await channel.close()
     result = asdict(report)
     if before:
         tokens = report.output_tokens_per_second * report.seconds
@@ -143,6 +155,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-wise median of repeated runs."""
     out: dict[str, Any] = {}
     for key, value in runs[0].items():
+        if key in ("error_kinds", "error_examples"):
+            continue
         if isinstance(value, dict) and all(isinstance(v, float | int) for v in value.values()):
             out[key] = {k: statistics.median(r[key][k] for r in runs) for k in value}
         elif isinstance(value, float | int):
@@ -150,6 +164,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = value
     out["errors"] = max(r["errors"] for r in runs)
+    kinds = {k for r in runs for k in r["error_kinds"]}
+    out["error_kinds"] = {k: sum(r["error_kinds"].get(k, 0) for r in runs) for k in kinds}
+    out["error_examples"] = sorted({e for r in runs for e in r["error_examples"]})[:5]
     return out
 
 

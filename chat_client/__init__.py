@@ -12,15 +12,17 @@
 `AsyncClient` has the same surface with `await` and `async for`.
 """
 
-from chat_client.client import AsyncClient, Client
+from chat_client.client import TLS, AsyncClient, Client
 from chat_client.errors import (
     APIConnectionError,
     APIError,
     APIStatusError,
     APITimeoutError,
+    AuthenticationError,
     BadRequestError,
     InternalServerError,
     NotFoundError,
+    PermissionDeniedError,
     RateLimitError,
 )
 from chat_client.types import (
@@ -35,11 +37,13 @@ from chat_client.types import (
 )
 
 __all__ = [
+    "TLS",
     "APIConnectionError",
     "APIError",
     "APIStatusError",
     "APITimeoutError",
     "AsyncClient",
+    "AuthenticationError",
     "BadRequestError",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -51,6 +55,7 @@ __all__ = [
     "Message",
     "Model",
     "NotFoundError",
+    "PermissionDeniedError",
     "RateLimitError",
     "Usage",
 ]

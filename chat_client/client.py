@@ -1,36 +1,76 @@
 """Sync and async clients: `client.chat.completions.create(...)` and `client.models.list()`."""
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, overload
 
 import grpc
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
-from chat_client.errors import from_rpc_error
+from chat_client.errors import APIError, RateLimitError, from_rpc_error
 from chat_client.request import build_request
 from chat_client.types import ChatCompletion, ChatCompletionChunk, Model
 
 DEFAULT_ADDRESS = "localhost:50051"
+MAX_RETRY_WAIT_SECONDS = 60.0
 
 
 def _address(address: str | None) -> str:
     return address or os.environ.get("CHAT_SERVICE_ADDRESS") or DEFAULT_ADDRESS
 
 
-class Stream:
-    """Iterator of chunks; closing it (or leaving a `with` block) cancels the call."""
+def _retry_delay(error: APIError, attempt: int, max_retries: int) -> float | None:
+    """How long to wait before retrying a refused call (its RetryInfo delay), or None to give up."""
+    if not isinstance(error, RateLimitError) or attempt >= max_retries:
+        return None
+    delay = error.retry_after if error.retry_after is not None else 1.0
+    return delay if delay <= MAX_RETRY_WAIT_SECONDS else None
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS to the gateway: the CA to trust (None: system roots); a client certificate and key for mTLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+class Stream:
+    """Iterator of chunks; closing it (or leaving a `with` block) cancels the call.
+
+    A call refused with RESOURCE_EXHAUSTED before its first chunk is retried after the
+    server's RetryInfo delay, up to the client's max_retries.
+    """
+
+    def __init__(self, start: Callable[[], Any], max_retries: int) -> None:
+        self._start = start
+        self._call = start()
+        self._max_retries = max_retries
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
-        try:
-            for chunk in self._call:
-                yield ChatCompletionChunk.from_proto(chunk)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt, received = 0, False
+        while True:
+            try:
+                for chunk in self._call:
+                    received = True
+                    yield ChatCompletionChunk.from_proto(chunk)
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                delay = None if received else _retry_delay(error, attempt, self._max_retries)
+                if delay is None:
+                    raise error from None
+            attempt += 1
+            time.sleep(delay)
+            self._call = self._start()
 
     def close(self) -> None:
         self._call.cancel()
@@ -59,6 +99,29 @@ class AsyncStream:
         self._call.cancel()
 
 
+class _BaseClient:
+    def __init__(
+        self,
+        timeout: float | None,
+        model_aliases: Mapping[str, str] | None,
+        api_key: str | None,
+        max_retries: int,
+    ) -> None:
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._aliases = dict(model_aliases or {})
+        key = api_key if api_key is not None else os.environ.get("CHAT_API_KEY")
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
+
+    def _resolve(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Applies model aliases, so code written for other model names runs unchanged."""
+        model = kwargs.get("model", "")
+        return {**kwargs, "model": self._aliases.get(model, model)}
+
+    def _options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": self.metadata}
+
+
 class _Completions:
     def __init__(self, client: "Client") -> None:
         self._client = client
@@ -71,14 +134,21 @@ class _Completions:
     def create(
         self, *, stream: bool = False, timeout: float | None = None, **kwargs: Any
     ) -> ChatCompletion | Stream:
-        request = build_request(**self._client._resolve(kwargs))
-        timeout = timeout if timeout is not None else self._client.timeout
+        client = self._client
+        request = build_request(**client._resolve(kwargs))
+        options = client._options(timeout)
         if stream:
-            return Stream(self._client._stub.StreamChatCompletion(request, timeout=timeout))
-        try:
-            return ChatCompletion.from_proto(self._client._stub.ChatCompletion(request, timeout=timeout))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            return Stream(lambda: client._stub.StreamChatCompletion(request, **options), client.max_retries)
+        attempt = 0
+        while True:
+            try:
+                return ChatCompletion.from_proto(client._stub.ChatCompletion(request, **options))
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if (delay := _retry_delay(error, attempt, client.max_retries)) is None:
+                    raise error from None
+            attempt += 1
+            time.sleep(delay)
 
 
 class _AsyncCompletions:
@@ -97,32 +167,26 @@ class _AsyncCompletions:
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, as in the SDK
         **kwargs: Any,
     ) -> ChatCompletion | AsyncStream:
-        request = build_request(**self._client._resolve(kwargs))
-        timeout = timeout if timeout is not None else self._client.timeout
+        client = self._client
+        request = build_request(**client._resolve(kwargs))
+        options = client._options(timeout)
         if stream:
-            return AsyncStream(self._client._stub.StreamChatCompletion(request, timeout=timeout))
-        try:
-            return ChatCompletion.from_proto(
-                await self._client._stub.ChatCompletion(request, timeout=timeout)
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            return AsyncStream(client._stub.StreamChatCompletion(request, **options))
+        attempt = 0
+        while True:
+            try:
+                return ChatCompletion.from_proto(await client._stub.ChatCompletion(request, **options))
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if (delay := _retry_delay(error, attempt, client.max_retries)) is None:
+                    raise error from None
+            attempt += 1
+            await asyncio.sleep(delay)
 
 
 class _Chat:
     def __init__(self, completions: Any) -> None:
         self.completions = completions
-
-
-class _BaseClient:
-    def __init__(self, timeout: float | None, model_aliases: Mapping[str, str] | None) -> None:
-        self.timeout = timeout
-        self._aliases = dict(model_aliases or {})
-
-    def _resolve(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Applies model aliases, so code written for other model names runs unchanged."""
-        model = kwargs.get("model", "")
-        return {**kwargs, "model": self._aliases.get(model, model)}
 
 
 def _models(reply: chat_pb2.ListModelsResponse) -> list[Model]:
@@ -133,7 +197,10 @@ class Client(_BaseClient):
     """Blocking client.
 
     address: host:port of the gateway (default: $CHAT_SERVICE_ADDRESS, else localhost:50051).
+    api_key: sent as `authorization: Bearer <key>` (default: $CHAT_API_KEY; none when unset).
+    tls: a TLS() to connect with TLS or mutual TLS; None for plaintext.
     timeout: default deadline in seconds for each call (None: the gateway's default).
+    max_retries: how often a call refused with RESOURCE_EXHAUSTED is retried after its RetryInfo delay.
     model_aliases: maps model names used in calling code to models this service runs.
     """
 
@@ -141,11 +208,17 @@ class Client(_BaseClient):
         self,
         address: str | None = None,
         *,
+        api_key: str | None = None,
+        tls: TLS | None = None,
         timeout: float | None = None,
+        max_retries: int = 2,
         model_aliases: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(timeout, model_aliases)
-        self._channel = grpc.insecure_channel(_address(address))
+        super().__init__(timeout, model_aliases, api_key, max_retries)
+        target = _address(address)
+        self._channel = (
+            grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
+        )
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.chat = _Chat(_Completions(self))
         self.models = _SyncModels(self)
@@ -167,11 +240,17 @@ class AsyncClient(_BaseClient):
         self,
         address: str | None = None,
         *,
+        api_key: str | None = None,
+        tls: TLS | None = None,
         timeout: float | None = None,
+        max_retries: int = 2,
         model_aliases: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(timeout, model_aliases)
-        self._channel = grpc.aio.insecure_channel(_address(address))
+        super().__init__(timeout, model_aliases, api_key, max_retries)
+        target = _address(address)
+        self._channel = (
+            grpc.aio.secure_channel(target, tls.credentials()) if tls else grpc.aio.insecure_channel(target)
+        )
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.chat = _Chat(_AsyncCompletions(self))
         self.models = _AsyncModels(self)
@@ -195,7 +274,7 @@ class _SyncModels:
     def list(self) -> list[Model]:
         try:
             return _models(
-                self._client._stub.ListModels(chat_pb2.ListModelsRequest(), timeout=self._client.timeout)
+                self._client._stub.ListModels(chat_pb2.ListModelsRequest(), **self._client._options(None))
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -208,6 +287,6 @@ class _AsyncModels:
     async def list(self) -> list[Model]:
         try:
             request = chat_pb2.ListModelsRequest()
-            return _models(await self._client._stub.ListModels(request, timeout=self._client.timeout))
+            return _models(await self._client._stub.ListModels(request, **self._client._options(None)))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

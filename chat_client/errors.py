@@ -54,12 +54,22 @@ class InternalServerError(APIStatusError):
     pass
 
 
+class AuthenticationError(APIStatusError):
+    pass
+
+
+class PermissionDeniedError(APIStatusError):
+    pass
+
+
 _BY_CODE: dict[grpc.StatusCode, type[APIError]] = {
     grpc.StatusCode.UNAVAILABLE: APIConnectionError,
     grpc.StatusCode.DEADLINE_EXCEEDED: APITimeoutError,
     grpc.StatusCode.INVALID_ARGUMENT: BadRequestError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -31,3 +31,17 @@ def reply_stream(gateway_id: str) -> str:
 def cancel_flag(request_id: str) -> str:
     """Set (with a TTL) when the caller of a job has gone; workers abort or skip the job."""
     return f"{PREFIX}:cancel:{request_id}"
+
+
+def api_key(digest: str) -> str:
+    """Hash of one API key's record (name, models, limits, revoked); `digest` is the key's SHA-256."""
+    return f"{PREFIX}:apikey:{digest}"
+
+
+# Hash of key name -> digest, to list and revoke keys by name.
+API_KEY_NAMES = f"{PREFIX}:apikeys"
+
+
+def rate_window(digest: str, minute: int) -> str:
+    """Requests and tokens one API key used in one minute (expires after two)."""
+    return f"{PREFIX}:ratelimit:{digest}:{minute}"

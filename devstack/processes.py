@@ -20,10 +20,16 @@ def launch(module: str, env: Mapping[str, str], log_file: Path | None = None) ->
     return subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=full_env, stdout=out, stderr=out)
 
 
-def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def wait_serving(
+    target: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 120.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Waits until the gateway at target reports SERVING through grpc.health.v1."""
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < end:
             if process.poll() is not None:

@@ -12,6 +12,16 @@
 | GATEWAY_MAX_CONCURRENT_CALLS | 2000 | open calls beyond which new ones get RESOURCE_EXHAUSTED |
 | GATEWAY_RETRY_AFTER_SECONDS | 1 | retry delay suggested (google.rpc.RetryInfo) when overloaded |
 | GATEWAY_SHUTDOWN_GRACE_SECONDS | 25 | on SIGTERM, time open calls get to finish |
+| GATEWAY_MAX_REQUEST_BYTES | 1048576 | largest request message accepted (bigger: RESOURCE_EXHAUSTED) |
+| GATEWAY_MAX_MESSAGES | 256 | most messages in one request |
+| GATEWAY_MAX_PROMPT_CHARS | 200000 | most characters of message content in a request (before tokenizing) |
+| GATEWAY_MAX_STREAMS_PER_CONNECTION | 1024 | concurrent calls one HTTP/2 connection may open |
+| GATEWAY_AUTH | off | `on`: callers need an API key (`authorization: Bearer ...`), see gateway/auth.py |
+| GATEWAY_AUTH_CACHE_SECONDS | 5 | how long a looked-up key is trusted before Redis is asked again |
+| GATEWAY_TLS_CERT_FILE | | server certificate chain (PEM); with the key file, the port serves TLS |
+| GATEWAY_TLS_KEY_FILE | | server private key (PEM) |
+| GATEWAY_TLS_CLIENT_CA_FILE | | CA bundle (PEM); when set, clients need a certificate it signed (mTLS) |
+| REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
 | GATEWAY_METRICS_PORT | 9100 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | GATEWAY_REDIS_TIMEOUT_SECONDS | 2 | connect/command timeout towards Redis; then a call fails UNAVAILABLE |
 """
@@ -40,6 +50,24 @@ class GatewaySettings:
     shutdown_grace_seconds: float
     redis_timeout_seconds: float
     metrics_port: int
+    max_request_bytes: int
+    max_messages: int
+    max_prompt_chars: int
+    max_streams_per_connection: int
+    auth: bool
+    auth_cache_seconds: float
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    redis_tls_ca_file: str
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError(
+                "GATEWAY_TLS_CLIENT_CA_FILE (mTLS) needs GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewaySettings":
@@ -59,4 +87,21 @@ class GatewaySettings:
             shutdown_grace_seconds=env_float(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0.0),
             redis_timeout_seconds=env_float(env, "GATEWAY_REDIS_TIMEOUT_SECONDS", 2.0, minimum=0.1),
             metrics_port=env_int(env, "GATEWAY_METRICS_PORT", 9100, minimum=0),
+            max_request_bytes=env_int(env, "GATEWAY_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
+            max_messages=env_int(env, "GATEWAY_MAX_MESSAGES", 256, minimum=1),
+            max_prompt_chars=env_int(env, "GATEWAY_MAX_PROMPT_CHARS", 200_000, minimum=1),
+            max_streams_per_connection=env_int(env, "GATEWAY_MAX_STREAMS_PER_CONNECTION", 1024, minimum=1),
+            auth=_on_off(env, "GATEWAY_AUTH"),
+            auth_cache_seconds=env_float(env, "GATEWAY_AUTH_CACHE_SECONDS", 5.0, minimum=0.0),
+            tls_cert_file=env_str(env, "GATEWAY_TLS_CERT_FILE", ""),
+            tls_key_file=env_str(env, "GATEWAY_TLS_KEY_FILE", ""),
+            tls_client_ca_file=env_str(env, "GATEWAY_TLS_CLIENT_CA_FILE", ""),
+            redis_tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
         )
+
+
+def _on_off(env: Mapping[str, str], name: str) -> bool:
+    value = env_str(env, name, "off").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{name} must be on or off, got {value!r}")
+    return value == "on"

@@ -7,11 +7,14 @@ ServiceError                     any error the caller is told about
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
 ├── JobFailed                    status chosen by the worker's failure kind
 ├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
+├── Unauthenticated              UNAUTHENTICATED: no API key, or an unknown one
+├── PermissionDenied             PERMISSION_DENIED: revoked key, or a model the key may not use
 ├── Aborted                      ABORTED (the job's worker was lost after tokens were sent)
 ├── DeadlineExceeded             DEADLINE_EXCEEDED
 └── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
     ├── QueueFull                too many jobs waiting for the model
-    └── TooManyCalls             too many calls open on this gateway
+    ├── TooManyCalls             too many calls open on this gateway
+    └── RateLimited              the API key's requests or tokens per minute are used up
 """
 
 from google.protobuf import any_pb2, duration_pb2
@@ -28,6 +31,8 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # Extra trailing metadata for the caller (e.g. the x-ratelimit-* budget).
+        self.metadata: tuple[tuple[str, str], ...] = ()
 
     def details(self) -> list[any_pb2.Any]:
         return []
@@ -83,6 +88,14 @@ class DeadlineExceeded(ServiceError):
     code = code_pb2.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    code = code_pb2.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = code_pb2.PERMISSION_DENIED
+
+
 class Aborted(ServiceError):
     code = code_pb2.ABORTED
 
@@ -105,6 +118,15 @@ class QueueFull(Overloaded):
 class TooManyCalls(Overloaded):
     def __init__(self, limit: int) -> None:
         super().__init__(f"this gateway already serves {limit} calls; retry later")
+
+
+class RateLimited(Overloaded):
+    def __init__(
+        self, message: str, retry_after_seconds: float, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+        self.metadata = metadata
 
 
 class JobFailed(ServiceError):

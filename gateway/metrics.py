@@ -51,7 +51,7 @@ COMPLETION_TOKENS = Counter(
 )
 REJECTIONS = Counter(
     "chat_gateway_rejections_total",
-    "Calls refused before queueing: invalid, queue_full, too_many_calls, redis_unavailable",
+    "Calls refused before queueing, by reason (see REJECTION_REASONS)",
     ["model", "reason"],
 )
 RESUMED_STREAMS = Counter(
@@ -62,7 +62,15 @@ RESUMED_STREAMS = Counter(
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
 
 
-REJECTION_REASONS = ("invalid", "queue_full", "too_many_calls", "redis_unavailable")
+REJECTION_REASONS = (
+    "invalid",
+    "unauthenticated",
+    "permission_denied",
+    "rate_limited",
+    "queue_full",
+    "too_many_calls",
+    "redis_unavailable",
+)
 
 
 def initialize(models: list[str]) -> None:

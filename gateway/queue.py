@@ -115,7 +115,7 @@ class JobQueue:
             reply_to=self._reply_stream,
             gateway_id=self._gateway_id,
         )
-        subscription = Subscription(request_id, request.model)
+        subscription = Subscription(request_id, request.model, request.max_tokens)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (
             keys.REQUEST_ID_FIELD, request_id.encode(),

@@ -2,20 +2,23 @@
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat.v1 import chat_pb2
 from common.metrics_server import serve_metrics
+from common.redis_client import connect
 from gateway import metrics
+from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
 from gateway.queue import JobQueue
+from gateway.ratelimit import RateLimiter
 from gateway.servicer import ChatServicer
 from gateway.wire import add_chat_service
 
@@ -25,24 +28,55 @@ CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _HEALTH_CHECK_SECONDS = 1.0
 
 
+def server_options(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """Transport limits: request size, streams per connection, and keepalive pings."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Clients may ping at most every 10 s, even without calls; more often ends the connection.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+        # The server checks idle connections every 60 s and drops those that do not answer in 20 s.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS from the certificate files in settings; mutual TLS when a client CA is given."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class Gateway:
     """One gateway process: gRPC server + its side of the job queue."""
 
     def __init__(self, settings: GatewaySettings, catalog: ModelCatalog) -> None:
         self.settings = settings
         timeout = settings.redis_timeout_seconds
-        self._redis = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
-        )
+        ca = settings.redis_tls_ca_file
+        self._redis = connect(settings.redis_url, ca, socket_connect_timeout=timeout, socket_timeout=timeout)
         # The reply reader blocks up to 1 s per XREAD: its socket timeout must be longer.
-        self._reader_redis = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout + 1.0
+        self._reader_redis = connect(
+            settings.redis_url,
+            ca,
+            max_connections=2,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout + 1,
         )
         Overloaded.retry_after_seconds = settings.retry_after_seconds
         self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs)
-        self.servicer = ChatServicer(settings, catalog, self.queue)
+        auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
+        self.servicer = ChatServicer(settings, catalog, self.queue, auth, RateLimiter(self._redis))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=server_options(settings))
         add_chat_service(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -53,7 +87,11 @@ class Gateway:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(settings.address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(settings.address)
+        else:
+            self.port = self.server.add_secure_port(settings.address, credentials)
         self._monitor: asyncio.Task[None] | None = None
         self._models = catalog.names
 

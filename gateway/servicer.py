@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import codec
 from gateway import metrics
+from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import (
@@ -27,17 +28,21 @@ from gateway.errors import (
     DeadlineExceeded,
     InvalidField,
     MalformedRequest,
+    PermissionDenied,
     QueueFull,
+    RateLimited,
     ServiceError,
     TooManyCalls,
+    Unauthenticated,
     Unavailable,
     from_failed_event,
 )
 from gateway.metrics import CallRecorder
 from gateway.queue import JobQueue
+from gateway.ratelimit import Budget, RateLimiter
 from gateway.resume import StreamedText
 from gateway.subscription import Subscription
-from gateway.validation import validate
+from gateway.validation import Limits, validate
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -58,11 +63,21 @@ class _Call:
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, settings: GatewaySettings, catalog: ModelCatalog, queue: JobQueue) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        catalog: ModelCatalog,
+        queue: JobQueue,
+        authenticator: Authenticator | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._queue = queue
+        self._authenticator = authenticator  # None: GATEWAY_AUTH=off
+        self._rate_limiter = rate_limiter
         self.open_calls = 0
+        self._limits = Limits(settings.max_messages, settings.max_prompt_chars)
 
     async def ChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
@@ -156,9 +171,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         """Validates, queues, and yields the job's events up to Finished; raises ServiceError on failure."""
         timeout = self._timeout(context)
         deadline = time.time() + timeout
-        subscription = await self._admit(request, deadline, recorder)
+        subscription, budget = await self._admit(request, context, deadline, recorder)
+        if budget is not None:
+            await context.send_initial_metadata(budget.metadata())
         call = _Call(subscription.request_id, int(time.time()), subscription.model)
         finished = False
+        completion_tokens = 0
         self.open_calls += 1
         metrics.OPEN_CALLS.inc()
         try:
@@ -176,6 +194,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     elif kind == "finished":
                         finished = True
                         f = event.finished
+                        completion_tokens = f.completion_tokens
                         recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time)
                     yield call, event
         except TimeoutError:
@@ -186,18 +205,36 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self.open_calls -= 1
             metrics.OPEN_CALLS.dec()
             self._queue.release(subscription, cancel_until=None if finished else deadline)
+            if budget is not None and self._rate_limiter is not None:
+                # Calls that did not finish are charged their whole reservation.
+                unused = subscription.max_tokens - completion_tokens if finished else 0
+                await self._rate_limiter.refund(budget, unused)
 
     async def _admit(
-        self, request: chat_pb2.ChatCompletionRequest | Undecodable, deadline: float, recorder: CallRecorder
-    ) -> Subscription:
-        """Everything that may refuse a call before its job exists: limits, validation, queue capacity."""
+        self,
+        request: chat_pb2.ChatCompletionRequest | Undecodable,
+        context: grpc.aio.ServicerContext,
+        deadline: float,
+        recorder: CallRecorder,
+    ) -> tuple[Subscription, Budget | None]:
+        """Everything that may refuse a call before its job exists: caller, limits, validation, capacity."""
         try:
             if isinstance(request, Undecodable):
                 raise MalformedRequest(f"the request is not a valid {request.message_type}: {request.error}")
+            record = None
+            if self._authenticator is not None:
+                record = await self._authenticator.authenticate(
+                    context.invocation_metadata() or (), request.model
+                )
             if self.open_calls >= self._settings.max_concurrent_calls:
                 raise TooManyCalls(self._settings.max_concurrent_calls)
-            valid = validate(request, self._catalog, self._settings.default_max_tokens)
-            return await self._queue.submit(valid, deadline)
+            valid = validate(request, self._catalog, self._settings.default_max_tokens, self._limits)
+            budget = None
+            if record is not None and self._rate_limiter is not None:
+                budget = await self._rate_limiter.admit(
+                    record, len(valid.prompt_token_ids) + valid.max_tokens
+                )
+            return await self._queue.submit(valid, deadline), budget
         except ServiceError as exc:
             metrics.REJECTIONS.labels(recorder.model, _rejection_reason(exc)).inc()
             raise
@@ -211,6 +248,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 def _rejection_reason(error: ServiceError) -> str:
     reasons: list[tuple[type[ServiceError], str]] = [
         (InvalidField, "invalid"),
+        (Unauthenticated, "unauthenticated"),
+        (PermissionDenied, "permission_denied"),
+        (RateLimited, "rate_limited"),
         (MalformedRequest, "invalid"),
         (QueueFull, "queue_full"),
         (TooManyCalls, "too_many_calls"),
@@ -265,4 +305,7 @@ def _usage(finished: codec.Finished) -> chat_pb2.Usage:
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
     if error.code == code_pb2.INTERNAL:
         log.error("internal error: %s", error.message)
-    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+    status = rpc_status.to_status(error.to_status())
+    if error.metadata:
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, *error.metadata))
+    await context.abort_with_status(status)

@@ -14,9 +14,10 @@ class Subscription:
     its text is bounded by the job's max_tokens.
     """
 
-    def __init__(self, request_id: str, model: str) -> None:
+    def __init__(self, request_id: str, model: str, max_tokens: int = 0) -> None:
         self.request_id = request_id
         self.model = model
+        self.max_tokens = max_tokens
         self.entry_id = b""  # the job's entry in the job stream, once queued
         self._events: deque[codec.Event] = deque()
         self._arrived = asyncio.Event()

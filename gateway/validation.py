@@ -33,10 +33,22 @@ class ValidRequest:
     user: str
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits on what one request may carry (GATEWAY_MAX_*)."""
+
+    max_messages: int = 256
+    max_prompt_chars: int = 200_000
+
+
 def validate(
-    request: chat_pb2.ChatCompletionRequest, catalog: ModelCatalog, default_max_tokens: int
+    request: chat_pb2.ChatCompletionRequest,
+    catalog: ModelCatalog,
+    default_max_tokens: int,
+    limits: Limits = Limits(),
 ) -> ValidRequest:
     model = _check_model(request.model, catalog)
+    _check_size(request, limits)
     messages = _check_messages(request.messages)
     temperature = _check_range(request, "temperature", 1.0, low=0.0, high=2.0, low_open=False)
     top_p = _check_range(request, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
@@ -84,6 +96,19 @@ def _check_model(name: str, catalog: ModelCatalog) -> ServedModel:
     if model is None:
         raise ModelNotFound(name, catalog.names)
     return model
+
+
+def _check_size(request: chat_pb2.ChatCompletionRequest, limits: Limits) -> None:
+    # Checked before tokenizing, so an oversized prompt costs no tokenizer time.
+    if len(request.messages) > limits.max_messages:
+        raise InvalidField(
+            "messages", f"may hold at most {limits.max_messages} messages, got {len(request.messages)}"
+        )
+    chars = sum(len(m.content) for m in request.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidField(
+            "messages", f"may hold at most {limits.max_prompt_chars} characters in all, got {chars}"
+        )
 
 
 def _check_messages(messages: Sequence[chat_pb2.ChatMessage]) -> list[Message]:

@@ -6,9 +6,9 @@ import signal
 import sys
 
 import uvloop
-from redis.asyncio import Redis
 
 from common.metrics_server import serve_metrics
+from common.redis_client import connect
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.consumer import JobConsumer
@@ -37,7 +37,7 @@ async def serve(settings: WorkerSettings) -> None:
     await engine.start()
     # Metrics answer only once the model is loaded: the Kubernetes startup probe relies on it.
     serve_metrics(settings.metrics_port)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, settings.redis_tls_ca_file)
     publisher = EventPublisher(redis)
     publisher.start()
     consumer = JobConsumer(settings, redis, engine, publisher)

@@ -14,6 +14,7 @@
 | WORKER_CLAIM_IDLE_SECONDS | 10 | a job whose worker has not heartbeated for this long is reclaimed |
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
+| REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
 | WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | WORKER_VLLM_TENSOR_PARALLEL_SIZE | 1 | vLLM engine: GPUs per worker |
 | WORKER_VLLM_GPU_MEMORY_UTILIZATION | 0.9 | vLLM engine: fraction of GPU memory for weights + KV cache |
@@ -68,6 +69,7 @@ class WorkerSettings:
     drain_seconds: float
     bench_tokens_per_second: float
     metrics_port: int
+    redis_tls_ca_file: str
     cpu: CpuEngineSettings
     vllm: VllmSettings
 
@@ -95,6 +97,7 @@ class WorkerSettings:
             drain_seconds=env_float(env, "WORKER_DRAIN_SECONDS", 20.0, minimum=0.0),
             bench_tokens_per_second=env_float(env, "WORKER_BENCH_TOKENS_PER_SECOND", 50.0, minimum=0.0),
             metrics_port=env_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
+            redis_tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
             vllm=VllmSettings(
                 tensor_parallel_size=env_int(env, "WORKER_VLLM_TENSOR_PARALLEL_SIZE", 1, minimum=1),
                 gpu_memory_utilization=env_float(

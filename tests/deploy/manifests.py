@@ -12,7 +12,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ["cpu", "gpu"]
-_READS = re.compile(r'env_(?:str|int|float)\(\s*env,\s*"([A-Z0-9_]+)"|environ\.get\("([A-Z0-9_]+)"')
+# Settings readers take (env, "NAME", ...); other code reads os.environ.get("NAME").
+_READS = re.compile(r'\w+\(\s*env,\s*"([A-Z0-9_]+)"|environ\.get\("([A-Z0-9_]+)"')
 
 
 @cache

@@ -29,6 +29,7 @@ class Stack:
     worker_metrics_ports: list[int] = field(default_factory=list)
     port: int = 0
     gateway_metrics_port: int = 0
+    credentials: grpc.ChannelCredentials | None = None  # for a gateway that serves TLS
 
     @property
     def address(self) -> str:
@@ -44,7 +45,7 @@ class Stack:
             **self.gateway_env,
         }
         self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
-        processes.wait_serving(self.address, self.gateway)
+        processes.wait_serving(self.address, self.gateway, credentials=self.credentials)
 
     def start_worker(self, **extra_env: str) -> Popen[bytes]:
         """Starts a worker named worker-N (its consumer name in Redis and its log file)."""

@@ -1,0 +1,21 @@
+"""Redis connections for gateway and worker, with TLS when the URL says rediss://."""
+
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+# Connections one process opens at most. Callers beyond it wait for a free one (up to
+# POOL_TIMEOUT_SECONDS) instead of failing: redis-py's default pool raises "Too many
+# connections" at 100, which 1,000 concurrent jobs reached.
+MAX_CONNECTIONS = 64
+POOL_TIMEOUT_SECONDS = 10.0
+
+
+def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
+    """A client for url (redis:// or rediss://, password in the URL); tls_ca_file verifies the server."""
+    if url.startswith("rediss://") and tls_ca_file:
+        options["ssl_ca_certs"] = tls_ca_file
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_TIMEOUT_SECONDS, **options
+    )
+    return Redis(connection_pool=pool)

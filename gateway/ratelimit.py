@@ -1,0 +1,104 @@
+"""Requests and tokens per minute per API key, enforced atomically in Redis.
+
+Every gateway replica runs the same Lua script on the same per-minute window, so the
+limits hold across replicas. At admission a call counts one request and reserves its
+prompt tokens plus max_tokens; when it ends, the tokens it did not generate are given
+back, so the window holds prompt + completion tokens of every call.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from common import keys
+from gateway.apikeys import KeyRecord
+from gateway.errors import RateLimited, Unavailable
+
+# KEYS[1]: window hash. ARGV: requests per minute, tokens per minute (0 = no limit), tokens.
+# Returns {admitted, requests used, tokens used}.
+_ADMIT = """
+local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local used_requests = tonumber(redis.call('HGET', KEYS[1], 'requests') or '0')
+local used_tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+if (rpm > 0 and used_requests + 1 > rpm) or (tpm > 0 and used_tokens + tokens > tpm) then
+  return {0, used_requests, used_tokens}
+end
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('HINCRBY', KEYS[1], 'tokens', tokens)
+redis.call('EXPIRE', KEYS[1], 120)
+return {1, used_requests + 1, used_tokens + tokens}
+"""
+_WINDOW_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a key has left in the current window; sent to the caller as x-ratelimit-* metadata."""
+
+    record: KeyRecord
+    window: int
+    used_requests: int
+    used_tokens: int
+    reset_seconds: float
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        rpm, tpm = self.record.requests_per_minute, self.record.tokens_per_minute
+        reset = f"{math.ceil(self.reset_seconds)}s"
+        fields: list[tuple[str, str]] = []
+        if rpm:
+            fields += [
+                ("x-ratelimit-limit-requests", str(rpm)),
+                ("x-ratelimit-remaining-requests", str(max(0, rpm - self.used_requests))),
+                ("x-ratelimit-reset-requests", reset),
+            ]
+        if tpm:
+            fields += [
+                ("x-ratelimit-limit-tokens", str(tpm)),
+                ("x-ratelimit-remaining-tokens", str(max(0, tpm - self.used_tokens))),
+                ("x-ratelimit-reset-tokens", reset),
+            ]
+        return tuple(fields)
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._admit = redis.register_script(_ADMIT)
+
+    async def admit(self, record: KeyRecord, tokens: int) -> Budget:
+        """Counts a call and reserves its tokens, or raises RateLimited with the time to wait."""
+        now = time.time()
+        window = int(now // _WINDOW_SECONDS)
+        reset = (window + 1) * _WINDOW_SECONDS - now
+        try:
+            admitted, used_requests, used_tokens = await self._admit(
+                keys=[keys.rate_window(record.digest, window)],
+                args=[record.requests_per_minute, record.tokens_per_minute, tokens],
+            )
+        except RedisError as exc:
+            raise Unavailable(f"cannot check the rate limit: {exc}") from exc
+        budget = Budget(record, window, int(used_requests), int(used_tokens), reset)
+        if not admitted:
+            what = (
+                "requests"
+                if record.requests_per_minute and used_requests + 1 > record.requests_per_minute
+                else "tokens"
+            )
+            raise RateLimited(
+                f"API key {record.name!r} is over its {what} per minute limit; retry in {math.ceil(reset)}s",
+                reset,
+                budget.metadata(),
+            )
+        return budget
+
+    async def refund(self, budget: Budget, tokens: int) -> None:
+        """Gives back reserved tokens a call did not use (only within the same window)."""
+        if tokens <= 0 or int(time.time() // _WINDOW_SECONDS) != budget.window:
+            return
+        window = keys.rate_window(budget.record.digest, budget.window)
+        with contextlib.suppress(RedisError):  # the window expires anyway
+            await self._redis.hincrby(window, "tokens", -tokens)
