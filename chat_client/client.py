@@ -19,8 +19,10 @@ DEFAULT_ADDRESS = "localhost:50051"
 MAX_RETRY_WAIT_SECONDS = 60.0
 
 
-def _address(address: str | None) -> str:
-    return address or os.environ.get("CHAT_SERVICE_ADDRESS") or DEFAULT_ADDRESS
+def _channel(transport: Any, address: str | None, tls: "TLS | None") -> Any:
+    """A channel from `grpc` or `grpc.aio` to address ($CHAT_SERVICE_ADDRESS, else localhost:50051)."""
+    target = address or os.environ.get("CHAT_SERVICE_ADDRESS") or DEFAULT_ADDRESS
+    return transport.secure_channel(target, tls.credentials()) if tls else transport.insecure_channel(target)
 
 
 def _retry_delay(error: APIError, attempt: int, max_retries: int) -> float | None:
@@ -215,10 +217,7 @@ class Client(_BaseClient):
         model_aliases: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(timeout, model_aliases, api_key, max_retries)
-        target = _address(address)
-        self._channel = (
-            grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
-        )
+        self._channel = _channel(grpc, address, tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.chat = _Chat(_Completions(self))
         self.models = _SyncModels(self)
@@ -247,10 +246,7 @@ class AsyncClient(_BaseClient):
         model_aliases: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(timeout, model_aliases, api_key, max_retries)
-        target = _address(address)
-        self._channel = (
-            grpc.aio.secure_channel(target, tls.credentials()) if tls else grpc.aio.insecure_channel(target)
-        )
+        self._channel = _channel(grpc.aio, address, tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.chat = _Chat(_AsyncCompletions(self))
         self.models = _AsyncModels(self)

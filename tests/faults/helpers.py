@@ -11,6 +11,15 @@ from common import keys
 from tests.integration.stack import MODEL, Stack
 
 
+def started(stack: Stack, workers: int, **worker_env: str) -> chat_pb2_grpc.ChatServiceStub:
+    """Starts the gateway and `workers` workers, waits until they serve, returns a stub."""
+    stack.start_gateway()
+    for _ in range(workers):
+        stack.start_worker(**worker_env)
+    stack.wait_worker_ready()
+    return chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(stack.address))
+
+
 def owner_of_only_job(stack: Stack, client: redis.Redis) -> Popen[bytes]:
     """The worker process holding the one pending job (consumer names are worker-N)."""
     [entry] = client.xpending_range(keys.job_stream(MODEL), keys.WORKER_GROUP, "-", "+", 10)

@@ -11,17 +11,14 @@ from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2_grpc
 from tests.faults.conftest import bench_text, check_clean
-from tests.faults.helpers import TimedStream
+from tests.faults.helpers import TimedStream, started
 from tests.integration.stack import Stack, chat_request, running_requests
 
 
 def test_jobs_of_a_killed_gateway_are_aborted_on_the_worker(
     fault_stack: Stack, fault_redis_client: redis.Redis
 ) -> None:
-    fault_stack.start_gateway()
-    fault_stack.start_worker()
-    fault_stack.wait_worker_ready()
-    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(fault_stack.address))
+    stub = started(fault_stack, workers=1)
     stream = TimedStream(stub, chat_request(max_tokens=2000))  # 100 s at 20 tokens/s
     stream.read(content_chunks=3)
     assert fault_stack.gateway is not None
@@ -40,10 +37,7 @@ def test_jobs_of_a_killed_gateway_are_aborted_on_the_worker(
 def test_gateway_sigterm_lets_open_streams_finish(
     fault_stack: Stack, fault_redis_client: redis.Redis
 ) -> None:
-    fault_stack.start_gateway()
-    fault_stack.start_worker()
-    fault_stack.wait_worker_ready()
-    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(fault_stack.address))
+    stub = started(fault_stack, workers=1)
     stream = TimedStream(stub, chat_request(max_tokens=40))  # 2 s
     stream.read(content_chunks=3)
     assert fault_stack.gateway is not None

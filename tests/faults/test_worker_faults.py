@@ -10,16 +10,8 @@ import redis
 from chat.v1 import chat_pb2_grpc
 from common import keys
 from tests.faults.conftest import bench_text, check_clean
-from tests.faults.helpers import TimedStream, owner_of_only_job
+from tests.faults.helpers import TimedStream, owner_of_only_job, started
 from tests.integration.stack import MODEL, Stack, chat_request, scrape
-
-
-def started(stack: Stack, workers: int, **worker_env: str) -> chat_pb2_grpc.ChatServiceStub:
-    stack.start_gateway()
-    for _ in range(workers):
-        stack.start_worker(**worker_env)
-    stack.wait_worker_ready()
-    return chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(stack.address))
 
 
 def test_sigkill_mid_stream_resumes_on_another_worker(
