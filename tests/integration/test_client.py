@@ -46,8 +46,15 @@ def test_client_maps_statuses_to_sdk_errors(stack: Stack) -> None:
             client.chat.completions.create(model="missing", messages=HELLO)
         assert not_found.value.field == "model"
         with pytest.raises(BadRequestError) as bad:
+            # Greedy, and a reply that cannot close its object in 3 tokens: always cut off.
             client.chat.completions.create(
-                model=MODEL, messages=HELLO, max_tokens=3, response_format={"type": "json_object"}
+                model=MODEL,
+                messages=[
+                    {"role": "user", "content": "Give a JSON object describing a cat with name and age."}
+                ],
+                max_tokens=3,
+                temperature=0,
+                response_format={"type": "json_object"},
             )
         assert bad.value.reason == "json_validate_failed"
         assert bad.value.failed_generation is not None

@@ -152,9 +152,12 @@ def test_requests_over_a_hard_limit_are_refused_naming_it(
     assert error.code() == code and words in error.details()
 
 
-def test_streams_on_one_connection_are_capped(secure_redis: RedisServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_streams_on_one_connection_are_capped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Its own Redis: the module's flat-out worker must not take these jobs.
+    own_redis = RedisServer(tmp_path / "redis")
+    own_redis.start()
     stack = Stack(
-        secure_redis, tmp_path,
+        own_redis, tmp_path,
         gateway_env={"GATEWAY_MAX_STREAMS_PER_CONNECTION": "2"},
         worker_env={"WORKER_ENGINE": "bench", "WORKER_BENCH_TOKENS_PER_SECOND": "20"},
     )  # fmt: skip
@@ -166,9 +169,9 @@ def test_streams_on_one_connection_are_capped(secure_redis: RedisServer, tmp_pat
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             long_request = chat_request(max_tokens=200)
             long_calls = [stub.StreamChatCompletion(long_request, timeout=30) for _ in range(2)]
-            third = stub.StreamChatCompletion(chat_request(max_tokens=5), timeout=30)
             for c in long_calls:
-                next(iter(c))
+                next(iter(c))  # both hold a stream now
+            third = stub.StreamChatCompletion(chat_request(max_tokens=5), timeout=30)
             time.sleep(1.5)  # the third call waits for a free stream while the first two generate
             assert scrape(stack.gateway_metrics_port)["chat_gateway_open_calls{}"] == 2
             long_calls[0].cancel()  # frees a stream: the third call goes through
@@ -176,6 +179,7 @@ def test_streams_on_one_connection_are_capped(secure_redis: RedisServer, tmp_pat
             long_calls[1].cancel()
     finally:
         stack.stop()
+        own_redis.stop()
 
 
 def test_secrets_and_message_contents_never_reach_the_logs(
