@@ -28,7 +28,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @dataclass
 class Sample:
-    """One request as the client saw it."""
+    """One request as the client saw it; created when the request is sent."""
 
     ttft: float = 0.0
     itl: list[float] = field(default_factory=list)  # one gap per token (a chunk of k tokens gives k gaps)
@@ -36,6 +36,24 @@ class Sample:
     tokens: int = 0
     error: str = ""
     detail: str = ""  # the error's message
+    start: float = field(default_factory=time.perf_counter)
+    last: float = 0.0  # when the latest text arrived
+
+    def arrived(self, text: str) -> None:
+        """Records a piece of generated text arriving now."""
+        k = count_tokens(text)
+        if not k:
+            return
+        now = time.perf_counter()
+        if self.tokens == 0:
+            self.ttft = now - self.start  # tokens that come with the first one are part of it
+        else:
+            self.itl.extend([(now - self.last) / k] * k)  # a chunk's gap, shared by its tokens
+        self.tokens += k
+        self.last = now
+
+    def done(self) -> None:
+        self.e2e = time.perf_counter() - self.start
 
 
 @dataclass
@@ -97,35 +115,24 @@ def count_tokens(text: str) -> int:
 
 async def stream_once(stub: chat_pb2_grpc.ChatServiceStub, req: chat_pb2.ChatCompletionRequest) -> Sample:
     sample = Sample()
-    start = last = time.perf_counter()
     try:
         async for chunk in stub.StreamChatCompletion(req, timeout=300):
-            text = chunk.choices[0].delta.content
-            if not text:
-                continue
-            now = time.perf_counter()
-            k = count_tokens(text)
-            if sample.tokens == 0:
-                sample.ttft = now - start  # tokens that come with the first one are part of it
-            else:
-                sample.itl.extend([(now - last) / k] * k)  # a chunk's gap, shared by its tokens
-            sample.tokens += k
-            last = now
+            sample.arrived(chunk.choices[0].delta.content)
     except grpc.aio.AioRpcError as exc:
         sample.error, sample.detail = exc.code().name, exc.details() or ""
-    sample.e2e = time.perf_counter() - start
+    sample.done()
     return sample
 
 
 async def unary_once(stub: chat_pb2_grpc.ChatServiceStub, req: chat_pb2.ChatCompletionRequest) -> Sample:
     sample = Sample()
-    start = time.perf_counter()
     try:
         reply = await stub.ChatCompletion(req, timeout=300)
         sample.tokens = reply.usage.completion_tokens
     except grpc.aio.AioRpcError as exc:
         sample.error = exc.code().name
-    sample.e2e = sample.ttft = time.perf_counter() - start
+    sample.done()
+    sample.ttft = sample.e2e  # a unary reply's first token arrives with its last
     return sample
 
 

@@ -30,7 +30,7 @@ import psutil
 import redis
 import uvloop
 
-from bench.loadgen import Sample, closed_loop, count_tokens, request, stream_once
+from bench.loadgen import Sample, closed_loop, request, stream_once
 from chat.v1 import chat_pb2_grpc
 from common.models import ModelSpec
 from devstack import processes
@@ -47,18 +47,10 @@ STREAMS_PER_CHANNEL = 100
 async def engine_once(engine: BenchEngine, max_tokens: int, n: list[int]) -> Sample:
     sample = Sample()
     n[0] += 1
-    start = last = time.perf_counter()
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     async for delta in engine.generate(GenerationRequest(f"e{n[0]}", [1], params)):
-        now = time.perf_counter()
-        k = count_tokens(delta.text)
-        if sample.tokens == 0:
-            sample.ttft = now - start
-        else:
-            sample.itl.extend([(now - last) / k] * k)
-        sample.tokens += k
-        last = now
-    sample.e2e = time.perf_counter() - start
+        sample.arrived(delta.text)
+    sample.done()
     return sample
 
 

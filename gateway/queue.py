@@ -86,10 +86,6 @@ class JobQueue:
         with contextlib.suppress(RedisError):  # it expires on its own otherwise
             await self._redis.delete(self._reply_stream)
 
-    @property
-    def num_subscriptions(self) -> int:
-        return len(self._subscriptions)
-
     async def waiting_jobs(self, model: str) -> int:
         """Jobs of the model that no worker has taken yet."""
         return int(await self._waiting(keys=[keys.job_stream(model)], args=[keys.WORKER_GROUP]))

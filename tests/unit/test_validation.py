@@ -7,6 +7,7 @@ from common.models import ModelSpec
 from gateway.catalog import ModelCatalog
 from gateway.errors import InvalidField, ModelNotFound
 from gateway.validation import validate
+from tests.integration.stack import chat_request
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -17,16 +18,7 @@ def catalog() -> ModelCatalog:
 
 
 def request(**fields: object) -> chat_pb2.ChatCompletionRequest:
-    r = chat_pb2.ChatCompletionRequest(model=MODEL)
-    r.messages.add(role="user", content="hi")
-    for name, value in fields.items():
-        if name == "stop":
-            r.stop.extend(value)  # type: ignore[call-overload]
-        elif name == "response_format":
-            r.response_format.type = str(value)
-        else:
-            setattr(r, name, value)
-    return r
+    return chat_request("hi", **fields)
 
 
 def test_defaults(catalog: ModelCatalog) -> None:
