@@ -3,6 +3,8 @@
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 # Connections one process opens at most. Callers beyond it wait for a free one (up to
 # POOL_TIMEOUT_SECONDS) instead of failing: redis-py's default pool raises "Too many
@@ -15,6 +17,9 @@ def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTI
     """A client for url (redis:// or rediss://, password in the URL); tls_ca_file verifies the server."""
     if url.startswith("rediss://") and tls_ca_file:
         options["ssl_ca_certs"] = tls_ca_file
+    # One immediate retry on a connection error: a pooled connection gone stale across a Redis
+    # restart reconnects instead of failing the command; a Redis that is down still fails at once.
+    options.setdefault("retry", Retry(NoBackoff(), 1))
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=POOL_TIMEOUT_SECONDS, **options
     )
