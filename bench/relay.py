@@ -6,7 +6,7 @@ The same closed-loop load, one after the other in one run, against:
   (c) stack    the full stack: gateway, Redis, a worker on the benchmark engine
 Scenarios: a concurrency sweep at 20 tokens/s per stream, 128 streams at 50 tokens/s, and
 the engine flat out. Reports medians over repeats, the ratios (c)/(a) and (c)/(b), the
-gateway's CPU per relayed token and Redis' CPU, and writes docs/BENCHMARKS.md,
+gateway's CPU per relayed token and Redis' CPU, and writes docs/benchmarks/relay.md,
 docs/benchmarks/relay.json and docs/benchmarks/relay.png.
 
     .venv/bin/python -m bench.relay [--repeats 3] [--seconds 5] [--quick]
@@ -77,6 +77,7 @@ class Target:
         env = {
             "REDIS_URL": self.redis.url,
             "GATEWAY_ADDRESS": f"127.0.0.1:{self.port}",
+            "GATEWAY_HTTP_ADDRESS": "127.0.0.1:0",  # not measured here; any free port
             "GATEWAY_METRICS_PORT": "0",
             "WORKER_METRICS_PORT": "0",
             "WORKER_ENGINE": "bench",
@@ -228,8 +229,8 @@ def main() -> None:
     from bench.report import write_markdown, write_plot
 
     write_plot(results, OUT / "relay.png")
-    write_markdown(meta, results, REPO / "docs" / "BENCHMARKS.md")
-    print(f"wrote {REPO / 'docs' / 'BENCHMARKS.md'}")
+    write_markdown(meta, results, OUT / "relay.md")
+    print(f"wrote {OUT / 'relay.md'}")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,15 @@ def _channel(transport: Any, address: str | None, tls: "TLS | None") -> Any:
 
 
 def _retry_delay(error: APIError, attempt: int, max_retries: int) -> float | None:
-    """How long to wait before retrying a refused call (its RetryInfo delay), or None to give up."""
-    if not isinstance(error, RateLimitError) or attempt >= max_retries:
+    """How long to wait before retrying a refused call (its RetryInfo delay), or None to give up.
+
+    Only a refusal that carries RetryInfo is retried: without it (a request over a hard limit,
+    or larger than the key's tokens per minute) waiting does not help, and each retry would
+    count against the key's budget again.
+    """
+    if not isinstance(error, RateLimitError) or error.retry_after is None or attempt >= max_retries:
         return None
-    delay = error.retry_after if error.retry_after is not None else 1.0
-    return delay if delay <= MAX_RETRY_WAIT_SECONDS else None
+    return error.retry_after if error.retry_after <= MAX_RETRY_WAIT_SECONDS else None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Builds a chat.v1 request from the reference SDK's keyword arguments."""
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ def build_request(
     top_p: float | None = None,
     seed: int | None = None,
     stop: str | list[str] | None = None,
-    response_format: Mapping[str, str] | None = None,
+    response_format: Mapping[str, Any] | None = None,
     user: str | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
@@ -37,4 +38,16 @@ def build_request(
         request.stop.extend([stop] if isinstance(stop, str) else stop)
     if response_format is not None:
         request.response_format.type = response_format.get("type", "")
+        if (schema := response_format.get("json_schema")) is not None:
+            _set_json_schema(request.response_format.json_schema, schema)
     return request
+
+
+def _set_json_schema(target: chat_pb2.JsonSchema, schema: Mapping[str, Any]) -> None:
+    """The reference's {"name", "description", "schema": {...}, "strict"}; the schema travels as JSON text."""
+    target.name = schema.get("name", "")
+    target.description = schema.get("description") or ""
+    body = schema.get("schema")
+    target.schema = body if isinstance(body, str) else json.dumps(body) if body is not None else ""
+    if schema.get("strict") is not None:
+        target.strict = bool(schema["strict"])

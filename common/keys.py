@@ -33,6 +33,24 @@ def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
 
 
+# How long a retry marker lives: far longer than a command's timeout plus its one retry.
+RETRY_MARKER_TTL_SECONDS = 60
+
+
+def submitted(request_id: str) -> str:
+    """The entry id of a queued job, set by the submit script in the same step as its XADD.
+
+    A submit that is retried after Redis ran it (the reply timed out) finds the marker and
+    returns the same entry instead of queueing the job twice. Workers delete it with the job.
+    """
+    return f"{PREFIX}:submitted:{request_id}"
+
+
+def applied(token: str) -> str:
+    """Marks one rate-limit update (admit or refund) as applied, so its retry is not applied twice."""
+    return f"{PREFIX}:applied:{token}"
+
+
 def api_key(digest: str) -> str:
     """Hash of one API key's record (name, models, limits, revoked); `digest` is the key's SHA-256."""
     return f"{PREFIX}:apikey:{digest}"
@@ -45,3 +63,15 @@ API_KEY_NAMES = f"{PREFIX}:apikeys"
 def rate_window(digest: str, minute: int) -> str:
     """Requests and tokens one API key used in one minute (expires after two)."""
     return f"{PREFIX}:ratelimit:{digest}:{minute}"
+
+
+def engines(model: str) -> str:
+    """Hash of worker id -> the engine it runs for the model (context window), refreshed while alive."""
+    return f"{PREFIX}:engines:{model}"
+
+
+def progress(request_id: str) -> str:
+    """A running job's progress record (common/codec.py Progress): the tokens generated and the
+    text and events published so far, written in the same step as its events, so a worker that
+    takes the job over continues where the events stopped. Deleted with the job."""
+    return f"{PREFIX}:progress:{request_id}"

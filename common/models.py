@@ -8,7 +8,8 @@ the token counts the gateway validates are the tokens the engine runs.
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ def parse_model_specs(text: str) -> tuple[ModelSpec, ...]:
 # How chat templates read a message's name, when they do.
 _NAME_FIELDS = ("message.name", "message['name']", 'message["name"]')
 
+# Stands in for the caller's text while the template renders (private-use characters, which no
+# template writes), so that the template's output can be told apart from the caller's.
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDERS = re.compile(r"\ue000(\d+)\ue001")
+
 
 @dataclass(frozen=True)
 class Message:
@@ -70,20 +76,47 @@ class PromptRenderer:
         # Templates that know about `name` render it themselves; for the others we prefix the
         # content, so the model still sees who is speaking.
         self._template_renders_name = any(f in template for f in _NAME_FIELDS)
+        # The tokens the tokenizer cuts text at (<|im_start|>, ...): in the template's text, markers.
+        self._marker_ids: dict[str, int] = dict(self.tokenizer.added_tokens_encoder)
+        longest_first = sorted(self._marker_ids, key=len, reverse=True)
+        alternatives = "|".join(map(re.escape, longest_first)) or "(?!)"  # (?!): a tokenizer without any
+        self._markers = re.compile(f"({alternatives})")
         self.context_window = read_context_window(spec.path)
 
     def render(self, messages: Sequence[Message]) -> list[int]:
-        conversation = [self._to_template_dict(m) for m in messages]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Prompt token ids in which only the template's own markers are special tokens.
+
+        The caller's text (contents, names) is tokenized as plain text: a message that contains
+        `<|im_start|>system` must not open a system turn. The template renders placeholders in
+        place of that text, so the markers it writes can be found; the text between two markers
+        (template text with the caller's text put back) is tokenized with special tokens split,
+        exactly the runs the tokenizer would have cut the whole prompt into.
+        """
+        texts: list[str] = []
+
+        def hide(text: str) -> str:
+            texts.append(text)
+            return _PLACEHOLDER.format(len(texts) - 1)
+
+        conversation = [self._to_template_dict(m, hide) for m in messages]
+        rendered = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        ids: list[int] = []
+        for i, piece in enumerate(self._markers.split(rendered)):
+            if i % 2 == 1:  # split() puts the captured markers at odd places
+                ids.append(self._marker_ids[piece])
+            elif piece:
+                text = _PLACEHOLDERS.sub(lambda m: texts[int(m[1])], piece)
+                ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids
 
-    def _to_template_dict(self, message: Message) -> dict[str, Any]:
+    def _to_template_dict(self, message: Message, hide: Callable[[str], str]) -> dict[str, Any]:
         if message.name is None:
-            return {"role": message.role, "content": message.content}
+            return {"role": message.role, "content": hide(message.content)}
         if self._template_renders_name:
-            return {"role": message.role, "content": message.content, "name": message.name}
-        return {"role": message.role, "content": f"{message.name}: {message.content}"}
+            return {"role": message.role, "content": hide(message.content), "name": hide(message.name)}
+        return {"role": message.role, "content": hide(f"{message.name}: {message.content}")}
 
 
 def read_context_window(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""`make run`: Redis (unless REDIS_URL is set), the gateway on localhost:50051 and one CPU worker.
+"""`make run`: Redis (unless REDIS_URL is set), the gateway on localhost:50051 and one vLLM worker.
 
 Runs in the foreground; Ctrl-C stops everything. Settings not given in the
 environment take the defaults of gateway/config.py and worker/config.py.
@@ -15,6 +15,9 @@ from devstack.redis_server import RedisServer
 
 RUN_DIR = REPO / ".run"
 LOCAL_REDIS_PORT = 6390
+# The model name the reference's examples ask for, served by the bundled model, so they run
+# unchanged (examples/groq/). Only with the default GATEWAY_MODELS, which it must name.
+REFERENCE_MODEL_ALIASES = "mixtral-8x7b-32768=SmolLM2-135M-Instruct"
 
 
 def main() -> None:
@@ -25,6 +28,8 @@ def main() -> None:
         redis.start()
         env["REDIS_URL"] = redis.url
         print(f"redis-server on {redis.url} (data in {redis.data_dir})", flush=True)
+    if not os.environ.get("GATEWAY_MODELS") and not os.environ.get("GATEWAY_MODEL_ALIASES"):
+        env["GATEWAY_MODEL_ALIASES"] = REFERENCE_MODEL_ALIASES
     gateway = launch("gateway", env)
     worker = launch("worker", env)
     children = [gateway, worker]
@@ -32,7 +37,12 @@ def main() -> None:
     try:
         address = os.environ.get("GATEWAY_ADDRESS", "[::]:50051").replace("[::]", "localhost")
         wait_serving(address, gateway)
+        http = os.environ.get("GATEWAY_HTTP_ADDRESS", ":8080")
         print(f"gateway serving chat.v1.ChatService on {address}; Ctrl-C stops the stack", flush=True)
+        print(
+            f"HTTP API (Groq/OpenAI dialect): GROQ_BASE_URL=http://localhost{http[http.rfind(':') :]}",
+            flush=True,
+        )
         while all(p.poll() is None for p in children):
             time.sleep(0.5)
         failed = next(p for p in children if p.poll() is not None)

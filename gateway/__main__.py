@@ -13,7 +13,7 @@ from gateway.server import Gateway
 
 
 async def serve(settings: GatewaySettings) -> None:
-    gateway = Gateway(settings, ModelCatalog.load(settings.models))
+    gateway = Gateway(settings, ModelCatalog.load(settings.models, settings.aliases))
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

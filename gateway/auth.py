@@ -22,8 +22,11 @@ class Authenticator:
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
 
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]], model: str) -> KeyRecord:
-        """The caller's key record; raises Unauthenticated or PermissionDenied."""
+    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]], model: str | None) -> KeyRecord:
+        """The caller's key record; raises Unauthenticated or PermissionDenied.
+
+        model None (a request too malformed to name one) checks the key alone.
+        """
         header = next((str(v) for k, v in metadata if k == "authorization"), "")
         scheme, _, api_key = header.partition(" ")
         if scheme.lower() != "bearer" or not api_key.strip():
@@ -33,7 +36,7 @@ class Authenticator:
             raise Unauthenticated("unknown API key")
         if record.revoked:
             raise PermissionDenied(f"API key {record.name!r} has been revoked")
-        if not record.may_use(model):
+        if model is not None and not record.may_use(model):
             raise PermissionDenied(f"API key {record.name!r} may not use model {model!r}")
         return record
 

@@ -3,6 +3,8 @@
 | variable | default | meaning |
 |---|---|---|
 | GATEWAY_ADDRESS | [::]:50051 | address the gRPC server listens on |
+| GATEWAY_HTTP_ADDRESS | :8080 | address of the Groq/OpenAI-compatible HTTP API (`HOST:PORT`; no host = all) |
+| GATEWAY_MODEL_ALIASES | | comma-separated `ALIAS=MODEL`: requests naming ALIAS run on the served MODEL |
 | REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
 | GATEWAY_MODELS | SmolLM2-135M-Instruct | comma-separated `NAME=DIR` models; `NAME` alone: bundled model |
 | GATEWAY_DEFAULT_MAX_TOKENS | 1024 | max_tokens when a request sets none (capped by the context window) |
@@ -15,6 +17,9 @@
 | GATEWAY_MAX_REQUEST_BYTES | 1048576 | largest request message accepted (bigger: RESOURCE_EXHAUSTED) |
 | GATEWAY_MAX_MESSAGES | 256 | most messages in one request |
 | GATEWAY_MAX_PROMPT_CHARS | 200000 | most characters of message content in a request (before tokenizing) |
+| GATEWAY_MAX_STOP_CHARS | 256 | most characters in one stop sequence |
+| GATEWAY_MAX_NAME_CHARS | 64 | most characters in a message's name |
+| GATEWAY_MAX_USER_CHARS | 256 | most characters in the user field |
 | GATEWAY_MAX_STREAMS_PER_CONNECTION | 1024 | concurrent calls one HTTP/2 connection may open |
 | GATEWAY_AUTH | off | `on`: callers need an API key (`authorization: Bearer ...`), see gateway/auth.py |
 | GATEWAY_AUTH_CACHE_SECONDS | 5 | how long a looked-up key is trusted before Redis is asked again |
@@ -41,6 +46,8 @@ class GatewaySettings:
     address: str
     redis_url: str
     models: tuple[ModelSpec, ...]
+    http_address: str
+    model_aliases: tuple[tuple[str, str], ...]  # (alias, served model name)
     default_max_tokens: int
     default_timeout_seconds: float
     gateway_id: str
@@ -53,6 +60,9 @@ class GatewaySettings:
     max_request_bytes: int
     max_messages: int
     max_prompt_chars: int
+    max_stop_chars: int
+    max_name_chars: int
+    max_user_chars: int
     max_streams_per_connection: int
     auth: bool
     auth_cache_seconds: float
@@ -62,12 +72,32 @@ class GatewaySettings:
     redis_tls_ca_file: str
 
     def __post_init__(self) -> None:
+        served = {m.name for m in self.models}
+        for alias, target in self.model_aliases:
+            if target not in served:
+                raise ValueError(f"GATEWAY_MODEL_ALIASES maps {alias!r} to {target!r}, which is not served")
+            if alias in served:
+                raise ValueError(f"GATEWAY_MODEL_ALIASES: {alias!r} is already a served model's name")
+        self.http_host_port  # noqa: B018 - refuses a malformed address at start-up
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError(
                 "GATEWAY_TLS_CLIENT_CA_FILE (mTLS) needs GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE"
             )
+
+    @property
+    def http_host_port(self) -> tuple[str | None, int]:
+        """GATEWAY_HTTP_ADDRESS as (host, port); host None listens on every interface."""
+        host, sep, port = self.http_address.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"GATEWAY_HTTP_ADDRESS must be HOST:PORT or :PORT, got {self.http_address!r}")
+        host = host.strip("[]")
+        return (host if host and host not in ("0.0.0.0", "::") else None), int(port)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self.model_aliases)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewaySettings":
@@ -76,6 +106,8 @@ class GatewaySettings:
             address=env_str(env, "GATEWAY_ADDRESS", "[::]:50051"),
             redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
             models=parse_model_specs(env_str(env, "GATEWAY_MODELS", "SmolLM2-135M-Instruct")),
+            http_address=env_str(env, "GATEWAY_HTTP_ADDRESS", ":8080"),
+            model_aliases=_aliases(env_str(env, "GATEWAY_MODEL_ALIASES", "")),
             default_max_tokens=env_int(env, "GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum=1),
             default_timeout_seconds=env_float(env, "GATEWAY_DEFAULT_TIMEOUT_SECONDS", 300.0, minimum=1.0),
             gateway_id=env_str(
@@ -90,6 +122,9 @@ class GatewaySettings:
             max_request_bytes=env_int(env, "GATEWAY_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
             max_messages=env_int(env, "GATEWAY_MAX_MESSAGES", 256, minimum=1),
             max_prompt_chars=env_int(env, "GATEWAY_MAX_PROMPT_CHARS", 200_000, minimum=1),
+            max_stop_chars=env_int(env, "GATEWAY_MAX_STOP_CHARS", 256, minimum=1),
+            max_name_chars=env_int(env, "GATEWAY_MAX_NAME_CHARS", 64, minimum=1),
+            max_user_chars=env_int(env, "GATEWAY_MAX_USER_CHARS", 256, minimum=0),
             max_streams_per_connection=env_int(env, "GATEWAY_MAX_STREAMS_PER_CONNECTION", 1024, minimum=1),
             auth=_on_off(env, "GATEWAY_AUTH"),
             auth_cache_seconds=env_float(env, "GATEWAY_AUTH_CACHE_SECONDS", 5.0, minimum=0.0),
@@ -105,3 +140,17 @@ def _on_off(env: Mapping[str, str], name: str) -> bool:
     if value not in ("on", "off"):
         raise ValueError(f"{name} must be on or off, got {value!r}")
     return value == "on"
+
+
+def _aliases(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        alias, sep, target = (x.strip() for x in part.partition("="))
+        if not sep or not alias or not target:
+            raise ValueError(f"GATEWAY_MODEL_ALIASES entries must be ALIAS=MODEL, got {part!r}")
+        pairs.append((alias, target))
+    if len({alias for alias, _ in pairs}) != len(pairs):
+        raise ValueError("GATEWAY_MODEL_ALIASES names an alias twice")
+    return tuple(pairs)

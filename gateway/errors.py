@@ -1,7 +1,8 @@
-"""The gateway's errors and the one table that turns them into gRPC statuses.
+"""The gateway's errors and the one table that gives each its gRPC status and HTTP status.
 
 ServiceError                     any error the caller is told about
 ├── InvalidField                 INVALID_ARGUMENT, BadRequest field violation
+│   └── UnsupportedParameter     a parameter of the dialect this service does not implement
 ├── MalformedRequest             INVALID_ARGUMENT: the request bytes are not a valid message
 ├── ModelNotFound                NOT_FOUND, BadRequest field violation on `model`
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
@@ -9,13 +10,21 @@ ServiceError                     any error the caller is told about
 ├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
 ├── Unauthenticated              UNAUTHENTICATED: no API key, or an unknown one
 ├── PermissionDenied             PERMISSION_DENIED: revoked key, or a model the key may not use
-├── Aborted                      ABORTED (the job's worker was lost after tokens were sent)
+├── Aborted                      ABORTED (worker lost after text was sent, and the job could not continue)
+├── RequestTooLarge              RESOURCE_EXHAUSTED without RetryInfo: larger than the hard limit
 ├── DeadlineExceeded             DEADLINE_EXCEEDED
 └── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
     ├── QueueFull                too many jobs waiting for the model
     ├── TooManyCalls             too many calls open on this gateway
-    └── RateLimited              the API key's requests or tokens per minute are used up
+    ├── RateLimited              the API key's requests or tokens per minute are used up
+    └── RedisOutOfMemory         Redis reached its maxmemory (noeviction): it takes no new jobs
+
+`STATUSES` below is the only place that says which status each error gets, on gRPC and on
+HTTP (with the `type` and `code` of the Groq/OpenAI error body, which the SDKs map to their
+typed exceptions).
 """
+
+from dataclasses import dataclass
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -25,8 +34,20 @@ from common import codec
 ERROR_DOMAIN = "chat.v1"
 
 
+@dataclass(frozen=True)
+class Status:
+    """How one kind of error reaches a caller: gRPC code; HTTP status, error type and code."""
+
+    grpc: int
+    http: int
+    type: str
+    code: str | None = None
+    retryable: bool = False  # the same request may succeed later (overload, an outage)
+
+
 class ServiceError(Exception):
-    code: int = code_pb2.INTERNAL
+    code: int = code_pb2.INTERNAL  # set from STATUSES
+    status = Status(code_pb2.INTERNAL, 500, "api_error", "internal_error")  # set from STATUSES
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -42,8 +63,6 @@ class ServiceError(Exception):
 
 
 class InvalidField(ServiceError):
-    code = code_pb2.INVALID_ARGUMENT
-
     def __init__(self, field: str, rule: str) -> None:
         super().__init__(f"`{field}` {rule}")
         self.field = field
@@ -54,19 +73,38 @@ class InvalidField(ServiceError):
         return [_pack(error_details_pb2.BadRequest(field_violations=[violation]))]
 
 
+class UnsupportedParameter(InvalidField):
+    def __init__(self, field: str, rule: str = "is not supported by this service") -> None:
+        super().__init__(field, rule)
+
+
 class MalformedRequest(ServiceError):
-    code = code_pb2.INVALID_ARGUMENT
+    pass
+
+
+class RequestTooLarge(ServiceError):
+    pass
+
+
+# How much of a refused value an error message repeats.
+_SHOWN_CHARS = 40
+
+
+def shown(value: str) -> str:
+    """repr() of a caller's value for an error message, cut short: errors must stay small too."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
 class ModelNotFound(InvalidField):
-    code = code_pb2.NOT_FOUND
-
     def __init__(self, model: str, known: list[str]) -> None:
-        super().__init__("model", f"names no model served here: {model!r} (available: {', '.join(known)})")
+        super().__init__(
+            "model", f"names no model served here: {shown(model)} (available: {', '.join(known)})"
+        )
 
 
 class JsonValidateFailed(ServiceError):
-    code = code_pb2.INVALID_ARGUMENT
     reason = "json_validate_failed"
 
     def __init__(self, message: str, failed_generation: str) -> None:
@@ -81,27 +119,26 @@ class JsonValidateFailed(ServiceError):
 
 
 class Unavailable(ServiceError):
-    code = code_pb2.UNAVAILABLE
+    pass
 
 
 class DeadlineExceeded(ServiceError):
-    code = code_pb2.DEADLINE_EXCEEDED
+    pass
 
 
 class Unauthenticated(ServiceError):
-    code = code_pb2.UNAUTHENTICATED
+    pass
 
 
 class PermissionDenied(ServiceError):
-    code = code_pb2.PERMISSION_DENIED
+    pass
 
 
 class Aborted(ServiceError):
-    code = code_pb2.ABORTED
+    pass
 
 
 class Overloaded(ServiceError):
-    code = code_pb2.RESOURCE_EXHAUSTED
     retry_after_seconds = 1.0  # GATEWAY_RETRY_AFTER_SECONDS, set at start-up
 
     def details(self) -> list[any_pb2.Any]:
@@ -129,27 +166,66 @@ class RateLimited(Overloaded):
         self.metadata = metadata
 
 
+class RedisOutOfMemory(Overloaded):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}: Redis is out of memory (maxmemory reached); retry later")
+
+
 class JobFailed(ServiceError):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.status = status
+        self.code = status.grpc
 
 
-_FAILURE_CODES = {
-    codec.FailureKind.FAILURE_KIND_INTERNAL: code_pb2.INTERNAL,
-    codec.FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
-    codec.FailureKind.FAILURE_KIND_CANCELLED: code_pb2.CANCELLED,
-    codec.FailureKind.FAILURE_KIND_UNAVAILABLE: code_pb2.UNAVAILABLE,
-    codec.FailureKind.FAILURE_KIND_BAD_PAYLOAD: code_pb2.INTERNAL,
+_OVERLOADED = Status(code_pb2.RESOURCE_EXHAUSTED, 503, "api_error", "service_overloaded", retryable=True)
+# The one table. Overloaded errors also send a retry delay (RetryInfo on gRPC, retry-after on HTTP).
+STATUSES: dict[type[ServiceError], Status] = {
+    ServiceError: Status(code_pb2.INTERNAL, 500, "api_error", "internal_error"),
+    InvalidField: Status(code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    UnsupportedParameter: Status(
+        code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "unsupported_parameter"
+    ),
+    MalformedRequest: Status(code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "invalid_json"),
+    ModelNotFound: Status(code_pb2.NOT_FOUND, 404, "invalid_request_error", "model_not_found"),
+    JsonValidateFailed: Status(
+        code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "json_validate_failed"
+    ),
+    Unauthenticated: Status(code_pb2.UNAUTHENTICATED, 401, "invalid_request_error", "invalid_api_key"),
+    PermissionDenied: Status(code_pb2.PERMISSION_DENIED, 403, "permission_error", "permission_denied"),
+    RequestTooLarge: Status(code_pb2.RESOURCE_EXHAUSTED, 413, "invalid_request_error", "request_too_large"),
+    Overloaded: _OVERLOADED,
+    QueueFull: _OVERLOADED,
+    TooManyCalls: _OVERLOADED,
+    RateLimited: Status(
+        code_pb2.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded", "rate_limit_exceeded", retryable=True
+    ),
+    RedisOutOfMemory: _OVERLOADED,
+    Aborted: Status(code_pb2.ABORTED, 409, "api_error", "stream_aborted"),
+    DeadlineExceeded: Status(code_pb2.DEADLINE_EXCEEDED, 504, "api_error", "timeout"),
+    Unavailable: Status(code_pb2.UNAVAILABLE, 503, "api_error", "service_unavailable", retryable=True),
 }
+# Jobs that end with a Failed event, by the worker's failure kind.
+JOB_FAILURES: dict[int, Status] = {
+    codec.FailureKind.FAILURE_KIND_INTERNAL: STATUSES[ServiceError],
+    codec.FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED: STATUSES[DeadlineExceeded],
+    codec.FailureKind.FAILURE_KIND_CANCELLED: Status(code_pb2.CANCELLED, 499, "api_error", "cancelled"),
+    codec.FailureKind.FAILURE_KIND_UNAVAILABLE: STATUSES[Unavailable],
+    codec.FailureKind.FAILURE_KIND_BAD_PAYLOAD: STATUSES[ServiceError],
+    codec.FailureKind.FAILURE_KIND_INVALID_REQUEST: STATUSES[InvalidField],
+}
+for _kind, _status in STATUSES.items():
+    _kind.status, _kind.code = _status, _status.grpc
 
 
 def from_failed_event(failed: codec.Failed) -> ServiceError:
     """The error a caller sees for a job that ended with a Failed event."""
     if failed.reason == JsonValidateFailed.reason:
         return JsonValidateFailed(failed.message, failed.failed_generation)
-    code = _FAILURE_CODES.get(failed.kind, code_pb2.INTERNAL)
-    return JobFailed(code, failed.message or "the job failed")
+    if failed.kind == codec.FailureKind.FAILURE_KIND_INVALID_REQUEST and failed.field:
+        return InvalidField(failed.field, failed.message)
+    status = JOB_FAILURES.get(failed.kind, STATUSES[ServiceError])
+    return JobFailed(status, failed.message or "the job failed")
 
 
 def _pack(

@@ -1,4 +1,4 @@
-"""Every gateway metric, defined once. Labels: model, rpc, code, reason; never a request id.
+"""Every gateway metric, defined once. Labels: model, rpc, code, reason, transport; never a request id.
 
 Each gateway process serves its own metrics on GATEWAY_METRICS_PORT; run one process
 per pod (or give each its own port) so counters are never shared between processes.
@@ -14,8 +14,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+TRANSPORTS = ("grpc", "http")
 REQUESTS = Counter(
-    "chat_gateway_requests_total", "Calls answered, by final gRPC status code", ["model", "rpc", "code"]
+    "chat_gateway_requests_total",
+    "Calls answered, by final gRPC status code (HTTP calls too: errors.STATUSES maps them)",
+    ["model", "rpc", "code", "transport"],
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "chat_gateway_time_to_first_token_seconds",
@@ -32,7 +35,7 @@ INTER_TOKEN_LATENCY = Histogram(
 REQUEST_DURATION = Histogram(
     "chat_gateway_request_duration_seconds",
     "End-to-end duration of completed calls",
-    ["model", "rpc"],
+    ["model", "rpc", "transport"],
     buckets=DURATION_BUCKETS,
 )
 QUEUE_WAIT = Histogram(
@@ -56,7 +59,8 @@ REJECTIONS = Counter(
 )
 RESUMED_STREAMS = Counter(
     "chat_gateway_resumed_streams_total",
-    "Jobs that re-ran on another worker, by outcome: resumed or aborted",
+    "Calls whose job another worker took over, by outcome: continued, restarted (nothing was shown"
+    " yet) or aborted (text was streamed and the job could not continue)",
     ["model", "outcome"],
 )
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
@@ -70,6 +74,8 @@ REJECTION_REASONS = (
     "queue_full",
     "too_many_calls",
     "redis_unavailable",
+    "redis_full",
+    "too_large",
 )
 
 
@@ -78,7 +84,7 @@ def initialize(models: list[str]) -> None:
     for model in models:
         for reason in REJECTION_REASONS:
             REJECTIONS.labels(model, reason)
-        for outcome in ("rerun", "aborted"):
+        for outcome in ("continued", "restarted", "aborted"):
             RESUMED_STREAMS.labels(model, outcome)
         PROMPT_TOKENS.labels(model)
         COMPLETION_TOKENS.labels(model)
@@ -92,9 +98,10 @@ def model_label(name: str, served: list[str]) -> str:
 class CallRecorder:
     """Records the metrics of one call as its events pass through the gateway."""
 
-    def __init__(self, rpc: str, model: str) -> None:
+    def __init__(self, rpc: str, model: str, transport: str = "grpc") -> None:
         self.rpc = rpc
         self.model = model
+        self.transport = transport
         self._start = time.monotonic()
         self._last_delta: float | None = None
 
@@ -110,7 +117,7 @@ class CallRecorder:
         PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         COMPLETION_TOKENS.labels(self.model).inc(completion_tokens)
         QUEUE_WAIT.labels(self.model).observe(queue_time)
-        REQUEST_DURATION.labels(self.model, self.rpc).observe(time.monotonic() - self._start)
+        REQUEST_DURATION.labels(self.model, self.rpc, self.transport).observe(time.monotonic() - self._start)
 
     def done(self, code: str) -> None:
-        REQUESTS.labels(self.model, self.rpc, code).inc()
+        REQUESTS.labels(self.model, self.rpc, code, self.transport).inc()

@@ -15,12 +15,14 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
-from common import codec, keys, streams
-from gateway.errors import QueueFull, ServiceError, Unavailable
+from common import codec, engine_registry, keys, streams
+from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.subscription import Subscription
 from gateway.validation import ValidRequest
 
@@ -40,19 +42,36 @@ if waiting > 0 then
   if ok then waiting = waiting - pending[1] end
 end
 """
+# KEYS: job stream, the request's submitted marker, reply stream. ARGV: group, limit, marker TTL,
+# 6 entry fields. Returns the entry id; the number of jobs waiting when the queue is full; or
+# _REPLY_STREAM_GONE: workers would drop the job's events (NOMKSTREAM), so it is not queued.
+# Idempotent per request id: run again (a retry after a reply timeout), it returns the entry it
+# added the first time instead of queueing the job twice.
+_REPLY_STREAM_GONE = -1
 _SUBMIT = (
-    _WAITING
+    """
+local queued = redis.call('GET', KEYS[2])
+if queued then return queued end
+if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
+"""
+    + _WAITING
     + """
 if waiting >= tonumber(ARGV[2]) then return waiting end
-return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+local id = redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+return id
 """
 )
 
 
 # Sets a job's cancel flag only while its entry is still in the job stream: a worker deletes
 # entry and flag together when the job ends, so a late cancel cannot leave a stray flag.
+# KEYS: job stream, cancel flag, submitted marker. ARGV: entry id ('' when the submit's reply never
+# came: then the marker says whether and where the job was queued), flag TTL.
 _CANCEL = """
-if redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1] then
+local id = ARGV[1]
+if id == '' then id = redis.call('GET', KEYS[3]) end
+if id and redis.call('XRANGE', KEYS[1], id, id)[1] then
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 end
 """
@@ -69,6 +88,12 @@ class JobQueue:
         self._waiting = redis.register_script(_WAITING + "return waiting")
         self._cancel_script = redis.register_script(_CANCEL)
         self._subscriptions: dict[str, Subscription] = {}
+        # Bumped each time the reply stream is found gone and made anew (every call waiting then
+        # is failed); a lock makes one caller do it for everybody who noticed.
+        self._generation = 0
+        self._renewing = asyncio.Lock()
+        self._reader_ok = True
+        self._reply_stream_ok = True
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
@@ -90,8 +115,30 @@ class JobQueue:
         """Jobs of the model that no worker has taken yet."""
         return int(await self._waiting(keys=[keys.job_stream(model)], args=[keys.WORKER_GROUP]))
 
+    async def engine_context_window(self, model: str) -> int | None:
+        """The context window the model's live workers run with (None: no worker is live)."""
+        return await engine_registry.context_window(self._redis, model)
+
+    @property
+    def can_relay(self) -> bool:
+        """False while the reply stream cannot be read or kept: events of jobs would not reach calls."""
+        return self._reader_ok and self._reply_stream_ok
+
     async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
         """Queues a validated request; its events arrive on the returned Subscription."""
+        for _ in range(2):
+            generation = self._generation
+            subscription = await self._submit_once(request, deadline)
+            if subscription is not None:
+                return subscription
+            try:
+                await self._renew_reply_stream(generation, "this gateway's reply stream was gone")
+            except RedisError as exc:
+                raise Unavailable(f"job queue unreachable: {exc}") from exc
+        raise Unavailable("this gateway cannot keep its reply stream in Redis; retry the request")
+
+    async def _submit_once(self, request: ValidRequest, deadline: float) -> Subscription | None:
+        """Queues the job, or returns None when the reply stream is gone (nothing queued)."""
         request_id = uuid.uuid4().hex
         job = codec.Job(
             request_id=request_id,
@@ -101,10 +148,11 @@ class JobQueue:
                 temperature=request.temperature,
                 top_p=request.top_p,
                 max_tokens=request.max_tokens,
-                # Always seeded, so a job that re-runs on another worker reproduces what was sent.
+                # Always seeded: a job taken over samples its continuation from a seed derived from this.
                 seed=request.seed if request.seed is not None else secrets.randbits(63),
                 stop=request.stop,
                 json_mode=request.json_mode,
+                json_schema=request.json_schema,
             ),
             enqueued_at=time.time(),
             deadline=deadline,
@@ -118,35 +166,72 @@ class JobQueue:
             keys.REPLY_TO_FIELD, self._reply_stream.encode(),
             keys.PAYLOAD_FIELD, codec.encode(job),
         )  # fmt: skip
-        try:
-            added = await self._submit(
-                keys=[keys.job_stream(request.model)],
-                args=[keys.WORKER_GROUP, self._max_queued_jobs, *fields],
+        submitting = asyncio.ensure_future(
+            self._submit(
+                keys=[keys.job_stream(request.model), keys.submitted(request_id), self._reply_stream],
+                args=[keys.WORKER_GROUP, self._max_queued_jobs, keys.RETRY_MARKER_TTL_SECONDS, *fields],
             )
-        except RedisError as exc:
+        )
+        try:
+            # Shielded: a caller that leaves meanwhile must not hide whether the job was queued.
+            added = await asyncio.shield(submitting)
+        except BaseException as exc:
+            # Cancelled, past its deadline, or no reply from Redis: the job may be queued all the
+            # same, and nobody waits for it any more.
             self._subscriptions.pop(request_id, None)
-            raise Unavailable(f"job queue unreachable: {exc}") from exc
+            self._in_background(self._cancel_unconfirmed(submitting, subscription, deadline))
+            if isinstance(exc, OutOfMemoryError):
+                raise RedisOutOfMemory("cannot queue the job") from exc
+            if isinstance(exc, RedisError):
+                raise Unavailable(f"job queue unreachable: {exc}") from exc
+            raise
         if isinstance(added, int):
             self._subscriptions.pop(request_id, None)
+            if added == _REPLY_STREAM_GONE:
+                return None
             raise QueueFull(request.model, added)
         subscription.entry_id = added
         return subscription
+
+    @property
+    def num_subscriptions(self) -> int:
+        """Calls waiting for events of their jobs."""
+        return len(self._subscriptions)
 
     def release(self, subscription: Subscription, cancel_until: float | None = None) -> None:
         """Stops routing the job's events; with cancel_until, also tells workers to drop the job."""
         self._subscriptions.pop(subscription.request_id, None)
         if cancel_until is not None:
-            task = asyncio.create_task(self._cancel(subscription, cancel_until))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._cancel(subscription, cancel_until))
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_unconfirmed(
+        self, submitting: asyncio.Future[Any], subscription: Subscription, until: float
+    ) -> None:
+        """Cancels a job whose submit the caller did not see through, if it was queued."""
+        with contextlib.suppress(Exception):
+            added = await submitting
+            if not isinstance(added, bytes):
+                return  # refused: queue full
+            subscription.entry_id = added
+        await self._cancel(subscription, until)  # no entry id: the submitted marker tells
 
     async def _cancel(self, subscription: Subscription, until: float) -> None:
         # The flag must outlive the job's wait in the queue; after its deadline the job is dropped anyway.
         ttl = max(1, int(until - time.time()) + 60)
-        flag = keys.cancel_flag(subscription.request_id)
+        request_id = subscription.request_id
         try:
             await self._cancel_script(
-                keys=[keys.job_stream(subscription.model), flag], args=[subscription.entry_id, ttl]
+                keys=[
+                    keys.job_stream(subscription.model),
+                    keys.cancel_flag(request_id),
+                    keys.submitted(request_id),
+                ],
+                args=[subscription.entry_id, ttl],
             )
         except RedisError as exc:
             log.warning("cannot cancel job %s: %s (its deadline still ends it)", subscription.request_id, exc)
@@ -161,10 +246,12 @@ class JobQueue:
                     last_id = await self._recover(last_id)
                     broken = False
                 reply = await self._reader.xread({self._reply_stream: last_id}, count=1024, block=1000)
+                self._reader_ok = True
             except RedisError as exc:
                 if not broken:
                     log.warning("reply stream unreadable: %s", exc)
                 broken = True
+                self._reader_ok = False
                 await asyncio.sleep(0.2)
                 continue
             for entry_id, fields in streams.entries(reply):
@@ -176,14 +263,26 @@ class JobQueue:
 
     async def _recover(self, last_id: bytes) -> bytes:
         """After a Redis outage: if our reply stream lost entries, fail every waiting call."""
+        generation = self._generation
         if last_id == b"0-0" or await self._reader.xrange(self._reply_stream, last_id, last_id):
             return last_id
-        log.error("Redis lost this gateway's reply stream; failing %d calls", len(self._subscriptions))
-        error = Unavailable("the job queue restarted and lost this job's progress; retry the request")
-        for subscription in list(self._subscriptions.values()):
-            subscription.fail(error)
-        await self._touch_reply_stream()
+        await self._renew_reply_stream(generation, "the job queue restarted and lost this job's progress")
         return b"0-0"
+
+    async def _renew_reply_stream(self, generation: int, why: str) -> None:
+        """The reply stream is gone (expired, or Redis lost it): events of waiting calls may have
+        been dropped, so each of them ends UNAVAILABLE; then the stream is made anew for new calls.
+        Nothing happens if it was renewed since `generation` was read."""
+        async with self._renewing:
+            if generation != self._generation:
+                return
+            self._generation += 1
+            lost, self._subscriptions = list(self._subscriptions.values()), {}
+            log.error("%s; failing %d calls and creating it anew", why, len(lost))
+            error = Unavailable(f"{why}, so events of this job may be lost; retry the request")
+            for subscription in lost:
+                subscription.fail(error)
+            await self._touch_reply_stream()
 
     def _route(self, fields: dict[bytes, bytes]) -> None:
         payload = fields.get(keys.PAYLOAD_FIELD)
@@ -216,7 +315,23 @@ class JobQueue:
     async def _keep_reply_stream(self) -> None:
         while True:
             await asyncio.sleep(_KEEPALIVE_SECONDS)
-            try:
-                await self._redis.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS)
-            except RedisError as exc:
-                log.warning("cannot refresh reply stream: %s", exc)
+            await self.refresh_reply_stream()
+
+    async def refresh_reply_stream(self) -> None:
+        """Keeps the reply stream from expiring; renews it if it already has.
+
+        It expires when this process stops refreshing it for the TTL (frozen, swapped out, a
+        long GC pause): workers then abort its jobs and drop their events. Noticed here at the
+        first refresh after the pause, which the event loop runs as soon as it wakes up.
+        """
+        generation = self._generation
+        try:
+            if not await self._redis.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS):
+                self._reply_stream_ok = False
+                await self._renew_reply_stream(
+                    generation, "this gateway's reply stream expired while the gateway was unresponsive"
+                )
+            self._reply_stream_ok = True
+        except RedisError as exc:
+            self._reply_stream_ok = False
+            log.warning("cannot refresh reply stream: %s", exc)

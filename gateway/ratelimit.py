@@ -9,18 +9,24 @@ back, so the window holds prompt + completion tokens of every call.
 import contextlib
 import math
 import time
+import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from common import keys
 from gateway.apikeys import KeyRecord
-from gateway.errors import RateLimited, Unavailable
+from gateway.errors import RateLimited, RedisOutOfMemory, Unavailable
 
-# KEYS[1]: window hash. ARGV: requests per minute, tokens per minute (0 = no limit), tokens.
-# Returns {admitted, requests used, tokens used}.
+# Both scripts are idempotent per call: each call brings its own token, and the applied marker
+# (KEYS[2]) makes a retry of a call that Redis already ran (its reply timed out) change nothing.
+
+# KEYS: window hash, applied marker. ARGV: requests per minute, tokens per minute (0 = no limit),
+# tokens, marker TTL. Returns {admitted, requests used, tokens used}.
 _ADMIT = """
+local done = redis.call('GET', KEYS[2])
+if done then return cjson.decode(done) end
 local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local used_requests = tonumber(redis.call('HGET', KEYS[1], 'requests') or '0')
 local used_tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
@@ -30,7 +36,17 @@ end
 redis.call('HINCRBY', KEYS[1], 'requests', 1)
 redis.call('HINCRBY', KEYS[1], 'tokens', tokens)
 redis.call('EXPIRE', KEYS[1], 120)
-return {1, used_requests + 1, used_tokens + tokens}
+local admitted = {1, used_requests + 1, used_tokens + tokens}
+redis.call('SET', KEYS[2], cjson.encode(admitted), 'EX', ARGV[4])
+return admitted
+"""
+
+# KEYS: window hash, applied marker. ARGV: tokens to give back, marker TTL. A window that has
+# expired is not recreated (it would have no TTL).
+_REFUND = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'tokens', -tonumber(ARGV[1]))
+end
 """
 _WINDOW_SECONDS = 60
 
@@ -68,6 +84,7 @@ class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._admit = redis.register_script(_ADMIT)
+        self._refund = redis.register_script(_REFUND)
 
     async def admit(self, record: KeyRecord, tokens: int) -> Budget:
         """Counts a call and reserves its tokens, or raises RateLimited with the time to wait."""
@@ -76,9 +93,16 @@ class RateLimiter:
         reset = (window + 1) * _WINDOW_SECONDS - now
         try:
             admitted, used_requests, used_tokens = await self._admit(
-                keys=[keys.rate_window(record.digest, window)],
-                args=[record.requests_per_minute, record.tokens_per_minute, tokens],
+                keys=[keys.rate_window(record.digest, window), keys.applied(uuid.uuid4().hex)],
+                args=[
+                    record.requests_per_minute,
+                    record.tokens_per_minute,
+                    tokens,
+                    keys.RETRY_MARKER_TTL_SECONDS,
+                ],
             )
+        except OutOfMemoryError as exc:
+            raise RedisOutOfMemory("cannot count the call against its rate limit") from exc
         except RedisError as exc:
             raise Unavailable(f"cannot check the rate limit: {exc}") from exc
         budget = Budget(record, window, int(used_requests), int(used_tokens), reset)
@@ -101,4 +125,6 @@ class RateLimiter:
             return
         window = keys.rate_window(budget.record.digest, budget.window)
         with contextlib.suppress(RedisError):  # the window expires anyway
-            await self._redis.hincrby(window, "tokens", -tokens)
+            await self._refund(
+                keys=[window, keys.applied(uuid.uuid4().hex)], args=[tokens, keys.RETRY_MARKER_TTL_SECONDS]
+            )

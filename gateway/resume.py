@@ -1,50 +1,54 @@
-"""Resuming a stream when its job re-runs on another worker, without a gap or a duplicate.
+"""Resuming a call when its job is taken over by another worker, without a gap or a duplicate.
 
-Every job is sampled with a seed (the gateway draws one when the caller gives none), so
-a re-run reproduces the text already sent. The re-run's text is checked against it and
-only what goes beyond it is forwarded; if it differs, the call ends with ABORTED.
+The worker that takes a job over continues the generation from the job's progress record
+(worker/runner.py): the tokens already generated become part of its prompt, and it sends
+only what comes after the text already sent. Its Started says so (`continued`,
+`continued_from_tokens`) and its events carry on the earlier attempt's seq
+(gateway/subscription.py), so its deltas are forwarded as they come.
+
+An attempt that starts over instead (no progress was recorded, or a JSON mode job, whose
+grammar cannot be resumed mid-output) is harmless while the caller has seen no text: a
+unary call drops what it had gathered. After text was streamed it is not: the call ends
+ABORTED, the one case where progress cannot be recovered.
 """
 
+from common import codec
 from gateway.errors import Aborted
 
 
-class StreamedText:
-    """The text a streaming caller has received, and the replay of a re-run against it."""
+class ReplyProgress:
+    """The reply received so far across a job's attempts: its text and token count."""
 
-    def __init__(self) -> None:
-        self.sent = ""
-        self.tokens_sent = 0
-        self._replay: str | None = None  # text of the current re-run while it catches up
+    def __init__(self, stream: bool) -> None:
+        self._stream = stream
+        self.pieces: list[str] = []  # unary: the text to join at the end
+        self.chars_sent = 0  # stream: characters forwarded to the caller
+        self.completion_tokens = 0  # tokens behind the text received
 
-    def restart(self) -> None:
-        """A new attempt began; its text starts from the beginning again."""
-        self._replay = "" if self.sent else None
-
-    def forward(self, text: str, completion_tokens: int) -> str:
-        """Returns the part of a delta the caller has not seen yet."""
-        if self._replay is None:
-            self.sent += text
-            self.tokens_sent = completion_tokens
-            return text
-        self._replay += text
-        common = min(len(self._replay), len(self.sent))
-        if self._replay[:common] != self.sent[:common]:
-            raise self._diverged()
-        if len(self._replay) <= len(self.sent):
+    def add(self, delta: codec.Delta) -> str:
+        """Records a delta; returns the text to forward now (a stream's only)."""
+        self.completion_tokens = delta.completion_tokens
+        if not self._stream:
+            self.pieces.append(delta.text)
             return ""
-        new = self._replay[len(self.sent) :]
-        self._replay = None
-        self.sent += new
-        self.tokens_sent = completion_tokens
-        return new
+        self.chars_sent += len(delta.text)
+        return delta.text
 
-    def check_finished(self) -> None:
-        """At the end of a re-run: it must have reproduced everything that was sent."""
-        if self._replay is not None and len(self._replay) < len(self.sent):
-            raise self._diverged()
-
-    def _diverged(self) -> Aborted:
-        return Aborted(
-            f"the worker running this job was lost after {self.tokens_sent} tokens were sent, and the re-run"
-            " did not reproduce them; retry the request"
-        )
+    def take_over(self, started: codec.Started) -> str:
+        """A newer attempt began: "continued" or "restarted"; raises Aborted if it cannot go on."""
+        if started.continued:
+            if started.continued_from_tokens != self.completion_tokens:
+                raise Aborted(
+                    f"the worker running this job was lost; its progress record has"
+                    f" {started.continued_from_tokens} tokens where {self.completion_tokens} were"
+                    " received, so the reply cannot be continued; retry the request"
+                )
+            return "continued"
+        if self.chars_sent:
+            raise Aborted(
+                f"the worker running this job was lost after {self.completion_tokens} tokens were sent,"
+                " and the job had to start over (its progress could not be recovered); retry the request"
+            )
+        self.pieces.clear()
+        self.completion_tokens = 0
+        return "restarted"

@@ -17,8 +17,10 @@ from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
+from gateway.http import HttpApi
 from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
+from gateway.relay import Relay
 from gateway.servicer import ChatServicer
 from gateway.wire import add_chat_service
 
@@ -74,7 +76,10 @@ class Gateway:
         Overloaded.retry_after_seconds = settings.retry_after_seconds
         self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs)
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
-        self.servicer = ChatServicer(settings, catalog, self.queue, auth, RateLimiter(self._redis))
+        self.relay = Relay(settings, catalog, self.queue, auth, RateLimiter(self._redis))
+        self.servicer = ChatServicer(self.relay, catalog)
+        self.serving = False  # what the health service says; /readyz mirrors it
+        self.http = HttpApi(settings, self.relay, catalog, lambda: self.serving)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
         add_chat_service(self.servicer, self.server)
@@ -93,28 +98,44 @@ class Gateway:
         else:
             self.port = self.server.add_secure_port(settings.address, credentials)
         self._monitor: asyncio.Task[None] | None = None
+        self._catalog = catalog
         self._models = catalog.names
 
     async def start(self) -> None:
         metrics.initialize(self._models)
         serve_metrics(self.settings.metrics_port)
         await self.queue.start()
+        await self._refresh_models()
         await self.server.start()
+        await self.http.start()
         await self._set_serving(True)
         self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
-        log.info("gateway %s listening on port %d", self.settings.gateway_id, self.port)
+        log.info(
+            "gateway %s listening on port %d (gRPC) and %d (HTTP)",
+            self.settings.gateway_id,
+            self.port,
+            self.http.port,
+        )
 
     async def stop(self) -> None:
         """Stops accepting calls and lets open ones finish within the shutdown grace period."""
         if self._monitor is not None:
             self._monitor.cancel()
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+        await asyncio.gather(self.server.stop(self.settings.shutdown_grace_seconds), self.http.stop())
         await self.queue.stop()
         await self._redis.aclose()
         await self._reader_redis.aclose()
 
+    async def _refresh_models(self) -> None:
+        """Queue depths for the metrics, and the context windows the workers' engines run with."""
+        for model in self._models:
+            metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
+            self._catalog.set_engine_context_window(model, await self.queue.engine_context_window(model))
+
     async def _set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -122,19 +143,21 @@ class Gateway:
             await self.health.set(service, status)
 
     async def _watch_redis(self) -> None:
-        """Health says NOT_SERVING while Redis is unreachable, so load balancers route around us."""
+        """Health says NOT_SERVING while Redis is unreachable or events cannot be relayed, so load
+        balancers route around us."""
         serving = True
         while True:
             await asyncio.sleep(_HEALTH_CHECK_SECONDS)
             try:
-                for model in self._models:
-                    metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
-                ok = True
+                await self._refresh_models()
+                redis_ok = True
             except (RedisError, OSError) as exc:
-                ok = False
+                redis_ok = False
                 if serving:
                     log.error("Redis unreachable: %s", exc)
-            metrics.REDIS_UP.set(1 if ok else 0)
+            # Redis may answer while this gateway still cannot relay events (reply stream lost).
+            ok = redis_ok and self.queue.can_relay
+            metrics.REDIS_UP.set(1 if redis_ok else 0)
             if ok != serving:
                 serving = ok
                 await self._set_serving(ok)

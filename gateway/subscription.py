@@ -10,6 +10,9 @@ from gateway.errors import ServiceError, Unavailable
 class Subscription:
     """Ordered events of the job's current attempt, with deltas merged while the caller lags.
 
+    An attempt that continues an earlier one (Started.continued) carries on its seq: its
+    events follow the earlier attempt's. One that starts over replaces them.
+
     Merging keeps the backlog of a slow caller at a few events, whatever the engine's pace;
     its text is bounded by the job's max_tokens.
     """
@@ -23,15 +26,32 @@ class Subscription:
         self._arrived = asyncio.Event()
         self._attempt = 1
         self._next_seq = 0
+        self._ended = False  # a terminal event (Finished or Failed) has been queued
         self._error: ServiceError | None = None
 
     def deliver(self, event: codec.Event) -> None:
+        if self._ended:
+            return  # one terminal event per job: a later attempt must not change the reply
         attempt = max(event.attempt, 1)
         if attempt < self._attempt:
             return  # late event of a worker that lost the job
         if attempt > self._attempt:
-            self._attempt, self._next_seq = attempt, 0
-            self._events = deque(e for e in self._events if e.WhichOneof("kind") != "delta")
+            self._attempt = attempt
+            if event.HasField("started") and event.started.continued:
+                # It carries on after the events queued here (the seq checks below hold it to that).
+                if event.seq != self._next_seq:
+                    self.fail(
+                        Unavailable(
+                            f"lost contact with the worker: the job was taken over after event"
+                            f" {event.seq - 1}, but event {self._next_seq - 1} was the last one received"
+                        )
+                    )
+                    return
+            else:
+                # It starts over from Started; keeping any event of the old one (a Finished without
+                # the deltas before it) would hand the caller a truncated reply.
+                self._next_seq = 0
+                self._events.clear()
         if event.seq < self._next_seq:
             return  # a duplicate
         if event.seq > self._next_seq:
@@ -40,6 +60,7 @@ class Subscription:
             )
             return
         self._next_seq += 1
+        self._ended = event.WhichOneof("kind") in ("finished", "failed")
         last = self._events[-1] if self._events else None
         if last is not None and last.HasField("delta") and event.HasField("delta"):
             last.delta.text += event.delta.text

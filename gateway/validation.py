@@ -5,17 +5,21 @@ Pure: no gRPC server and no Redis here. Only a ValidRequest can be queued
 Each rule raises its own error naming the field and the rule.
 """
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jsonschema
+
 from chat.v1 import chat_pb2
 from common.models import Message
 from gateway.catalog import ModelCatalog, ServedModel
-from gateway.errors import InvalidField, ModelNotFound
+from gateway.config import GatewaySettings
+from gateway.errors import InvalidField, ModelNotFound, shown
 
 ROLES = ("system", "user", "assistant")
-RESPONSE_FORMATS = ("text", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
 _UINT64 = (1 << 64) - 1
 
@@ -29,16 +33,34 @@ class ValidRequest:
     max_tokens: int
     seed: int | None  # as uint64
     stop: tuple[str, ...]
-    json_mode: bool
+    json_mode: bool  # also set with json_schema: the reply is a JSON object either way
     user: str
+    json_schema: str = ""  # JSON text of the schema the reply must follow; empty = none
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Hard limits on what one request may carry (GATEWAY_MAX_*)."""
+    """Hard limits on what one request may carry (GATEWAY_MAX_*).
+
+    Every string a caller controls is bounded, since each queued job is kept in Redis until
+    it ends: contents by max_prompt_chars in all, and each of the others on its own.
+    """
 
     max_messages: int = 256
     max_prompt_chars: int = 200_000
+    max_stop_chars: int = 256  # per stop sequence
+    max_name_chars: int = 64  # per message name
+    max_user_chars: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> "Limits":
+        return cls(
+            max_messages=settings.max_messages,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_stop_chars=settings.max_stop_chars,
+            max_name_chars=settings.max_name_chars,
+            max_user_chars=settings.max_user_chars,
+        )
 
 
 def validate(
@@ -49,13 +71,15 @@ def validate(
 ) -> ValidRequest:
     model = _check_model(request.model, catalog)
     _check_size(request, limits)
-    messages = _check_messages(request.messages)
+    messages = _check_messages(request.messages, limits)
     temperature = _check_range(request, "temperature", 1.0, low=0.0, high=2.0, low_open=False)
     top_p = _check_range(request, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
-    stop = _check_stop(list(request.stop))
+    stop = _check_stop(list(request.stop), limits)
+    _check_length("user", request.user, limits.max_user_chars)
     json_mode = _check_response_format(request)
+    json_schema = _check_json_schema(request)
     if json_mode and stop:
-        raise InvalidField("stop", "cannot be used with response_format json_object")
+        raise InvalidField("stop", f"cannot be used with response_format {request.response_format.type}")
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise InvalidField("max_tokens", f"must be at least 1, got {request.max_tokens}")
     prompt = model.render(messages)
@@ -86,6 +110,7 @@ def validate(
         stop=stop,
         json_mode=json_mode,
         user=request.user,
+        json_schema=json_schema,
     )
 
 
@@ -111,16 +136,23 @@ def _check_size(request: chat_pb2.ChatCompletionRequest, limits: Limits) -> None
         )
 
 
-def _check_messages(messages: Sequence[chat_pb2.ChatMessage]) -> list[Message]:
+def _check_length(field: str, value: str, max_chars: int) -> None:
+    if len(value) > max_chars:
+        raise InvalidField(field, f"may be at most {max_chars} characters long, got {len(value)}")
+
+
+def _check_messages(messages: Sequence[chat_pb2.ChatMessage], limits: Limits) -> list[Message]:
     if not messages:
         raise InvalidField("messages", "must contain at least one message")
     checked = []
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidField(
-                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message.role!r}"
+                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {shown(message.role)}"
             )
         name = message.name if message.HasField("name") and message.name else None
+        if name is not None:
+            _check_length(f"messages[{i}].name", name, limits.max_name_chars)
         checked.append(Message(message.role, message.content, name))
     return checked
 
@@ -143,12 +175,13 @@ def _check_range(
     return value
 
 
-def _check_stop(stop: list[str]) -> tuple[str, ...]:
+def _check_stop(stop: list[str], limits: Limits) -> tuple[str, ...]:
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidField("stop", f"may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}")
     for i, sequence in enumerate(stop):
         if not sequence:
             raise InvalidField(f"stop[{i}]", "must not be empty")
+        _check_length(f"stop[{i}]", sequence, limits.max_stop_chars)
     return tuple(stop)
 
 
@@ -158,6 +191,31 @@ def _check_response_format(request: chat_pb2.ChatCompletionRequest) -> bool:
     kind = request.response_format.type
     if kind not in RESPONSE_FORMATS:
         raise InvalidField(
-            "response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}"
+            "response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}, got {shown(kind)}"
         )
-    return kind == "json_object"
+    return kind != "text"
+
+
+def _check_json_schema(request: chat_pb2.ChatCompletionRequest) -> str:
+    """The schema's JSON text when response_format is json_schema, else ""."""
+    if not request.HasField("response_format"):
+        return ""
+    response_format = request.response_format
+    if response_format.type != "json_schema":
+        if response_format.HasField("json_schema"):
+            raise InvalidField("response_format.json_schema", "is only allowed with type json_schema")
+        return ""
+    field = "response_format.json_schema.schema"
+    if not response_format.HasField("json_schema") or not response_format.json_schema.schema:
+        raise InvalidField(field, "is required with type json_schema")
+    try:
+        schema = json.loads(response_format.json_schema.schema)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidField(field, f"must be valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidField(field, f"must be a JSON object, got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidField(field, f"is not a valid JSON Schema: {exc.message[:200]}") from None
+    return response_format.json_schema.schema

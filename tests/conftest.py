@@ -3,9 +3,15 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401 - see below
 import pytest
 
 from devstack.redis_server import RedisServer
+
+# hypothesis is imported up front, not lazily by its plugin at the end of the session: redis-py
+# leaves the socket of a command that timed out or was cancelled to the garbage collector, and a
+# ResourceWarning raised by a collection in the middle of an assertion-rewriting import trips
+# CPython 3.11's "SystemError: AST constructor recursion depth mismatch".
 
 
 @pytest.fixture(scope="session")

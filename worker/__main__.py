@@ -19,17 +19,13 @@ log = logging.getLogger("worker")
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
-    if settings.engine == "vllm":
-        from worker.engine.vllm import VllmEngine  # the only import of vLLM
-
-        return VllmEngine(settings.model, settings.vllm, settings.max_concurrency)
     if settings.engine == "bench":
         from worker.engine.bench import BenchEngine
 
         return BenchEngine(settings.model, settings.bench_tokens_per_second)
-    from worker.engine.cpu import CpuEngine
+    from worker.engine.vllm import VllmEngine  # the only import of vLLM
 
-    return CpuEngine(settings.model, settings.cpu)
+    return VllmEngine(settings.model, settings.vllm, settings.max_concurrency)
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -43,10 +39,8 @@ async def serve(settings: WorkerSettings) -> None:
     consumer = JobConsumer(settings, redis, engine, publisher)
     model = settings.model.name
     metrics.initialize(model)
-    metrics.RUNNING.labels(model).set_function(lambda: engine.num_active)
-    metrics.KV_CACHE_USAGE.labels(model).set_function(lambda: engine.kv_cache_usage)
+    metrics.observe_engine(model, engine)
     metrics.FREE_SLOTS.labels(model).set_function(lambda: settings.max_concurrency - consumer.num_running)
-    metrics.WAITING.labels(model).set_function(lambda: max(0, consumer.num_running - engine.num_active))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, consumer.stop)

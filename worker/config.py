@@ -4,24 +4,23 @@
 |---|---|---|
 | REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
 | WORKER_MODEL | SmolLM2-135M-Instruct | `NAME=DIR` of the model to serve; `NAME` alone is the bundled model |
-| WORKER_ENGINE | cpu | inference engine: `cpu` (transformers) or `vllm` |
+| WORKER_ENGINE | vllm | inference engine: `vllm`, or `bench` (no model: tokens at a set rate) |
 | WORKER_ID | host-pid-random | consumer name in the job stream's consumer group |
-| WORKER_MAX_CONCURRENCY | 8 | jobs run at once (free slots pulled from Redis) |
-| WORKER_CPU_THREADS | 0 | torch intra-op threads for the CPU engine; 0 = all cores |
-| WORKER_KV_CACHE_TOKENS | 32768 | CPU engine KV cache size in tokens, shared by running jobs |
+| WORKER_MAX_CONCURRENCY | 8 | jobs run at once (free slots pulled from Redis; vLLM's max_num_seqs) |
 | WORKER_CANCEL_POLL_SECONDS | 0.1 | how often running jobs are checked for cancellation |
-| WORKER_HEARTBEAT_SECONDS | 2 | how often the worker marks its jobs alive and looks for orphaned ones |
-| WORKER_CLAIM_IDLE_SECONDS | 10 | a job whose worker has not heartbeated for this long is reclaimed |
+| WORKER_HEARTBEAT_SECONDS | 0.5 | how often the worker marks its jobs alive (seeks orphans twice as often) |
+| WORKER_CLAIM_IDLE_SECONDS | 2 | a job whose worker has not heartbeated for this long is taken over |
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
 | REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
 | WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | WORKER_VLLM_TENSOR_PARALLEL_SIZE | 1 | vLLM engine: GPUs per worker |
 | WORKER_VLLM_GPU_MEMORY_UTILIZATION | 0.9 | vLLM engine: fraction of GPU memory for weights + KV cache |
-| WORKER_VLLM_MAX_MODEL_LEN | 0 | vLLM engine: context length; 0 = the model's |
+| WORKER_VLLM_KV_CACHE_GIB | 0 | vLLM engine: KV cache size; 0 = 2 GiB on CPU, the rest of GPU memory |
+| WORKER_VLLM_MAX_MODEL_LEN | 0 | vLLM engine: context length; 0 = the model's (gateways learn it) |
 | WORKER_VLLM_DTYPE | auto | vLLM engine: weight dtype (auto, bfloat16, float16) |
 | WORKER_VLLM_LOAD_FORMAT | auto | vLLM engine: `dummy` gives random weights (benchmarks, no download) |
-| WORKER_VLLM_ENFORCE_EAGER | 0 | vLLM engine: 1 disables CUDA graphs (faster start, slower decode) |
+| WORKER_VLLM_ENFORCE_EAGER | auto | vLLM engine: 1 = no graph capture; auto = eager on CPU only |
 | WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
 """
 
@@ -34,25 +33,18 @@ from dataclasses import dataclass
 from common.models import ModelSpec
 from common.settings import env_float, env_int, env_str
 
-ENGINES = ("cpu", "vllm", "bench")
-
-
-@dataclass(frozen=True)
-class CpuEngineSettings:
-    max_batch_size: int = 8  # requests decoded together in one step
-    num_threads: int = 0  # torch intra-op threads; 0 = all cores
-    kv_cache_tokens: int = 32768  # KV cache capacity shared by all running requests
-    max_batch_tokens: int = 512  # tokens (prefill chunks + decodes) per forward pass
+ENGINES = ("vllm", "bench")
 
 
 @dataclass(frozen=True)
 class VllmSettings:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    kv_cache_gib: float = 0.0  # 0: the engine's default for the platform
     max_model_len: int = 0  # 0: the model's own
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy": random weights, for benchmarks
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
 
 
 @dataclass(frozen=True)
@@ -70,18 +62,19 @@ class WorkerSettings:
     bench_tokens_per_second: float
     metrics_port: int
     redis_tls_ca_file: str
-    cpu: CpuEngineSettings
     vllm: VllmSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
         env = os.environ if env is None else env
-        engine = env_str(env, "WORKER_ENGINE", "cpu")
+        engine = env_str(env, "WORKER_ENGINE", "vllm")
         if engine not in ENGINES:
             raise ValueError(f"WORKER_ENGINE must be one of {ENGINES}, got {engine!r}")
         max_concurrency = env_int(env, "WORKER_MAX_CONCURRENCY", 8, minimum=1)
-        heartbeat = env_float(env, "WORKER_HEARTBEAT_SECONDS", 2.0, minimum=0.1)
-        claim_idle = env_float(env, "WORKER_CLAIM_IDLE_SECONDS", 10.0, minimum=0.1)
+        # Short, so a caller waits little when a worker dies (takeover continues the reply, so a
+        # false takeover of a worker that was only slow costs a prefill, not the reply).
+        heartbeat = env_float(env, "WORKER_HEARTBEAT_SECONDS", 0.5, minimum=0.1)
+        claim_idle = env_float(env, "WORKER_CLAIM_IDLE_SECONDS", 2.0, minimum=0.1)
         if claim_idle < 2 * heartbeat:
             raise ValueError("WORKER_CLAIM_IDLE_SECONDS must be at least twice WORKER_HEARTBEAT_SECONDS")
         return cls(
@@ -103,17 +96,22 @@ class WorkerSettings:
                 gpu_memory_utilization=env_float(
                     env, "WORKER_VLLM_GPU_MEMORY_UTILIZATION", 0.9, minimum=0.05
                 ),
+                kv_cache_gib=env_float(env, "WORKER_VLLM_KV_CACHE_GIB", 0.0, minimum=0.0),
                 max_model_len=env_int(env, "WORKER_VLLM_MAX_MODEL_LEN", 0, minimum=0),
                 dtype=env_str(env, "WORKER_VLLM_DTYPE", "auto"),
                 load_format=env_str(env, "WORKER_VLLM_LOAD_FORMAT", "auto"),
-                enforce_eager=env_int(env, "WORKER_VLLM_ENFORCE_EAGER", 0, minimum=0) > 0,
-            ),
-            cpu=CpuEngineSettings(
-                max_batch_size=max_concurrency,
-                num_threads=env_int(env, "WORKER_CPU_THREADS", 0, minimum=0),
-                kv_cache_tokens=env_int(env, "WORKER_KV_CACHE_TOKENS", 32768, minimum=1024),
+                enforce_eager=_auto_flag(env, "WORKER_VLLM_ENFORCE_EAGER"),
             ),
         )
+
+
+def _auto_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """`auto` (the default) -> None: the engine decides; `1`/`0` -> True/False."""
+    flags = {"auto": None, "1": True, "0": False}
+    text = env_str(env, name, "auto")
+    if text not in flags:
+        raise ValueError(f"{name} must be auto, 1 or 0, got {text!r}")
+    return flags[text]
 
 
 def _default_worker_id() -> str:

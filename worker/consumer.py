@@ -2,8 +2,10 @@
 
 take:      new jobs (XREADGROUP) and jobs of dead workers (XAUTOCLAIM), up to free slots
 run:       one task per job (runner.run_job), exactly one terminal event each
-watch:     abort jobs whose caller left (cancel flag) or whose gateway died (reply stream gone)
-heartbeat: keep our pending entries fresh; drop jobs another worker has reclaimed
+watch:     abort jobs whose caller left (cancel flag) or whose gateway died (reply stream gone);
+           stop serving when the engine has died
+heartbeat: keep our pending entries fresh; drop jobs another worker has reclaimed; tell
+           gateways the engine's context window (common/engine_registry.py)
 drain:     on stop, finish what runs within the grace period, hand the rest back
 """
 
@@ -14,17 +16,18 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from common import keys
+from common import codec, engine_registry, keys
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
 from worker.jobs import Delivery, JobStream
 from worker.publisher import EventPublisher
-from worker.runner import FailureKind, JobEvents, run_job
+from worker.runner import FailureKind, JobEvents, can_continue, run_job
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
+_ENGINE_DEATH_GRACE_SECONDS = 2.0
 
 
 class _Running:
@@ -33,6 +36,7 @@ class _Running:
         self.events = events
         self.task: asyncio.Task[None] | None = None
         self.handed_back = False  # True: leave it pending for another worker, publish nothing more
+        self.aborted = False  # True: stop it, whether or not it has reached the engine yet
 
 
 class JobConsumer:
@@ -49,6 +53,7 @@ class JobConsumer:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._next_reclaim = 0.0
+        self._next_forget = 0.0
         self.fatal_error: BaseException | None = None
 
     @property
@@ -69,6 +74,7 @@ class JobConsumer:
         failures = 0
         try:
             await self._jobs.ensure_group()
+            await self._advertise()
             while not self._stopping.is_set():
                 free = self._settings.max_concurrency - len(self._running)
                 if free <= 0:
@@ -89,9 +95,15 @@ class JobConsumer:
         finally:
             if self.fatal_error is None:
                 await self.drain()
+            else:
+                await self._fail_running()
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            try:
+                await engine_registry.withdraw(self._redis, self._model, self._settings.worker_id)
+            except RedisError as exc:
+                log.warning("cannot withdraw from the engine registry (%s); the entry expires", exc)
         if self.fatal_error is not None:
             raise self.fatal_error
 
@@ -117,16 +129,30 @@ class JobConsumer:
             await self._abort(running, "drain")
         await asyncio.gather(*(r.task for r in left if r.task is not None), return_exceptions=True)
 
+    async def _fail_running(self) -> None:
+        """The engine died: its running jobs end UNAVAILABLE through their generate() at once;
+        wait briefly for them to say so, so callers hear it now rather than after a reclaim."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=_ENGINE_DEATH_GRACE_SECONDS)
+        try:
+            await self._publisher.flush()
+        except RedisError as exc:
+            log.error("cannot publish the failures of the dead engine's jobs: %s", exc)
+
     async def _take(self, free: int) -> list[Delivery]:
+        # Orphans are looked for twice per heartbeat: a dead worker's jobs are taken over at most
+        # half a heartbeat after they pass the claim timeout, which is what a caller waits for.
+        period = self._settings.heartbeat_seconds / 2
         now = time.monotonic()
         if now >= self._next_reclaim:
-            self._next_reclaim = now + self._settings.heartbeat_seconds
+            self._next_reclaim = now + period
             reclaimed = await self._jobs.reclaim(free, int(self._settings.claim_idle_seconds * 1000))
             if reclaimed:
                 log.info("reclaimed %d jobs of unresponsive workers", len(reclaimed))
                 metrics.RECLAIMED.labels(self._model).inc(len(reclaimed))
                 return reclaimed
-        return await self._jobs.read_new(free, block_ms=int(self._settings.heartbeat_seconds * 1000))
+        return await self._jobs.read_new(free, block_ms=int(period * 1000))
 
     def _accept(self, delivery: Delivery) -> None:
         events = JobEvents(delivery.request_id, delivery.reply_to, delivery.attempt, self._publisher)
@@ -153,14 +179,14 @@ class JobConsumer:
                 events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"job abandoned: {dead_letter_reason}")
             elif job.deadline and job.deadline <= time.time():
                 events.failed(FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, "deadline passed while queued")
-            elif await self._redis.exists(keys.cancel_flag(job.request_id)):
+            elif running.aborted or await self._redis.exists(keys.cancel_flag(job.request_id)):
                 events.failed(FailureKind.FAILURE_KIND_CANCELLED, "caller left while queued")
             else:
+                if delivery.attempt > 1 and can_continue(job):
+                    await self._continue_from_progress(delivery, events)
                 await run_job(job, self._engine, events, self._settings.worker_id)
         except EngineDead as exc:
-            log.critical("engine died: %s", exc)
-            self.fatal_error = exc
-            self.stop()
+            self._engine_died(exc)
         except Exception:
             log.exception("job %s: unexpected error", delivery.request_id)
             if not events.terminal_sent:
@@ -169,7 +195,7 @@ class JobConsumer:
             self._running.pop(delivery.request_id, None)
             self._slot_freed.set()
             metrics.JOBS.labels(self._model, events.outcome or "handed_back").inc()
-            metrics.GENERATED_TOKENS.labels(self._model).inc(events.tokens)
+            metrics.GENERATED_TOKENS.labels(self._model).inc(events.tokens_generated_here)
             metrics.JOB_DURATION.labels(self._model).observe(time.monotonic() - taken)
         if running.handed_back:
             return
@@ -184,10 +210,34 @@ class JobConsumer:
             # Left pending: after the claim timeout another worker runs it again.
             log.error("job %s: cannot report its end (%s)", delivery.request_id, exc)
 
+    async def _continue_from_progress(self, delivery: Delivery, events: JobEvents) -> None:
+        """Takes over what earlier attempts published, so this one continues instead of starting over."""
+        try:
+            progress = await self._jobs.take_over_progress(delivery.request_id, delivery.attempt)
+        except codec.BadPayload as exc:
+            log.error("job %s: progress record unreadable (%s); starting over", delivery.request_id, exc)
+            return
+        if progress is None:
+            log.info(
+                "job %s: nothing was published; attempt %d starts over", delivery.request_id, delivery.attempt
+            )
+            return
+        log.info(
+            "job %s: attempt %d continues after %d tokens (seq %d)",
+            delivery.request_id,
+            delivery.attempt,
+            len(progress.token_ids),
+            progress.last_seq,
+        )
+        events.continue_from(progress)
+
     async def _watch_running(self) -> None:
         """Aborts jobs whose caller has gone (cancel flag) or whose gateway died (reply stream gone)."""
         while True:
             await asyncio.sleep(self._settings.cancel_poll_seconds)
+            if self._engine.is_dead and self.fatal_error is None:
+                # Jobs running now fail through their generate(); an idle worker must not take more.
+                self._engine_died(EngineDead("the engine process died"))
             running = list(self._running.values())
             if not running:
                 continue
@@ -204,9 +254,36 @@ class JobConsumer:
                 if cancelled or not gateway_alive:
                     await self._abort(r, "cancelled" if cancelled else "gateway_gone")
 
+    def _engine_died(self, error: EngineDead) -> None:
+        log.critical("engine died: %s", error)
+        self.fatal_error = error
+        self.stop()
+
+    async def _advertise(self) -> None:
+        # Valid for the claim timeout: a worker silent that long is considered dead anyway.
+        await engine_registry.advertise(
+            self._redis,
+            self._model,
+            self._settings.worker_id,
+            self._engine.context_window,
+            ttl=self._settings.claim_idle_seconds,
+        )
+
+    async def _housekeeping(self) -> None:
+        """Besides the heartbeat, and never in its way: advertise the engine, forget dead workers."""
+        try:
+            await self._advertise()
+            now = time.monotonic()
+            if now >= self._next_forget:
+                self._next_forget = now + self._settings.claim_idle_seconds
+                await self._jobs.forget_dead_consumers(int(self._settings.claim_idle_seconds * 1000))
+        except RedisError as exc:
+            log.warning("engine advertisement or consumer clean-up failed: %s", exc)
+
     async def _abort(self, running: _Running, reason: str) -> None:
         log.info("aborting job %s: %s", running.delivery.request_id, reason)
         metrics.ABORTS.labels(self._model, reason).inc()
+        running.aborted = True  # a job not yet in the engine must not start
         await self._engine.abort(running.delivery.request_id)
 
     async def _heartbeat(self) -> None:
@@ -219,6 +296,7 @@ class JobConsumer:
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            await self._housekeeping()
             for r in running:
                 if r.delivery.entry_id not in owned and r.delivery.request_id in self._running:
                     log.warning(

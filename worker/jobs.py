@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from common import codec, keys, streams
+from common.redis_client import MAX_BLOCK_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,36 @@ for i = 3, #ARGV do
 end
 return owned
 """
+
+# Removes consumers (other than ARGV[1]) that own no pending entries and have not read for
+# ARGV[2] ms: workers that died or were scaled away. Atomic, so a consumer that reads again in
+# between keeps its name (XGROUP DELCONSUMER would drop its pending entries). Returns their names.
+_FORGET_DEAD_CONSUMERS = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[3])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[1] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[3], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+"""
+
+# Makes the job's progress record the taking attempt's (ARGV[1], in the record's attempt field)
+# and returns the record as it was; nil when there is none. Atomic, so from this step on the
+# events of the attempt taken over are dropped (worker/publisher.py), and the record returned is
+# exactly what its gateway can have read.
+_TAKE_OVER_PROGRESS = """
+local record = redis.call('GET', KEYS[1])
+if record then redis.call('SETRANGE', KEYS[1], 0, ARGV[1]) end
+return record
+"""
+
+# A consumer is forgotten after this many claim timeouts without reading: a live worker reads
+# at least every heartbeat, which is much shorter than the claim timeout.
+DEAD_CONSUMER_CLAIM_TIMEOUTS = 10
 
 # Idle time given to handed-back entries: any other worker's next XAUTOCLAIM takes them.
 _HANDED_BACK_IDLE_MS = 10**12
@@ -67,6 +98,11 @@ class JobStream:
         self._dead_letters = keys.dead_letter_stream(model)
         self._worker_id = worker_id
         self._touch_owned = redis.register_script(_TOUCH_OWNED)
+        self._forget_dead_consumers = redis.register_script(_FORGET_DEAD_CONSUMERS)
+        self._take_over_progress = redis.register_script(_TAKE_OVER_PROGRESS)
+        # Where the next XAUTOCLAIM scan starts. Each call scans a bounded number of entries, so
+        # starting over at 0-0 every time would never get past a long run of live pending entries.
+        self._reclaim_cursor = b"0-0"
 
     async def ensure_group(self) -> None:
         try:
@@ -77,16 +113,28 @@ class JobStream:
                 raise
 
     async def read_new(self, count: int, block_ms: int) -> list[Delivery]:
+        # Capped, so the read ends well within the connection's socket timeout.
+        block_ms = min(block_ms, int(MAX_BLOCK_SECONDS * 1000))
         reply = await self._redis.xreadgroup(
             keys.WORKER_GROUP, self._worker_id, {self.stream: ">"}, count=count, block=block_ms
         )
         return [Delivery.parse(entry_id, fields, 1) for entry_id, fields in streams.entries(reply)]
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
-        """Takes over jobs whose worker has not heartbeated for min_idle_ms."""
+        """Takes over jobs whose worker has not heartbeated for min_idle_ms.
+
+        Scans on from where the previous call stopped (back to the start once past the end), and
+        removes consumers of workers gone for good, so the group does not collect dead names.
+        """
         reply = await self._redis.xautoclaim(
-            self.stream, keys.WORKER_GROUP, self._worker_id, min_idle_ms, start_id="0-0", count=count
+            self.stream,
+            keys.WORKER_GROUP,
+            self._worker_id,
+            min_idle_ms,
+            start_id=self._reclaim_cursor,
+            count=count,
         )
+        self._reclaim_cursor = reply[0]
         claimed, deleted = reply[1], reply[2] if len(reply) > 2 else []
         if deleted:  # entries deleted while pending: nothing left to run
             await self._redis.xack(self.stream, keys.WORKER_GROUP, *deleted)
@@ -98,6 +146,18 @@ class JobStream:
             deliveries.append(Delivery.parse(entry_id, fields, int(pending["times_delivered"])))
         return deliveries
 
+    async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
+        """Removes the consumers that own no jobs and have not read for DEAD_CONSUMER_CLAIM_TIMEOUTS
+        claim timeouts (workers gone for good); returns their names."""
+        idle_ms = claim_idle_ms * DEAD_CONSUMER_CLAIM_TIMEOUTS
+        names = await self._forget_dead_consumers(
+            keys=[self.stream], args=[self._worker_id, idle_ms, keys.WORKER_GROUP]
+        )
+        forgotten = [bytes(n).decode() for n in names]
+        if forgotten:
+            log.info("removed consumers of workers gone for good: %s", forgotten)
+        return forgotten
+
     async def heartbeat(self, entry_ids: list[bytes]) -> set[bytes]:
         """Marks our running jobs as alive; returns the ids we still own (others were reclaimed)."""
         if not entry_ids:
@@ -107,12 +167,23 @@ class JobStream:
         )
         return {bytes(e) if not isinstance(e, bytes) else e for e in owned}
 
+    async def take_over_progress(self, request_id: str, attempt: int) -> codec.Progress | None:
+        """What earlier attempts at the job published, now owned by `attempt`; None if nothing.
+
+        Raises codec.BadPayload for a record that cannot be decoded.
+        """
+        record = await self._take_over_progress(
+            keys=[keys.progress(request_id)], args=[codec.encode_progress_attempt(attempt)]
+        )
+        return None if record is None else codec.decode_progress(bytes(record))
+
     async def acknowledge(self, entry_id: bytes, request_id: str) -> None:
-        """Removes a finished job from the stream (and its cancel flag, which has served its purpose)."""
+        """Removes a finished job from the stream (and its cancel flag, submitted marker and progress
+        record, which have served their purpose)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)
-            pipe.delete(keys.cancel_flag(request_id))
+            pipe.delete(keys.cancel_flag(request_id), keys.submitted(request_id), keys.progress(request_id))
             await pipe.execute()
 
     async def hand_back(self, entry_ids: list[bytes]) -> None:
@@ -140,5 +211,9 @@ class JobStream:
             pipe.xadd(self._dead_letters, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             pipe.xack(self.stream, keys.WORKER_GROUP, delivery.entry_id)
             pipe.xdel(self.stream, delivery.entry_id)
-            pipe.delete(keys.cancel_flag(delivery.request_id))
+            pipe.delete(
+                keys.cancel_flag(delivery.request_id),
+                keys.submitted(delivery.request_id),
+                keys.progress(delivery.request_id),
+            )
             await pipe.execute()

@@ -1,13 +1,25 @@
 """Every worker metric, defined once. Labels: model, outcome, reason; never a request id.
 
-Each worker process serves its own metrics on WORKER_METRICS_PORT.
+Each worker process serves its own metrics on WORKER_METRICS_PORT. The engine's own view
+(KV cache, its scheduler's running and waiting requests, prefix cache) is read from
+Engine.stats at scrape time.
 """
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-RUNNING = Gauge("chat_worker_running_requests", "Generations active in the engine", ["model"])
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.engine.base import Engine
+
+RUNNING = Gauge(
+    "chat_worker_running_requests", "Generations active in the engine (decoding or waiting)", ["model"]
+)
 WAITING = Gauge(
-    "chat_worker_waiting_requests", "Jobs taken from Redis that wait for the engine to start them", ["model"]
+    "chat_worker_waiting_requests",
+    "Generations the engine's scheduler holds back (batch full or no KV cache room)",
+    ["model"],
 )
 FREE_SLOTS = Gauge(
     "chat_worker_free_slots", "Jobs this worker can still take (max concurrency - taken)", ["model"]
@@ -15,6 +27,11 @@ FREE_SLOTS = Gauge(
 KV_CACHE_USAGE = Gauge(
     "chat_worker_kv_cache_usage_ratio", "Fraction of the engine's KV cache in use (0-1)", ["model"]
 )
+DECODING = Gauge(
+    "chat_worker_decoding_requests", "Generations the engine's scheduler decodes this step", ["model"]
+)
+PREFIX_CACHE_QUERIES = "chat_worker_prefix_cache_queries"  # _total: prompt tokens looked up
+PREFIX_CACHE_HITS = "chat_worker_prefix_cache_hits"  # _total: prompt tokens found in the prefix cache
 JOBS = Counter(
     "chat_worker_jobs_total",
     "Jobs ended, by outcome: finished, or the failure kind (cancelled, deadline_exceeded, ...)",
@@ -34,6 +51,31 @@ HANDED_BACK = Counter(
     "chat_worker_handed_back_total", "Unfinished jobs handed to other workers on drain", ["model"]
 )
 ABORT_REASONS = ("cancelled", "gateway_gone", "reclaimed", "drain")
+
+
+def observe_engine(model: str, engine: Engine) -> None:
+    """Reads the engine's gauges and counters from Engine.stats whenever Prometheus scrapes."""
+    RUNNING.labels(model).set_function(lambda: engine.num_active)
+    WAITING.labels(model).set_function(lambda: engine.stats.num_waiting)
+    KV_CACHE_USAGE.labels(model).set_function(lambda: engine.stats.kv_cache_usage)
+    DECODING.labels(model).set_function(lambda: engine.stats.num_running)
+    REGISTRY.register(_PrefixCacheCollector(model, engine))
+
+
+class _PrefixCacheCollector(Collector):
+    def __init__(self, model: str, engine: Engine) -> None:
+        self._model = model
+        self._engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._engine.stats
+        for name, value, what in (
+            (PREFIX_CACHE_QUERIES, stats.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
+            (PREFIX_CACHE_HITS, stats.prefix_cache_hits, "Prompt tokens found in the prefix cache"),
+        ):
+            family = CounterMetricFamily(name, what, labels=["model"])
+            family.add_metric([self._model], value)
+            yield family
 
 
 def initialize(model: str) -> None:

@@ -1,14 +1,20 @@
-"""Writes job events to Redis, many per round trip.
+"""Writes job events to Redis, many per round trip, each with its job's progress record.
 
 Runners call `publish()` without waiting. One background task writes whatever has
-accumulated since its last round trip in a single pipeline, so an engine step that
+accumulated since its last round trip in one script call, so an engine step that
 produces a token for each of 100 jobs costs one round trip, not 100. Events keep
 their order because batches are written one after another.
+
+Each event updates its job's progress record (common/keys.py progress(), format in
+common/codec.py) in the same atomic step, so what a gateway can have read is exactly
+what the record says: a worker that takes the job over continues from there. The
+script also fences stale writers: an event whose attempt is no longer the job's
+current one (a worker that froze and woke up after another took over) is dropped.
 """
 
 import asyncio
 import logging
-from typing import Any
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -17,11 +23,60 @@ from common import codec, keys
 
 log = logging.getLogger(__name__)
 
+# KEYS: reply stream and progress record of each event. ARGV[1]: width of the record's attempt
+# field; ARGV[2], ARGV[3]: the entry's field names; then 6 per event: request id, payload,
+# attempt, record header, token ids to append, fresh. A fresh event (the first of an attempt
+# that starts over) replaces the record unless a newer attempt owns it; any other event
+# updates it only while its attempt owns it. Returns the number of events dropped.
+_PUBLISH = """
+local width = tonumber(ARGV[1])
+local dropped = 0
+for i = 0, #KEYS / 2 - 1 do
+  local reply_to, record = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local a = 4 + 6 * i
+  local attempt, fresh = tonumber(ARGV[a + 2]), ARGV[a + 5] == '1'
+  local current = tonumber(redis.call('GETRANGE', record, 0, width - 1))
+  local owned = (fresh and (current == nil or current <= attempt)) or (not fresh and current == attempt)
+  if not owned then
+    dropped = dropped + 1
+  else
+    if fresh then
+      redis.call('SET', record, ARGV[a + 3] .. ARGV[a + 4])
+    else
+      redis.call('SETRANGE', record, 0, ARGV[a + 3])
+      if ARGV[a + 4] ~= '' then redis.call('APPEND', record, ARGV[a + 4]) end
+    end
+    redis.call('XADD', reply_to, 'NOMKSTREAM', '*', ARGV[2], ARGV[a], ARGV[3], ARGV[a + 1])
+  end
+end
+return dropped
+"""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How one event moves its job's progress record."""
+
+    attempt: int
+    seq: int  # the event's seq: the record's last_seq once written
+    released_chars: int  # text published up to and including this event
+    token_ids: tuple[int, ...] = ()  # tokens generated since the previous event
+    fresh: bool = False  # the first event of an attempt that starts over: replaces the record
+
+
+@dataclass(frozen=True)
+class _Pending:
+    reply_to: str
+    request_id: str
+    payload: bytes
+    progress: Progress
+
 
 class EventPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._batch: list[tuple[str, bytes, bytes]] = []  # (reply stream, request id, payload)
+        self._script = redis.register_script(_PUBLISH)
+        self._batch: list[_Pending] = []
         self._batch_written: asyncio.Future[None] | None = None  # resolves when _batch is in Redis
         self._in_flight: asyncio.Future[None] | None = None  # the batch being written now
         self._wakeup = asyncio.Event()
@@ -36,12 +91,12 @@ class EventPublisher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def publish(self, reply_to: str, event: codec.Event) -> None:
+    def publish(self, reply_to: str, event: codec.Event, progress: Progress) -> None:
         if self._batch_written is None:
             self._batch_written = asyncio.get_running_loop().create_future()
             # Nobody may await this batch; mark a failure as seen so asyncio does not warn.
             self._batch_written.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._batch.append((reply_to, event.request_id.encode(), codec.encode(event)))
+        self._batch.append(_Pending(reply_to, event.request_id, codec.encode(event), progress))
         self._wakeup.set()
 
     async def flush(self) -> None:
@@ -68,10 +123,25 @@ class EventPublisher:
             finally:
                 self._in_flight = None
 
-    async def _write(self, batch: list[tuple[str, bytes, bytes]]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for reply_to, request_id, payload in batch:
-                fields: dict[Any, Any] = {keys.REQUEST_ID_FIELD: request_id, keys.PAYLOAD_FIELD: payload}
-                # NOMKSTREAM: a gateway that died has let its reply stream expire; don't recreate it.
-                pipe.xadd(reply_to, fields, nomkstream=True)
-            await pipe.execute()
+    async def _write(self, batch: list[_Pending]) -> None:
+        script_keys: list[str] = []
+        args: list[bytes | str | int] = [
+            codec.PROGRESS_FIELD_WIDTH,
+            keys.REQUEST_ID_FIELD,
+            keys.PAYLOAD_FIELD,
+        ]
+        for e in batch:
+            p = e.progress
+            script_keys += [e.reply_to, keys.progress(e.request_id)]
+            header = codec.encode_progress_header(p.attempt, p.seq, p.released_chars)
+            args += [
+                e.request_id,
+                e.payload,
+                p.attempt,
+                header,
+                codec.encode_token_ids(p.token_ids),
+                int(p.fresh),
+            ]
+        # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire; don't recreate it.
+        if dropped := await self._script(keys=script_keys, args=args):
+            log.info("dropped %d events of jobs another worker has taken over", dropped)

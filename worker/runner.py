@@ -3,24 +3,45 @@
 Every job ends with exactly one terminal event, Finished or Failed, whatever
 happens: engine error, abort, deadline, or a reply that JSON mode cannot accept.
 No exception from the engine crosses Redis; it becomes a Failed event.
+
+A job taken over from a worker that died continues from its progress record (what
+the earlier attempts published, common/codec.py Progress): the engine gets the prompt
+plus the tokens already generated and generates only the rest, and the events carry
+on the earlier attempt's seq, so the caller sees no token twice and none missing.
 """
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, replace
 
 from common import codec
-from worker.engine.base import Delta, Engine, EngineDead, GenerationRequest, SamplingParams
-from worker.publisher import EventPublisher
+from worker.engine.base import (
+    Delta,
+    Engine,
+    EngineDead,
+    EngineRejected,
+    EngineUnavailable,
+    GenerationRequest,
+    SamplingParams,
+)
+from worker.engine.text import StopMatcher
+from worker.publisher import EventPublisher, Progress
+from worker.structured import output_violation
 
 log = logging.getLogger(__name__)
 
 FailureKind = codec.FailureKind
 
+# Mixes the number of tokens continued into a job's seed: the continuation samples from its own
+# seeded generator, reproducibly for the same job and the same point of continuation.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
 
 class JobEvents:
-    """Numbers and publishes the events of one attempt at a job."""
+    """Numbers and publishes the events of one attempt at a job, with its progress."""
 
     def __init__(self, request_id: str, reply_to: str, attempt: int, publisher: EventPublisher) -> None:
         self._request_id = request_id
@@ -28,27 +49,51 @@ class JobEvents:
         self._attempt = attempt
         self._publisher = publisher
         self._seq = 0
+        self._released = 0  # characters of text published
+        self._fresh = True  # the next event starts the job's progress record over
+        self.continued_from: codec.Progress | None = None
         self.terminal_sent = False
         # Set when the job is handed to another worker: this attempt must say nothing more.
         self.silenced = False
         self.outcome = ""  # "finished" or the failure kind, once the terminal event is sent
-        self.tokens = 0  # generated so far
+        self.tokens = 0  # generated so far (by this attempt and the ones it continues)
 
-    def _send(self, event: codec.Event) -> None:
+    def continue_from(self, progress: codec.Progress) -> None:
+        """This attempt carries on after the events (and text) that earlier attempts published."""
+        self.continued_from = progress
+        self._seq = progress.last_seq + 1
+        self._released = progress.released_chars
+        self._fresh = False
+        self.tokens = len(progress.token_ids)
+
+    @property
+    def tokens_generated_here(self) -> int:
+        """Tokens this attempt generated (not those of the attempts it continues)."""
+        continued = len(self.continued_from.token_ids) if self.continued_from else 0
+        return max(0, self.tokens - continued)
+
+    def _send(self, event: codec.Event, token_ids: tuple[int, ...] = ()) -> None:
         if self.silenced or not self._reply_to:
             return
         event.request_id = self._request_id
         event.seq = self._seq
         event.attempt = self._attempt
+        self._released += len(event.delta.text)
+        progress = Progress(self._attempt, self._seq, self._released, token_ids, self._fresh)
         self._seq += 1
-        self._publisher.publish(self._reply_to, event)
+        self._fresh = False
+        self._publisher.publish(self._reply_to, event, progress)
 
     def started(self, worker_id: str, fingerprint: str) -> None:
-        self._send(codec.Event(started=codec.Started(worker_id=worker_id, system_fingerprint=fingerprint)))
+        started = codec.Started(worker_id=worker_id, system_fingerprint=fingerprint)
+        if self.continued_from is not None:
+            started.continued = True
+            started.continued_from_tokens = len(self.continued_from.token_ids)
+        self._send(codec.Event(started=started))
 
-    def delta(self, text: str, completion_tokens: int) -> None:
+    def delta(self, text: str, completion_tokens: int, token_ids: tuple[int, ...] = ()) -> None:
         self.tokens = completion_tokens
-        self._send(codec.Event(delta=codec.Delta(text=text, completion_tokens=completion_tokens)))
+        self._send(codec.Event(delta=codec.Delta(text=text, completion_tokens=completion_tokens)), token_ids)
 
     def finished(self, finished: codec.Finished) -> None:
         self.terminal_sent = True
@@ -57,7 +102,12 @@ class JobEvents:
         self._send(codec.Event(finished=finished))
 
     def failed(
-        self, kind: codec.FailureKind, message: str, reason: str = "", failed_generation: str = ""
+        self,
+        kind: codec.FailureKind,
+        message: str,
+        reason: str = "",
+        failed_generation: str = "",
+        field: str = "",
     ) -> None:
         self.terminal_sent = True
         self.outcome = codec.FailureKind.Name(kind).removeprefix("FAILURE_KIND_").lower()
@@ -66,6 +116,7 @@ class JobEvents:
             message=message,
             reason=reason,
             failed_generation=failed_generation,
+            field=field,
         )
         self._send(codec.Event(failed=failed))
 
@@ -79,27 +130,55 @@ def sampling_params(job: codec.Job) -> SamplingParams:
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
         json_mode=s.json_mode,
+        json_schema=s.json_schema,
     )
 
 
+def can_continue(job: codec.Job) -> bool:
+    """JSON mode and JSON Schema jobs start over instead: the engine's grammar state cannot be
+    restored mid-output, and output continued without it would often not be JSON. A unary call
+    loses only time; a stream that already showed text ends ABORTED (gateway/resume.py)."""
+    return not (job.sampling.json_mode or job.sampling.json_schema)
+
+
+@dataclass
+class _Generation:
+    """What the engine generated for this attempt, as published."""
+
+    text: str = ""  # published by this attempt (JSON mode checks it)
+    completion_tokens: int = 0  # including the tokens continued
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+
 async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: str) -> None:
-    """Runs the job to its terminal event. Re-raises EngineDead after reporting it."""
+    """Runs the job to its terminal event. Re-raises EngineDead after reporting it.
+
+    Continues the generation when `events.continue_from()` was called with a progress record.
+    """
     taken_at = time.time()
     events.started(worker_id, engine.fingerprint)
-    request = GenerationRequest(job.request_id, list(job.prompt_token_ids), sampling_params(job))
-    pieces: list[str] = []
-    first_token_at: float | None = None
-    last: Delta | None = None
+    generated = events.continued_from.token_ids if events.continued_from else ()
+    prompt = [*job.prompt_token_ids, *generated]
+    params = continued_params(sampling_params(job), len(generated))
+    if len(prompt) >= engine.context_window and params.max_tokens > 0:
+        # Gateways check this against what workers advertise; a gateway that has not heard
+        # of this worker yet may still send one.
+        events.failed(
+            FailureKind.FAILURE_KIND_INVALID_REQUEST,
+            f"make a prompt of {len(job.prompt_token_ids)} tokens, which leaves no room in"
+            f" the engine's context window of {engine.context_window} tokens",
+            field="messages",
+        )
+        return
+    request = GenerationRequest(job.request_id, prompt, params, num_generated=len(generated))
+    result = _Generation(completion_tokens=len(generated))
     timeout = job.deadline - taken_at if job.deadline else None
     try:
         async with asyncio.timeout(timeout):
-            async for last in engine.generate(request):
-                first_token_at = first_token_at or time.time()
-                if last.text:
-                    pieces.append(last.text)
-                    events.delta(last.text, last.completion_tokens)
+            await _generate(engine, request, events, result)
     except TimeoutError:
-        n = last.completion_tokens if last else 0
+        n = result.completion_tokens
         events.failed(
             FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, f"deadline passed after {n} generated tokens"
         )
@@ -107,30 +186,34 @@ async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: 
     except EngineDead as exc:
         events.failed(FailureKind.FAILURE_KIND_UNAVAILABLE, f"engine unavailable: {exc}")
         raise
+    except EngineUnavailable as exc:
+        events.failed(FailureKind.FAILURE_KIND_UNAVAILABLE, f"{exc}; retry the request")
+        return
+    except EngineRejected as exc:
+        events.failed(FailureKind.FAILURE_KIND_INVALID_REQUEST, f"the engine refused the request: {exc}")
+        return
     except Exception as exc:
         log.exception("job %s failed", job.request_id)
         events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
         return
-    if last is None or last.finish_reason is None:
+    if result.finish_reason is None:
         events.failed(FailureKind.FAILURE_KIND_CANCELLED, "generation was aborted")
         return
-    text = "".join(pieces)
-    if job.sampling.json_mode and not _is_json_object(text):
+    if violation := output_violation(result.text, request.params):
         events.failed(
             FailureKind.FAILURE_KIND_INVALID_OUTPUT,
-            "JSON mode: the generated output is not a valid JSON object"
-            + (" (cut off by max_tokens)" if last.finish_reason == "length" else ""),
+            violation + (" (cut off by max_tokens)" if result.finish_reason == "length" else ""),
             reason="json_validate_failed",
-            failed_generation=text,
+            failed_generation=result.text,
         )
         return
     done_at = time.time()
-    first_token_at = first_token_at or done_at
+    first_token_at = result.first_token_at or done_at
     events.finished(
         codec.Finished(
-            finish_reason=last.finish_reason,
+            finish_reason=result.finish_reason,
             prompt_tokens=len(job.prompt_token_ids),
-            completion_tokens=last.completion_tokens,
+            completion_tokens=result.completion_tokens,
             queue_time=max(0.0, taken_at - job.enqueued_at),
             prompt_time=first_token_at - taken_at,
             completion_time=done_at - first_token_at,
@@ -138,8 +221,74 @@ async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: 
     )
 
 
-def _is_json_object(text: str) -> bool:
+def continued_params(params: SamplingParams, num_generated: int) -> SamplingParams:
+    """The sampling of a continuation: what is left of max_tokens, its own seed."""
+    if not num_generated:
+        return params
+    seed = None if params.seed is None else (params.seed + num_generated * _SEED_STRIDE) % 2**63
+    return replace(params, max_tokens=params.max_tokens - num_generated, seed=seed)
+
+
+async def _generate(
+    engine: Engine, request: GenerationRequest, events: JobEvents, result: _Generation
+) -> None:
+    """Streams the engine's deltas out as events; sets result.finish_reason when it finished.
+
+    A continuation first publishes the earlier attempts' text that was held back (unless it may
+    begin a stop sequence), and looks for stop sequences across the boundary itself: the engine
+    sees only the new text. Token ids of deltas without text travel with the next delta published.
+    """
+    continued = request.num_generated
+    stop = StopMatcher(request.params.stop if continued else ())
+    if events.continued_from is not None and (
+        held := stop.feed(held_back_text(engine, events.continued_from))
+    ):
+        result.text += held
+        events.delta(held, continued)  # its tokens are in the progress record already
+    pending: list[int] = []
+    deltas = _engine_deltas(engine, request) if request.params.max_tokens > 0 else _nothing_left()
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            if result.finish_reason is not None:
+                continue  # the engine's iterator ends right after its last delta
+            result.first_token_at = result.first_token_at or time.time()
+            result.completion_tokens = continued + delta.completion_tokens
+            pending.extend(delta.token_ids)
+            text = stop.feed(delta.text)
+            finish = "stop" if stop.matched else delta.finish_reason
+            if finish:
+                text += stop.flush()
+            if text:
+                result.text += text
+                events.delta(text, result.completion_tokens, tuple(pending))
+                pending = []
+            result.finish_reason = finish
+            if stop.matched and delta.finish_reason is None:
+                # A stop sequence across the boundary, which the engine cannot see: end it here.
+                await engine.abort(request.request_id)
+                return
+
+
+async def _engine_deltas(engine: Engine, request: GenerationRequest) -> AsyncGenerator[Delta]:
+    """The engine's deltas; closing this closes the engine's iterator too (it aborts, if running)."""
+    deltas = engine.generate(request)
     try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
+        async for delta in deltas:
+            yield delta
+    finally:
+        if (aclose := getattr(deltas, "aclose", None)) is not None:
+            await aclose()
+
+
+async def _nothing_left() -> AsyncGenerator[Delta]:
+    """A continuation whose earlier attempts used up max_tokens: it ends at once."""
+    yield Delta("", 0, "length")
+
+
+def held_back_text(engine: Engine, progress: codec.Progress) -> str:
+    """The text of the tokens generated so far that was not published yet.
+
+    A trailing replacement character is a token that ends mid-character: the engine's detokenizer
+    holds it back too, and completes it with the next token of the continuation.
+    """
+    return engine.decode(list(progress.token_ids)).rstrip("\ufffd")[progress.released_chars :]

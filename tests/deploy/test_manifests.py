@@ -69,8 +69,13 @@ def test_the_settings_in_the_manifests_are_valid_and_agree_with_ports_and_probes
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == int(settings.address.rsplit(":", 1)[1])
     assert ports["metrics"] == settings.metrics_port
-    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-    assert container["livenessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert ports["http"] == settings.http_host_port[1]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    service_ports = {p["name"]: p["targetPort"] for p in find(objects, "Service", "gateway")["spec"]["ports"]}
+    assert {"grpc", "http", "metrics"} <= set(service_ports)
+    policy = find(objects, "NetworkPolicy", "gateway")["spec"]["ingress"][0]["ports"]
+    assert {p["port"] for p in policy} == {"grpc", "http", "metrics"}
     assert (
         gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_grace_seconds
     )
@@ -79,9 +84,9 @@ def test_the_settings_in_the_manifests_are_valid_and_agree_with_ports_and_probes
     worker = find(objects, "Deployment", "worker")
     [container] = worker["spec"]["template"]["spec"]["containers"]
     env = container_env(objects, container)
-    if env["WORKER_ENGINE"] == "cpu":
+    if overlay == "cpu":  # the bundled model
         worker_settings = WorkerSettings.from_env({**env, "REDIS_URL": "redis://x"})
-        assert worker_settings.engine == "cpu"
+        assert worker_settings.engine == "vllm" and worker_settings.vllm.enforce_eager
     else:  # the GPU model directory is only in the image; check the rest of the settings
         worker_settings = WorkerSettings.from_env(
             {**env, "WORKER_MODEL": "m=/models/m", "REDIS_URL": "redis://x"}
@@ -117,6 +122,17 @@ def test_redis_keeps_accepted_jobs_with_aof() -> None:
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] == "everysec"
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+
+
+def test_redis_memory_is_bounded_and_never_evicts() -> None:
+    redis = find(render("cpu"), "StatefulSet", "redis")
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = args[args.index("--maxmemory") + 1]
+    assert maxmemory.endswith("mb")
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and int(maxmemory[:-2]) < int(limit[:-2]) * 1024
 
 
 def test_each_image_has_a_dockerfile() -> None:

@@ -2,7 +2,8 @@
 
 Workers run the benchmark engine (token i of a reply is `t{i} `), a stand-in for the model
 that makes generations fast and their text predictable, so a resumed stream can be
-checked token by token. Each test gets its own redis-server and processes.
+checked token by token, with the default heartbeat and claim timeout (0.5 s and 2 s).
+Each test gets its own redis-server and processes.
 """
 
 from collections.abc import Iterator
@@ -17,8 +18,6 @@ from tests.integration.stack import Stack, assert_nothing_leaked
 BENCH_WORKER_ENV = {
     "WORKER_ENGINE": "bench",
     "WORKER_BENCH_TOKENS_PER_SECOND": "20",
-    "WORKER_HEARTBEAT_SECONDS": "0.5",
-    "WORKER_CLAIM_IDLE_SECONDS": "2",
     "WORKER_CANCEL_POLL_SECONDS": "0.05",
     "WORKER_DRAIN_SECONDS": "5",
 }

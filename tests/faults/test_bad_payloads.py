@@ -33,6 +33,11 @@ def test_a_malformed_job_is_dead_lettered_and_its_caller_answered(
         call.result()
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "could not be decoded" in caught.value.details()
+    # The worker writes the Failed event before it moves the job to the dead letters (a job is
+    # let go of only once its terminal event is in Redis), so the caller may hear first.
+    end = time.monotonic() + 5
+    while not fault_redis_client.exists(keys.dead_letter_stream(MODEL)) and time.monotonic() < end:
+        time.sleep(0.02)
     [(_id, dead)] = fault_redis_client.xrange(keys.dead_letter_stream(MODEL))
     assert dead[keys.PAYLOAD_FIELD] == GARBAGE and b"undecodable" in dead[b"reason"]
     fault_redis_client.delete(keys.dead_letter_stream(MODEL))

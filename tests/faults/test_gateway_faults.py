@@ -7,12 +7,14 @@ import grpc
 import pytest
 import redis
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2_grpc
+from common import keys
 from tests.faults.conftest import bench_text, check_clean
-from tests.faults.helpers import TimedStream, started
-from tests.integration.stack import Stack, chat_request, running_requests
+from tests.faults.helpers import TimedStream, started, status_of
+from tests.integration.stack import Stack, chat_request, running_requests, stream_text
 
 
 def test_jobs_of_a_killed_gateway_are_aborted_on_the_worker(
@@ -75,4 +77,52 @@ def test_a_flood_past_the_queue_limit_is_refused_at_once_with_a_retry_delay(
     for call in queued:
         call.cancel()
     fault_stack.start_worker()  # drops the cancelled jobs without running them
+    check_clean(fault_stack, fault_redis_client)
+
+
+def wait_until(predicate, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until predicate() held; fails the test if it does not within `seconds`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < seconds, f"not within {seconds}s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_gateway_frozen_past_its_reply_stream_ttl_recovers_at_once(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=1)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(fault_stack.address))
+    call = stub.StreamChatCompletion(chat_request(max_tokens=2000), timeout=40)  # 100 s at 20 tokens/s
+    content = (chunk for chunk in call if chunk.choices[0].delta.content)
+    next(content), next(content)
+    [reply_stream] = list(fault_redis_client.scan_iter(keys.reply_stream("*")))
+    assert fault_stack.gateway is not None
+    fault_stack.gateway.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        # Frozen past the TTL: the reply stream expires and the worker aborts the job, whose last
+        # events it cannot write (NOMKSTREAM).
+        wait_until(lambda: not fault_redis_client.exists(reply_stream), 15)
+        wait_until(lambda: running_requests(fault_stack.worker_metrics_ports[0]) == 0, 5)
+    finally:
+        fault_stack.gateway.send_signal(signal.SIGCONT)
+    woke = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(content)
+    in_flight_ended = time.monotonic() - woke
+    assert status_of(caught.value) == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    unary = stub.ChatCompletion(chat_request(max_tokens=4), timeout=5)
+    streamed = list(stub.StreamChatCompletion(chat_request(max_tokens=4), timeout=5))
+    served = time.monotonic() - woke
+    serving = health_pb2.HealthCheckResponse.SERVING
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving, 3)
+    print(
+        f"gateway SIGSTOP {woke - stopped:.1f}s -> after SIGCONT: in-flight stream"
+        f" UNAVAILABLE in {in_flight_ended * 1000:.0f} ms, new unary + stream served after {served:.2f}s"
+    )
+    assert in_flight_ended < 3
+    assert unary.choices[0].message.content == bench_text(4)
+    assert stream_text(streamed) == bench_text(4)
     check_clean(fault_stack, fault_redis_client)

@@ -72,3 +72,47 @@ def test_redis_restart_mid_load(
     assert streams_ended < 10
     assert reply.choices[0].message.content == bench_text(8)
     check_clean(fault_stack, fault_redis_client)
+
+
+FILLERS = 32  # of 64 KiB each
+
+
+def fill_past_maxmemory(client: redis.Redis) -> None:
+    """Fills Redis with 2 MiB and sets maxmemory 1 MiB below what it then uses (noeviction, as
+    deploy/base/redis.yaml runs it): every write that needs memory is refused until 1 MiB is
+    freed, which the few keys gateway and worker delete meanwhile cannot do."""
+    for i in range(FILLERS):
+        client.set(f"filler:{i}", b"x" * 65536)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used - 1024 * 1024)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("filler:probe", b"x")
+
+
+def test_a_full_redis_refuses_new_calls_with_resource_exhausted(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    fault_stack.start_gateway()
+    fault_stack.start_worker()
+    fault_stack.wait_worker_ready()
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(fault_stack.address))
+    fill_past_maxmemory(fault_redis_client)
+    outcomes = []
+    for streaming in (False, True):
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            if streaming:
+                list(stub.StreamChatCompletion(chat_request(max_tokens=4), timeout=10))
+            else:
+                stub.ChatCompletion(chat_request(max_tokens=4), timeout=10)
+        outcomes.append((caught.value.code(), caught.value.details(), time.monotonic() - start))
+    print("Redis over maxmemory: " + "; ".join(f"{c.name} in {t * 1000:.0f} ms" for c, _, t in outcomes))
+    for code, details, seconds in outcomes:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "Redis is out of memory" in details
+        assert seconds < 2
+    fault_redis_client.delete(*[f"filler:{i}" for i in range(FILLERS)])
+    reply = stub.ChatCompletion(chat_request(max_tokens=4), timeout=10)  # room again: served
+    assert reply.choices[0].message.content == bench_text(4)
+    check_clean(fault_stack, fault_redis_client)

@@ -1,5 +1,6 @@
 """A worker dies, freezes or is stopped mid-stream: the caller still gets a whole, exact reply."""
 
+import re
 import signal
 import time
 
@@ -20,16 +21,40 @@ def test_sigkill_mid_stream_resumes_on_another_worker(
     stub = started(fault_stack, workers=2)
     stream = TimedStream(stub, chat_request(max_tokens=60))
     stream.read(content_chunks=10)
-    owner_of_only_job(fault_stack, fault_redis_client).send_signal(signal.SIGKILL)
+    owner = owner_of_only_job(fault_stack, fault_redis_client)
+    [survivor] = [i for i, w in enumerate(fault_stack.workers) if w is not owner]
+    generated_before = generated_tokens(fault_stack.worker_metrics_ports[survivor])
+    owner.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     stream.read()
     done = time.monotonic() - killed_at
-    print(f"SIGKILL -> stream resumed; longest gap {stream.longest_gap:.2f}s; done after {done:.2f}s")
+    continued_from = continued_tokens(fault_stack, survivor)
+    generated = generated_tokens(fault_stack.worker_metrics_ports[survivor]) - generated_before
+    print(
+        f"SIGKILL -> stream continued after {continued_from} tokens on the other worker, which generated"
+        f" {generated:.0f}; longest gap {stream.longest_gap:.2f}s; done after {done:.2f}s"
+    )
     assert stream.text == bench_text(60)  # nothing missing, nothing twice
     assert stream.chunks[-1].choices[0].finish_reason == "length"
     assert stream.chunks[-1].usage.completion_tokens == 60
-    assert stream.longest_gap < 2 + 2 * 0.5 + 2  # claim timeout + heartbeats + slack
+    # The other worker generated only the rest: nothing delivered was generated again.
+    assert continued_from >= 10 and generated == 60 - continued_from
+    # Default settings: claim timeout 2 s + the next look for orphans (0.5 s) + starting the continuation.
+    assert stream.longest_gap < 3.0
+    outcomes = scrape(fault_stack.gateway_metrics_port)
+    assert outcomes[f'chat_gateway_resumed_streams_total{{model="{MODEL}",outcome="continued"}}'] == 1
     check_clean(fault_stack, fault_redis_client)
+
+
+def generated_tokens(metrics_port: int) -> float:
+    return scrape(metrics_port)[f'chat_worker_generated_tokens_total{{model="{MODEL}"}}']
+
+
+def continued_tokens(stack: Stack, worker: int) -> int:
+    """How many tokens the worker's takeover continued from, as its log says."""
+    log = (stack.log_dir / f"worker-{worker}.log").read_text()
+    [tokens] = re.findall(r"attempt 2 continues after (\d+) tokens", log)
+    return int(tokens)
 
 
 def test_sigstop_past_the_claim_timeout_hands_the_job_over(

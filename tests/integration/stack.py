@@ -16,6 +16,8 @@ from devstack import processes
 from devstack.redis_server import RedisServer, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
+# The reference's examples name these models; the gateway maps them onto the served one.
+REFERENCE_ALIASES = f"mixtral-8x7b-32768={MODEL},llama3-8b-8192={MODEL},llama3-70b-8192={MODEL}"
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Stack:
     workers: list[Popen[bytes]] = field(default_factory=list)
     worker_metrics_ports: list[int] = field(default_factory=list)
     port: int = 0
+    http_port: int = 0  # the Groq/OpenAI-compatible HTTP API
     gateway_metrics_port: int = 0
     credentials: grpc.ChannelCredentials | None = None  # for a gateway that serves TLS
 
@@ -35,13 +38,22 @@ class Stack:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP API (append /openai/v1 for the groq SDK, /v1 for the openai SDK)."""
+        scheme = "https" if self.credentials is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
     def start_gateway(self) -> None:
         self.port = self.port or free_port()
+        self.http_port = self.http_port or free_port()
         self.gateway_metrics_port = self.gateway_metrics_port or free_port()
         env = {
             "REDIS_URL": self.redis_server.url,
             "GATEWAY_ADDRESS": self.address,
+            "GATEWAY_HTTP_ADDRESS": f"127.0.0.1:{self.http_port}",
             "GATEWAY_METRICS_PORT": str(self.gateway_metrics_port),
+            "GATEWAY_MODEL_ALIASES": REFERENCE_ALIASES,
             **self.gateway_env,
         }
         self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
@@ -71,6 +83,15 @@ class Stack:
                 model=MODEL, messages=[chat_pb2.ChatMessage(role="user", content="hi")], max_tokens=1
             )
             stub.ChatCompletion(request, timeout=timeout)
+
+    def wait_context_window(self, tokens: int, timeout: float = 5.0) -> None:
+        """Gateways learn a worker's context window within a second of it starting (ListModels shows it)."""
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            while (window := stub.ListModels(chat_pb2.ListModelsRequest()).data[0].context_window) != tokens:
+                assert time.monotonic() < end, f"gateway still reports a context window of {window}"
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for process in [*self.workers, self.gateway]:
@@ -107,7 +128,8 @@ def leaks(client: redis.Redis) -> list[str]:
             problems.append(f"{pending} pending jobs in {stream}")
     for key in client.scan_iter(f"{keys.PREFIX}:*"):
         name = key.decode()
-        if not (name.startswith(f"{keys.PREFIX}:jobs:") or name.startswith(f"{keys.PREFIX}:replies:")):
+        # Job streams, reply streams and the engine registry live as long as their processes.
+        if not name.startswith(tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines"))):
             problems.append(f"stray key {name}")
     return problems
 

@@ -9,7 +9,9 @@ from grpc_status import rpc_status
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from tests.integration.stack import chat_request, jobs_ever_queued
 
-LONG_TEXT = "word " * 9000  # about 9,000 tokens: more than the 8,192-token context window
+LONG_TEXT = "word " * 9000  # about 9,000 tokens: more than the model's 8,192-token context window
+# About 5,000 tokens: fits the model's window but not the 4,096 tokens the worker's engine runs with.
+ENGINE_TOO_LONG_TEXT = "word " * 5000
 
 CASES = {
     "unknown model": (dict(model="gpt-nope"), grpc.StatusCode.NOT_FOUND, "model", "gpt-nope"),
@@ -78,6 +80,12 @@ CASES = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "messages",
         "context window",
+    ),
+    "prompt beyond the engine's context": (
+        dict(messages=[chat_pb2.ChatMessage(role="user", content=ENGINE_TOO_LONG_TEXT)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages",
+        "context window of 4096 tokens",
     ),
 }
 

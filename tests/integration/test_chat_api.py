@@ -5,6 +5,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
+from tests.integration.conftest import ENGINE_CONTEXT_WINDOW
 from tests.integration.stack import MODEL, Stack, chat_request, stream_text
 
 
@@ -50,11 +51,14 @@ def test_unary_and_stream_give_the_same_greedy_text(stub: chat_pb2_grpc.ChatServ
     assert streamed[-1].usage.completion_tokens == unary.usage.completion_tokens
 
 
-def test_list_models_reports_the_bundled_model(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+def test_list_models_reports_the_bundled_model_with_the_engines_window(
+    stub: chat_pb2_grpc.ChatServiceStub,
+) -> None:
     reply = stub.ListModels(chat_pb2.ListModelsRequest())
     assert reply.object == "list"
     [model] = reply.data
-    assert model.id == MODEL and model.object == "model" and model.context_window == 8192
+    # The worker's engine runs 4,096 tokens (WORKER_VLLM_MAX_MODEL_LEN), not the model's 8,192.
+    assert model.id == MODEL and model.object == "model" and model.context_window == ENGINE_CONTEXT_WINDOW
 
 
 def test_health_and_reflection_are_served(stack: Stack) -> None:

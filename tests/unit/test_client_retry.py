@@ -65,3 +65,28 @@ def test_client_gives_up_after_max_retries(fake: tuple[FakeRateLimitedService, s
     with Client(address, max_retries=1) as client, pytest.raises(RateLimitError) as caught:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.retry_after == pytest.approx(0.05) and len(service.calls) == 2
+
+
+class FakeExhaustedService(chat_pb2_grpc.ChatServiceServicer):
+    """RESOURCE_EXHAUSTED without RetryInfo: waiting would not help (e.g. a request over a hard limit)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def ChatCompletion(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request larger than the limit")
+
+
+def test_client_does_not_retry_a_refusal_without_retry_info() -> None:
+    service = FakeExhaustedService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", max_retries=5) as client, pytest.raises(RateLimitError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.stop(None)
+    assert service.calls == 1

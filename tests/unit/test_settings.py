@@ -15,10 +15,31 @@ def test_gateway_defaults() -> None:
 
 
 def test_worker_reads_its_variables() -> None:
-    settings = WorkerSettings.from_env({"WORKER_MAX_CONCURRENCY": "4", "WORKER_CPU_THREADS": "2"})
-    assert (
-        settings.max_concurrency == 4 and settings.cpu.max_batch_size == 4 and settings.cpu.num_threads == 2
+    settings = WorkerSettings.from_env(
+        {
+            "WORKER_MAX_CONCURRENCY": "4",
+            "WORKER_VLLM_KV_CACHE_GIB": "1.5",
+            "WORKER_VLLM_MAX_MODEL_LEN": "2048",
+        }
     )
+    assert settings.engine == "vllm" and settings.max_concurrency == 4
+    assert settings.vllm.kv_cache_gib == 1.5 and settings.vllm.max_model_len == 2048
+
+
+def test_worker_defaults_take_a_dead_workers_jobs_over_within_three_seconds() -> None:
+    settings = WorkerSettings.from_env({})
+    # A job is taken over once idle for the claim timeout, at the next look for orphans (every
+    # heartbeat); what is left of 3 s goes to starting the continuation.
+    assert settings.claim_idle_seconds + settings.heartbeat_seconds <= 2.5
+    assert (
+        settings.claim_idle_seconds >= 4 * settings.heartbeat_seconds
+    )  # a missed heartbeat or two is no death
+
+
+@pytest.mark.parametrize(("text", "eager"), [("auto", None), ("1", True), ("0", False)])
+def test_enforce_eager_is_auto_by_default(text: str, eager: bool | None) -> None:
+    assert WorkerSettings.from_env({}).vllm.enforce_eager is None
+    assert WorkerSettings.from_env({"WORKER_VLLM_ENFORCE_EAGER": text}).vllm.enforce_eager is eager
 
 
 @pytest.mark.parametrize(
@@ -27,6 +48,8 @@ def test_worker_reads_its_variables() -> None:
         ({"WORKER_MAX_CONCURRENCY": "lots"}, "WORKER_MAX_CONCURRENCY must be an integer"),
         ({"WORKER_MAX_CONCURRENCY": "0"}, "WORKER_MAX_CONCURRENCY must be at least 1"),
         ({"WORKER_ENGINE": "tpu"}, "WORKER_ENGINE must be one of"),
+        ({"WORKER_ENGINE": "cpu"}, "WORKER_ENGINE must be one of"),  # the transformers engine is gone
+        ({"WORKER_VLLM_ENFORCE_EAGER": "yes"}, "WORKER_VLLM_ENFORCE_EAGER must be auto, 1 or 0"),
         ({"WORKER_MODEL": "other-model"}, "needs a directory"),
     ],
 )
@@ -41,3 +64,29 @@ def test_model_specs() -> None:
         parse_model_specs("a=/x,a=/y")
     with pytest.raises(ValueError, match="no model"):
         parse_model_specs(" , ")
+
+
+def test_gateway_http_address_and_model_aliases() -> None:
+    settings = GatewaySettings.from_env(
+        {
+            "GATEWAY_HTTP_ADDRESS": "127.0.0.1:9999",
+            "GATEWAY_MODEL_ALIASES": "a=SmolLM2-135M-Instruct, b = SmolLM2-135M-Instruct",
+        }
+    )
+    assert settings.http_host_port == ("127.0.0.1", 9999)
+    assert settings.aliases == {"a": "SmolLM2-135M-Instruct", "b": "SmolLM2-135M-Instruct"}
+    assert GatewaySettings.from_env({}).http_host_port == (None, 8080)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GATEWAY_MODEL_ALIASES": "a=unknown-model"}, "not served"),
+        ({"GATEWAY_MODEL_ALIASES": "a"}, "ALIAS=MODEL"),
+        ({"GATEWAY_MODEL_ALIASES": "SmolLM2-135M-Instruct=SmolLM2-135M-Instruct"}, "already a served"),
+        ({"GATEWAY_HTTP_ADDRESS": "8080"}, "HOST:PORT"),
+    ],
+)
+def test_bad_gateway_http_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GatewaySettings.from_env(env)

@@ -1,13 +1,12 @@
-"""Stop sequences and incremental detokenization (worker/engine/text.py)."""
+"""Stop sequences of the benchmark engine (worker/engine/text.py)."""
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.engine.text import IncrementalDetokenizer, StopMatcher
+from worker.engine.text import StopMatcher
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:
@@ -45,26 +44,3 @@ def test_stop_matcher_output_does_not_depend_on_how_text_is_split(text: str, cut
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     expected = text.split(", 6")[0]
     assert feed_all(StopMatcher([", 6"]), pieces) == expected
-
-
-class FakeDecoder:
-    """Decodes byte tokens as UTF-8, like a byte-level BPE tokenizer would."""
-
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes(token_ids).decode("utf-8", errors="replace")
-
-
-def test_detokenizer_holds_back_an_incomplete_character() -> None:
-    snowman = list("☃".encode())  # three bytes, three tokens
-    detokenizer = IncrementalDetokenizer(FakeDecoder())
-    assert detokenizer.add([ord("a")]) == "a"
-    assert detokenizer.add(snowman[:1]) == ""
-    assert detokenizer.add(snowman[1:2]) == ""
-    assert detokenizer.add(snowman[2:]) == "☃"
-    assert detokenizer.add([ord("b")]) == "b"
-
-
-def test_detokenizer_releases_a_broken_character_at_the_end() -> None:
-    detokenizer = IncrementalDetokenizer(FakeDecoder())
-    assert detokenizer.add([0xE2]) == ""
-    assert detokenizer.add([], final=True) == "\ufffd"

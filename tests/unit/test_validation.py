@@ -5,8 +5,9 @@ import pytest
 from chat.v1 import chat_pb2
 from common.models import ModelSpec
 from gateway.catalog import ModelCatalog
+from gateway.config import GatewaySettings
 from gateway.errors import InvalidField, ModelNotFound
-from gateway.validation import validate
+from gateway.validation import Limits, validate
 from tests.integration.stack import chat_request
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -56,6 +57,9 @@ def test_negative_seed_becomes_uint64(catalog: ModelCatalog) -> None:
         (dict(response_format=""), "response_format.type"),
         (dict(response_format="json_object", stop=["x"]), "stop"),
         (dict(model=""), "model"),
+        (dict(stop=["ok", "s" * 257]), "stop[1]"),
+        (dict(messages=[chat_pb2.ChatMessage(role="user", content="hi", name="n" * 65)]), "messages[0].name"),
+        (dict(user="u" * 257), "user"),
     ],
 )
 def test_each_rule_names_its_field(catalog: ModelCatalog, fields: dict[str, object], field: str) -> None:
@@ -87,3 +91,51 @@ def test_prompt_longer_than_the_context_window(catalog: ModelCatalog) -> None:
     with pytest.raises(InvalidField) as caught:
         validate(long, catalog, 10)
     assert caught.value.field == "messages" and "8192" in caught.value.message
+
+
+LONGEST = dict(
+    stop=["s" * 256] * 4,
+    messages=[chat_pb2.ChatMessage(role="user", content="hi", name="n" * 64)],
+    user="u" * 256,
+)
+
+
+def test_strings_at_their_limits_are_accepted(catalog: ModelCatalog) -> None:
+    valid = validate(request(**LONGEST), catalog, 10)
+    assert valid.stop == ("s" * 256,) * 4 and valid.user == "u" * 256
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        (Limits(max_stop_chars=255), "stop[0]"),
+        (Limits(max_name_chars=63), "messages[0].name"),
+        (Limits(max_user_chars=255), "user"),
+    ],
+)
+def test_string_limits_come_from_settings(catalog: ModelCatalog, limits: Limits, field: str) -> None:
+    with pytest.raises(InvalidField) as caught:
+        validate(request(**LONGEST), catalog, 10, limits)
+    assert caught.value.field == field and "at most" in caught.value.rule
+
+
+def test_limits_are_built_from_the_gateway_settings() -> None:
+    env = {"GATEWAY_MAX_STOP_CHARS": "7", "GATEWAY_MAX_NAME_CHARS": "8", "GATEWAY_MAX_USER_CHARS": "9"}
+    limits = Limits.from_settings(GatewaySettings.from_env(env))
+    assert (limits.max_stop_chars, limits.max_name_chars, limits.max_user_chars) == (7, 8, 9)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(model="m" * 100_000),
+        dict(messages=[chat_pb2.ChatMessage(role="r" * 100_000, content="hi")]),
+        dict(response_format="x" * 100_000),
+    ],
+)
+def test_refusals_repeat_only_a_little_of_a_huge_value(
+    catalog: ModelCatalog, fields: dict[str, object]
+) -> None:
+    with pytest.raises(InvalidField) as caught:
+        validate(request(**fields), catalog, 10)
+    assert len(caught.value.message) < 300

@@ -2,8 +2,9 @@
 
 For measuring the plumbing (gateway, Redis, worker) alone and for fault tests that
 need many fast, predictable generations. Never a default: select it explicitly with
-WORKER_ENGINE=bench. Token i of a request is the word `t{i}` (with a space), so a
-reply is predictable and a resumed stream can be checked token by token.
+WORKER_ENGINE=bench. Token i of a request is the word `t{i}` (with a space) and has id
+i, so a reply is predictable and a resumed stream can be checked token by token; a
+continued generation numbers on after the tokens it continues.
 """
 
 import asyncio
@@ -38,6 +39,9 @@ class BenchEngine(Engine):
         if (aborted := self._aborted.get(request_id)) is not None:
             aborted.set()
 
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(f"t{i} " for i in token_ids)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         return self._generate(request)
 
@@ -47,8 +51,10 @@ class BenchEngine(Engine):
         aborted = self._aborted[request.request_id] = asyncio.Event()
         stop = StopMatcher(request.params.stop)
         max_tokens = request.params.max_tokens
+        first = request.num_generated + 1  # token ids go on where the continued generation stopped
+        pending: list[int] = []  # ids whose text the stop matcher still holds back
         try:
-            for i in range(1, max_tokens + 1):
+            for n, i in enumerate(range(first, first + max_tokens), start=1):
                 if self._interval:
                     # Waiting on the abort event both paces the tokens and ends the wait on abort.
                     with contextlib.suppress(TimeoutError):
@@ -58,12 +64,14 @@ class BenchEngine(Engine):
                 if aborted.is_set():
                     return
                 text = stop.feed(f"t{i} ")
-                if stop.matched:
-                    yield Delta(text, i, "stop")
+                pending.append(i)
+                ids, finish = tuple(pending), "stop" if stop.matched else None
+                if finish is None and n == max_tokens:
+                    text, finish = text + stop.flush(), "length"
+                if text or finish:
+                    pending.clear()
+                    yield Delta(text, n, finish, ids)
+                if finish:
                     return
-                if i == max_tokens:
-                    yield Delta(text + stop.flush(), i, "length")
-                elif text:
-                    yield Delta(text, i)
         finally:
             del self._aborted[request.request_id]

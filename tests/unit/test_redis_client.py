@@ -1,0 +1,40 @@
+"""Connections to Redis (common/redis_client.py) must not hang on a peer that vanished."""
+
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from common.redis_client import DEFAULT_SOCKET_TIMEOUT_SECONDS, MAX_BLOCK_SECONDS, connect
+from devstack.redis_server import RedisServer
+from worker.jobs import JobStream
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = connect(redis_server.url)  # as the worker calls it: no options
+    yield client
+    await client.aclose()
+
+
+async def test_connections_have_tcp_keepalive_and_a_socket_timeout(client: Redis) -> None:
+    connection = await client.connection_pool.get_connection()
+    try:
+        sock = connection._writer.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        assert connection.socket_timeout == DEFAULT_SOCKET_TIMEOUT_SECONDS > MAX_BLOCK_SECONDS
+    finally:
+        await client.connection_pool.release(connection)
+
+
+async def test_a_long_blocking_read_ends_within_the_socket_timeout(client: Redis) -> None:
+    jobs = JobStream(client, f"idle-{uuid.uuid4().hex[:8]}", "worker-a")
+    await jobs.ensure_group()
+    start = time.monotonic()
+    assert await jobs.read_new(count=1, block_ms=60_000) == []  # capped: no timeout, no error
+    assert time.monotonic() - start < DEFAULT_SOCKET_TIMEOUT_SECONDS
