@@ -39,8 +39,9 @@ def test_sigkill_mid_stream_resumes_on_another_worker(
     assert stream.chunks[-1].usage.completion_tokens == 60
     # The other worker generated only the rest: nothing delivered was generated again.
     assert continued_from >= 10 and generated == 60 - continued_from
-    # Default settings: claim timeout 2 s + the next look for orphans (0.5 s) + starting the continuation.
-    assert stream.longest_gap < 3.0
+    # Default settings: claim timeout 2 s + the next look for orphans (0.5 s) + starting the
+    # continuation (measured 2.05-2.16 s). The bound tells it from the old 10.4 s, with room for load.
+    assert stream.longest_gap < 4.5
     outcomes = scrape(fault_stack.gateway_metrics_port)
     assert outcomes[f'chat_gateway_resumed_streams_total{{model="{MODEL}",outcome="continued"}}'] == 1
     check_clean(fault_stack, fault_redis_client)
