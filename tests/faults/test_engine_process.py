@@ -4,6 +4,7 @@ These run real vLLM workers (about 20 s to start on CPU each), since the process
 test are vLLM's own (`VLLM::EngineCore` and its model runner).
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -21,11 +22,19 @@ VLLM_WORKER_ENV = {"WORKER_ENGINE": "vllm", "WORKER_MAX_CONCURRENCY": "4"}
 
 def engine_processes(worker: Popen[bytes]) -> list[psutil.Process]:
     """The worker's descendants that vLLM started (the reaper is ours and not counted)."""
-    return [
-        p
-        for p in psutil.Process(worker.pid).children(recursive=True)
-        if "worker.engine.reaper" not in " ".join(p.cmdline())
-    ]
+    processes = []
+    for p in psutil.Process(worker.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # short-lived ones come and go while vLLM starts
+            if "worker.engine.reaper" not in " ".join(p.cmdline()):
+                processes.append(p)
+    return processes
+
+
+def name_of(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def wait_gone(processes: list[psutil.Process], timeout: float) -> float:
@@ -56,6 +65,23 @@ def test_a_sigkilled_worker_leaves_no_engine_process_behind(fault_stack: Stack) 
     worker.wait()
     gone_after = wait_gone(engine, timeout=10)
     print(f"engine processes gone {gone_after:.2f}s after the worker's SIGKILL")
+
+
+def test_a_worker_killed_while_the_engine_starts_leaves_no_engine_process_behind(
+    fault_stack: Stack,
+) -> None:
+    # On a GPU the engine takes minutes to start: the time a liveness probe or a rollout may kill it in.
+    fault_stack.start_gateway()
+    worker = fault_stack.start_worker(**VLLM_WORKER_ENV)
+    deadline = time.monotonic() + 120
+    while not any("EngineCore" in name_of(p) for p in engine_processes(worker)):
+        assert worker.poll() is None and time.monotonic() < deadline, "no EngineCore started"
+        time.sleep(0.05)
+    engine = engine_processes(worker)
+    worker.kill()
+    worker.wait()
+    gone_after = wait_gone(engine, timeout=10)
+    print(f"engine processes gone {gone_after:.2f}s after the worker's SIGKILL during start-up")
 
 
 def test_a_dead_engine_fails_its_jobs_and_stops_the_worker(fault_stack: Stack) -> None:

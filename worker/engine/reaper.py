@@ -1,22 +1,33 @@
-"""Engine processes die with the worker, however the worker dies.
+"""Engine processes die with the worker, however and whenever the worker dies.
 
 vLLM runs its engine core in child processes (`VLLM::EngineCore`, and on CPU its model
 runner). vLLM does not watch its parent: when the worker is SIGKILLed those children are
 orphaned and live on holding their memory (a GPU, on a GPU machine). The reaper is a small
-process the worker starts once the engine is up. It blocks reading a pipe whose only writer
-is the worker; when the worker dies the kernel closes that pipe, and the reaper kills the
-processes it was given. A clean stop shuts the engine down first and then closes the pipe,
-so the reaper finds nothing left to kill.
+process the worker starts just before the engine. It reads a pipe whose only writer is the
+worker; when the worker dies the kernel closes that pipe, and the reaper kills the engine's
+processes.
 
-    python -m worker.engine.reaper PID:START_TIME ...   (started by Reaper.start, not by hand)
+Which processes? While the engine starts (minutes on a GPU: loading weights, capturing
+CUDA graphs, the time a liveness probe may kill the worker in) the reaper polls the
+worker's descendants and guards every new one. Once the engine is up the worker sends the
+exact list, and the reaper guards those (and, when it kills, their descendants). A clean
+stop shuts the engine down first and then closes the pipe, so the reaper finds nothing
+left to kill.
+
+    python -m worker.engine.reaper WORKER_PID [EXCLUDED_PID ...]   (started by Reaper.start)
 """
 
 import contextlib
+import os
+import select
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import psutil
+
+# How often the reaper looks for new engine processes while the engine starts.
+_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -33,38 +44,52 @@ class _Target:
         return cls(int(pid), float(created))
 
 
+def _descendants(pid: int, exclude: set[int]) -> set[_Target]:
+    targets = set()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.pid not in exclude:
+                    targets.add(_Target(child.pid, child.create_time()))
+    return targets
+
+
 class Reaper:
     """The worker's handle on its reaper process."""
 
-    def __init__(self, process: subprocess.Popen[bytes] | None) -> None:
-        self._process = process
-
-    @staticmethod
-    def children() -> set[int]:
-        """Pids of this process's descendants now (to exclude those the engine did not start)."""
-        return {p.pid for p in psutil.Process().children(recursive=True)}
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process: subprocess.Popen[bytes] | None = process
+        self._exclude: set[int] = set()
 
     @classmethod
-    def start(cls, exclude: set[int]) -> "Reaper":
-        """Guards the processes started since `exclude` was taken (call it right after the engine starts)."""
-        targets = [
-            _Target(p.pid, p.create_time())
-            for p in psutil.Process().children(recursive=True)
-            if p.pid not in exclude
-        ]
-        if not targets:
-            return cls(None)
+    def start(cls) -> "Reaper":
+        """Starts guarding: call it right before the engine starts its processes.
+
+        The processes this one already has (a test's servers, when the engine runs inside
+        pytest) are not the engine's and are left alone.
+        """
+        exclude = {p.pid for p in psutil.Process().children(recursive=True)}
         process = subprocess.Popen(
-            [sys.executable, "-m", __name__, *(t.encode() for t in targets)],
+            [sys.executable, "-m", __name__, str(os.getpid()), *map(str, sorted(exclude))],
             stdin=subprocess.PIPE,
             # Its own session: a Ctrl-C to the worker's process group must not end the guard early.
             start_new_session=True,
         )
-        return cls(process)
+        reaper = cls(process)
+        reaper._exclude = exclude | {process.pid}
+        return reaper
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    def engine_started(self) -> None:
+        """The engine is up: guard exactly the processes it started (no more polling)."""
+        if self._process is None or self._process.stdin is None:
+            return
+        targets = _descendants(os.getpid(), self._exclude)
+        self._process.stdin.write((" ".join(t.encode() for t in targets) + "\n").encode())
+        self._process.stdin.flush()
 
     def stop(self) -> None:
         """After a clean engine shutdown: release the guard (it kills whatever is still left)."""
@@ -74,7 +99,7 @@ class Reaper:
             self._process = None
 
 
-def _kill(targets: list[_Target]) -> None:
+def _kill(targets: set[_Target]) -> None:
     victims: list[psutil.Process] = []
     for target in targets:
         try:
@@ -88,11 +113,28 @@ def _kill(targets: list[_Target]) -> None:
             victim.kill()  # not waited for: they are not our children, their parent reaps them
 
 
-def main(argv: list[str]) -> None:
-    targets = [_Target.decode(arg) for arg in argv]
-    sys.stdin.buffer.read()  # returns at end of file: the worker has stopped or died
+def guard(worker_pid: int, exclude: set[int]) -> None:
+    """Polls for the engine's processes until the worker names them, then waits for end of file."""
+    exclude = exclude | {os.getpid()}
+    targets: set[_Target] = set()
+    polling = True
+    received = b""
+    stdin = sys.stdin.fileno()
+    while True:
+        readable, _, _ = select.select([stdin], [], [], _POLL_SECONDS if polling else None)
+        if not readable:
+            targets |= _descendants(worker_pid, exclude)
+            continue
+        chunk = os.read(stdin, 65536)
+        if not chunk:
+            break  # end of file: the worker has stopped or died
+        received += chunk
+        if b"\n" in received:  # the worker's list of the engine's processes
+            line, _, received = received.partition(b"\n")
+            targets = {_Target.decode(word) for word in line.decode().split()}
+            polling = False
     _kill(targets)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    guard(int(sys.argv[1]), {int(pid) for pid in sys.argv[2:]})

@@ -100,9 +100,15 @@ class VllmEngine(Engine):
         import vllm
 
         started = time.monotonic()
-        children_before = Reaper.children()
-        self._engine = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._stats_logger])
-        self._reaper = Reaper.start(exclude=children_before)
+        # Before vLLM starts its processes: a worker killed while the engine loads leaks none.
+        self._reaper = Reaper.start()
+        try:
+            self._engine = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._stats_logger])
+        except BaseException:
+            await asyncio.to_thread(self._reaper.stop)  # kills what the failed start left running
+            self._reaper = None
+            raise
+        self._reaper.engine_started()
         self.context_window = int(self._engine.model_config.max_model_len)
         self.fingerprint = f"fp_vllm_{vllm.__version__}_{current_platform.device_type}"
         # One token, so the first real request does not pay for lazy initialisation.
