@@ -1,8 +1,11 @@
 """The reaper's guard, on real processes (`sleep` stands in for vLLM's engine processes)."""
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -60,3 +63,58 @@ def test_a_guarded_process_children_die_too() -> None:
     wait_exit(engine)  # killed, or ended on its own once its child was killed first: either way gone
     psutil.wait_procs([grandchild], timeout=5)
     assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+
+
+# A worker that starts the reaper, then an "engine" process the way vLLM does (fork on GPUs,
+# spawn on CPUs), which creates shared memory like vLLM's ring buffers; prints its pid and name.
+WORKER = """
+import multiprocessing, sys, time
+from multiprocessing import shared_memory
+from worker.engine.reaper import Reaper
+
+def engine_core(names):
+    shm = shared_memory.SharedMemory(create=True, size=1 << 16)
+    names.put(shm.name)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    reaper = Reaper.start()
+    context = multiprocessing.get_context(sys.argv[1])
+    names = context.Queue()
+    engine = context.Process(target=engine_core, args=(names,))
+    engine.start()
+    name = names.get()
+    reaper.engine_started()
+    print(engine.pid, name, flush=True)
+    time.sleep(60)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_sigkilled_worker_takes_its_engine_and_shared_memory_along(
+    start_method: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "a_worker.py"  # not worker.py: it would shadow the package
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # as pytest sees the project
+    worker = subprocess.Popen(
+        [sys.executable, str(script), start_method], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert worker.stdout is not None
+    pid, name = worker.stdout.readline().split()
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 5
+    while not (gone(int(pid)) and not Path("/dev/shm", name).exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A forked engine inherits the reaper's pipe: it must let go of it, or the pipe never closes.
+    assert gone(int(pid)), f"the {start_method}ed engine process outlived its worker"
+    # The resource tracker is spared, so it unlinks what the killed engine left in /dev/shm.
+    assert not Path("/dev/shm", name).exists(), "the engine's shared memory was left behind"

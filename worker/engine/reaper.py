@@ -44,12 +44,20 @@ class _Target:
         return cls(int(pid), float(created))
 
 
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    """Python's multiprocessing resource tracker: spared, because once the processes it tracks
+    are gone it unlinks the shared memory they left (vLLM's ring buffers in /dev/shm)."""
+    with contextlib.suppress(psutil.Error):
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    return False
+
+
 def _descendants(pid: int, exclude: set[int]) -> set[_Target]:
     targets = set()
     with contextlib.suppress(psutil.NoSuchProcess):
         for child in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
-                if child.pid not in exclude:
+                if child.pid not in exclude and not _is_resource_tracker(child):
                     targets.add(_Target(child.pid, child.create_time()))
     return targets
 
@@ -77,7 +85,15 @@ class Reaper:
         )
         reaper = cls(process)
         reaper._exclude = exclude | {process.pid}
+        _guarding.append(reaper)
         return reaper
+
+    def _close_in_forked_child(self) -> None:
+        # A forked child (vLLM forks its engine processes on GPUs) inherits the pipe's write
+        # end: while it held it the pipe would never close, and the reaper never fire.
+        if self._process is not None and self._process.stdin is not None:
+            self._process.stdin.close()  # this process's copy only; nothing is ever left unflushed
+            self._process = None
 
     @property
     def pid(self) -> int | None:
@@ -97,6 +113,21 @@ class Reaper:
             self._process.stdin.close()
             self._process.wait(timeout=10)
             self._process = None
+        with contextlib.suppress(ValueError):
+            _guarding.remove(self)
+
+
+# The reapers this process holds the pipes of; forked children let go of theirs at once.
+_guarding: list[Reaper] = []
+
+
+def _after_fork_in_child() -> None:
+    for reaper in _guarding:
+        reaper._close_in_forked_child()
+    _guarding.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _kill(targets: set[_Target]) -> None:
@@ -109,6 +140,8 @@ def _kill(targets: set[_Target]) -> None:
         except psutil.NoSuchProcess:
             continue
     for victim in victims:
+        if _is_resource_tracker(victim):
+            continue
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.kill()  # not waited for: they are not our children, their parent reaps them
 
