@@ -218,4 +218,6 @@ def _check_json_schema(request: chat_pb2.ChatCompletionRequest) -> str:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidField(field, f"is not a valid JSON Schema: {exc.message[:200]}") from None
+    except RecursionError:
+        raise InvalidField(field, "is nested too deeply to check") from None
     return response_format.json_schema.schema

@@ -21,6 +21,8 @@ def output_violation(text: str, params: SamplingParams) -> str:
         value: Any = json.loads(text)
     except ValueError:
         return "JSON mode: the generated output is not valid JSON"
+    except RecursionError:
+        return "JSON mode: the generated output is nested too deeply to parse"
     if not params.json_schema:
         return "" if isinstance(value, dict) else "JSON mode: the generated output is not a JSON object"
     try:
@@ -30,4 +32,6 @@ def output_violation(text: str, params: SamplingParams) -> str:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
         return f"JSON Schema: the generated output does not conform at {where}: {exc.message}"
+    except RecursionError:
+        return "JSON Schema: the generated output is nested too deeply to check"
     return ""

@@ -57,6 +57,13 @@ def test_json_object_carries_no_schema(catalog: ModelCatalog) -> None:
             "response_format.json_schema.schema",
             "not a valid JSON Schema",
         ),
+        # Deep enough to exhaust the meta-schema check's recursion, not JSON parsing's.
+        (
+            '{"items": ' * 200 + "{}" + "}" * 200,
+            "json_schema",
+            "response_format.json_schema.schema",
+            "nested too deeply",
+        ),
         ("", "json_schema", "response_format.json_schema.schema", "is required"),
         (None, "json_schema", "response_format.json_schema.schema", "is required"),
         (json.dumps(SCHEMA), "json_object", "response_format.json_schema", "only allowed with type"),

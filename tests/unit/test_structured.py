@@ -27,6 +27,12 @@ SCHEMA = json.dumps(
         ('{"name": "Tom", "age": "3"}', SamplingParams(json_schema=SCHEMA), "at age: '3' is not of type"),
         ('{"name": "Tom"}', SamplingParams(json_schema=SCHEMA), "'age' is a required property"),
         ('{"name": "To', SamplingParams(json_schema=SCHEMA), "not valid JSON"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", SamplingParams(json_mode=True), "too deeply"),
+        (
+            '{"x": ' * 400 + "{}" + "}" * 400,  # parses; checking it recurses a few frames a level
+            SamplingParams(json_schema=json.dumps({"properties": {"x": {"$ref": "#"}}})),
+            "too deeply to check",
+        ),
     ],
 )
 def test_output_violation(text: str, params: SamplingParams, violation: str) -> None:
