@@ -210,10 +210,14 @@ class Relay:
         translation = _Translation(stream, recorder)
         try:
             yield Accepted(subscription.request_id, int(time.time()), subscription.model, ratelimit)
-            async with asyncio.timeout(timeout):
-                while not translation.finished:
-                    for item in translation.items(await subscription.next()):
-                        yield item
+            ends_at = asyncio.get_running_loop().time() + timeout
+            while not translation.finished:
+                # The deadline bounds the waits for the job, never a yield: a timeout around a
+                # yield would fire in the transport (a slow write) and end the call without a status.
+                async with asyncio.timeout_at(ends_at):
+                    event = await subscription.next()
+                for item in translation.items(event):
+                    yield item
         except TimeoutError:
             passed = f"deadline of {timeout:.1f}s passed before the completion finished"
             yield Failed(DeadlineExceeded(passed))

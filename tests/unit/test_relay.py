@@ -12,7 +12,15 @@ from common.models import Message
 from gateway.apikeys import KeyRecord
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.config import GatewaySettings
-from gateway.errors import Aborted, InvalidField, QueueFull, ServiceError, TooManyCalls, Unavailable
+from gateway.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidField,
+    QueueFull,
+    ServiceError,
+    TooManyCalls,
+    Unavailable,
+)
 from gateway.ratelimit import Budget
 from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Text
 from gateway.subscription import Subscription
@@ -217,3 +225,17 @@ async def test_a_continuation_from_other_tokens_than_received_ends_aborted() -> 
     )
     assert isinstance(items[-1], Failed) and isinstance(items[-1].error, Aborted)
     assert "1 tokens where 2 were received" in items[-1].error.message
+
+
+async def test_a_deadline_that_passes_while_the_transport_writes_still_ends_the_call_with_its_status() -> (
+    None
+):
+    # The job streams one delta and then nothing more; the caller's transport is slow to write it.
+    started_and_text = answer()[:2]
+    relay = make_relay(FakeQueue(events=[started_and_text]))
+    items: list[Item] = []
+    async for item in relay.run(request(), Caller((), 0.2), stream=True):
+        items.append(item)
+        if isinstance(item, Text):
+            await asyncio.sleep(0.4)  # a write blocked by a slow reader, past the deadline
+    assert isinstance(items[-1], Failed) and isinstance(items[-1].error, DeadlineExceeded)
