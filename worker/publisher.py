@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 # field; ARGV[2], ARGV[3]: the entry's field names; then 6 per event: request id, payload,
 # attempt, record header, token ids to append, fresh. A fresh event (the first of an attempt
 # that starts over) replaces the record unless a newer attempt owns it; any other event
-# updates it only while its attempt owns it. Returns the number of events dropped.
+# updates it only while its attempt owns it, and only once: an event whose seq the record
+# already has was written by this same call before its reply was lost (redis-py retries a
+# command once), and appending its tokens again would corrupt the record. Returns the
+# number of events dropped.
 _PUBLISH = """
 local width = tonumber(ARGV[1])
 local dropped = 0
@@ -37,6 +40,10 @@ for i = 0, #KEYS / 2 - 1 do
   local attempt, fresh = tonumber(ARGV[a + 2]), ARGV[a + 5] == '1'
   local current = tonumber(redis.call('GETRANGE', record, 0, width - 1))
   local owned = (fresh and (current == nil or current <= attempt)) or (not fresh and current == attempt)
+  if owned and not fresh then
+    local seq = tonumber(string.sub(ARGV[a + 3], width + 1, 2 * width))
+    owned = seq > tonumber(redis.call('GETRANGE', record, width, 2 * width - 1))
+  end
   if not owned then
     dropped = dropped + 1
   else
@@ -144,4 +151,4 @@ class EventPublisher:
             ]
         # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire; don't recreate it.
         if dropped := await self._script(keys=script_keys, args=args):
-            log.info("dropped %d events of jobs another worker has taken over", dropped)
+            log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)

@@ -14,7 +14,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from common import keys
+from common import codec, keys
 from common.redis_client import connect
 from gateway.apikeys import KeyRecord
 from gateway.errors import Unavailable
@@ -22,6 +22,8 @@ from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
 from tests.tcp_proxy import TcpProxy
 from tests.unit.queue_helpers import deadline, queued_request_ids, valid_request
+from worker.publisher import EventPublisher
+from worker.runner import JobEvents
 
 SOCKET_TIMEOUT = 0.3
 LATE = 0.8  # the held reply arrives after the client has given up and retried
@@ -100,3 +102,23 @@ async def test_a_retried_admit_charges_once_and_a_retried_refund_refunds_once(
     await limiter.refund(budget, 40)
     assert proxy.reply_held.is_set()
     assert direct.hget(window, "tokens") == b"59"
+
+
+async def test_a_retried_event_batch_is_written_once(
+    proxy: TcpProxy, via_proxy: Redis, direct: redis.Redis
+) -> None:
+    publisher = EventPublisher(via_proxy)
+    publisher.start()
+    reply_to = keys.reply_stream(f"gw-{uuid.uuid4().hex[:8]}")
+    direct.xadd(reply_to, {"init": "1"})  # workers write with NOMKSTREAM: the gateway makes it
+    events = JobEvents("r-retry", reply_to, 1, publisher)
+    events.started("w1", "fp")
+    await publisher.flush()  # loads the script, so the held reply is the delta's own
+    proxy.hold_replies(LATE)
+    events.delta("Hel", 2, (7, 8))
+    await publisher.flush()
+    assert proxy.reply_held.is_set()  # the script ran twice
+    record = codec.decode_progress(direct.get(keys.progress("r-retry")))
+    assert record == codec.Progress(1, 1, 3, (7, 8))  # the tokens are in the record once
+    assert len(direct.xrange(reply_to)) == 3  # init, started, the delta once
+    await publisher.stop()
