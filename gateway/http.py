@@ -476,6 +476,10 @@ async def _errors_as_json(
         return web.json_response(body, status=exc.status, headers={"x-should-retry": "false"})
     except ServiceError as exc:
         return error_response(exc)
+    except ConnectionResetError:
+        # The client left mid-stream (its job is cancelled as the call's items close): there is
+        # nobody to answer, and aiohttp ends such a request quietly.
+        raise
     except Exception:
         log.exception("HTTP handler failed on %s %s", request.method, request.path)
         return error_response(ServiceError("internal error in the gateway"))

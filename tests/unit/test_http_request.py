@@ -4,9 +4,11 @@ import json
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from gateway.errors import InvalidField, MalformedRequest, UnsupportedParameter
-from gateway.http import parse_request
+from gateway.http import _errors_as_json, parse_request
 
 IMAGE = "messages[0].content[0].type"
 BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -90,3 +92,25 @@ def test_each_refusal_names_the_parameter(
 def test_a_body_that_is_not_an_object_is_malformed() -> None:
     with pytest.raises(MalformedRequest):
         parse_request([BASE])
+
+
+async def test_a_client_gone_mid_stream_is_not_answered_as_a_gateway_bug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A write to a client that reset the connection: no error log, no second response on a
+    # stream that has already started; aiohttp ends the request quietly.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    with pytest.raises(ConnectionResetError):
+        await _errors_as_json(make_mocked_request("POST", "/v1/chat/completions"), handler)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_bug_in_a_handler_is_an_internal_error_in_the_api_shape() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise KeyError("bug")
+
+    response = await _errors_as_json(make_mocked_request("POST", "/v1/chat/completions"), handler)
+    assert response.status == 500
+    assert json.loads(response.body)["error"]["type"] == "api_error"  # type: ignore[attr-defined,arg-type]
