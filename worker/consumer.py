@@ -179,12 +179,17 @@ class JobConsumer:
                 events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"job abandoned: {dead_letter_reason}")
             elif job.deadline and job.deadline <= time.time():
                 events.failed(FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, "deadline passed while queued")
-            elif running.aborted or await self._redis.exists(keys.cancel_flag(job.request_id)):
+            elif await self._redis.exists(keys.cancel_flag(job.request_id)):
                 events.failed(FailureKind.FAILURE_KIND_CANCELLED, "caller left while queued")
             else:
                 if delivery.attempt > 1 and can_continue(job):
                     await self._continue_from_progress(delivery, events)
-                await run_job(job, self._engine, events, self._settings.worker_id)
+                # Checked after the awaits above: an abort that arrived meanwhile found nothing in
+                # the engine to stop, so the job must not get there (silenced jobs publish nothing).
+                if running.aborted:
+                    events.failed(FailureKind.FAILURE_KIND_CANCELLED, "aborted before it started")
+                else:
+                    await run_job(job, self._engine, events, self._settings.worker_id)
         except EngineDead as exc:
             self._engine_died(exc)
         except Exception:
