@@ -155,7 +155,10 @@ class JobConsumer:
         return await self._jobs.read_new(free, block_ms=int(period * 1000))
 
     def _accept(self, delivery: Delivery) -> None:
-        events = JobEvents(delivery.request_id, delivery.reply_to, delivery.attempt, self._publisher)
+        deadline = delivery.job.deadline if delivery.job is not None else 0.0
+        events = JobEvents(
+            delivery.request_id, delivery.reply_to, delivery.attempt, self._publisher, deadline
+        )
         running = _Running(delivery, events)
         if delivery.request_id in self._running:
             log.error(

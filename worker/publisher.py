@@ -14,6 +14,7 @@ current one (a worker that froze and woke up after another took over) is dropped
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -24,9 +25,10 @@ from common import codec, keys
 log = logging.getLogger(__name__)
 
 # KEYS: reply stream and progress record of each event. ARGV[1]: width of the record's attempt
-# field; ARGV[2], ARGV[3]: the entry's field names; then 6 per event: request id, payload,
-# attempt, record header, token ids to append, fresh. A fresh event (the first of an attempt
-# that starts over) replaces the record unless a newer attempt owns it; any other event
+# field; ARGV[2], ARGV[3]: the entry's field names; then 7 per event: request id, payload,
+# attempt, record header, token ids to append, fresh, the record's time to live in ms (0:
+# none). A fresh event (the first of an attempt that starts over) replaces the record, which
+# then expires after the job's deadline, unless a newer attempt owns it; any other event
 # updates it only while its attempt owns it, and only once: an event whose seq the record
 # already has was written by this same call before its reply was lost (redis-py retries a
 # command once), and appending its tokens again would corrupt the record. Returns the
@@ -36,7 +38,7 @@ local width = tonumber(ARGV[1])
 local dropped = 0
 for i = 0, #KEYS / 2 - 1 do
   local reply_to, record = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local a = 4 + 6 * i
+  local a = 4 + 7 * i
   local attempt, fresh = tonumber(ARGV[a + 2]), ARGV[a + 5] == '1'
   local current = tonumber(redis.call('GETRANGE', record, 0, width - 1))
   local owned = (fresh and (current == nil or current <= attempt)) or (not fresh and current == attempt)
@@ -48,7 +50,12 @@ for i = 0, #KEYS / 2 - 1 do
     dropped = dropped + 1
   else
     if fresh then
-      redis.call('SET', record, ARGV[a + 3] .. ARGV[a + 4])
+      local ttl = tonumber(ARGV[a + 6])
+      if ttl > 0 then
+        redis.call('SET', record, ARGV[a + 3] .. ARGV[a + 4], 'PX', ttl)
+      else
+        redis.call('SET', record, ARGV[a + 3] .. ARGV[a + 4])
+      end
     else
       redis.call('SETRANGE', record, 0, ARGV[a + 3])
       if ARGV[a + 4] ~= '' then redis.call('APPEND', record, ARGV[a + 4]) end
@@ -69,6 +76,7 @@ class Progress:
     released_chars: int  # text published up to and including this event
     token_ids: tuple[int, ...] = ()  # tokens generated since the previous event
     fresh: bool = False  # the first event of an attempt that starts over: replaces the record
+    deadline: float = 0.0  # the job's (Unix time; 0: none): the record expires a while after it
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,21 @@ class EventPublisher:
                 header,
                 codec.encode_token_ids(p.token_ids),
                 int(p.fresh),
+                _time_to_live_ms(p.deadline),
             ]
         # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire; don't recreate it.
         if dropped := await self._script(keys=script_keys, args=args):
             log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
+
+
+# How long a progress record outlives its job's deadline. Nobody continues a job after its
+# deadline; the margin covers clocks of gateway and worker that disagree a little. Records
+# are deleted when their job is acknowledged; this bounds those that are not (a worker that
+# wakes up after its job was finished elsewhere can still write its first event).
+_RECORD_MARGIN_SECONDS = 60.0
+
+
+def _time_to_live_ms(deadline: float) -> int:
+    if not deadline:
+        return 0
+    return max(1000, int((deadline - time.time() + _RECORD_MARGIN_SECONDS) * 1000))

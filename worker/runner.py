@@ -43,11 +43,19 @@ _SEED_STRIDE = 0x9E3779B97F4A7C15
 class JobEvents:
     """Numbers and publishes the events of one attempt at a job, with its progress."""
 
-    def __init__(self, request_id: str, reply_to: str, attempt: int, publisher: EventPublisher) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        reply_to: str,
+        attempt: int,
+        publisher: EventPublisher,
+        deadline: float = 0.0,
+    ) -> None:
         self._request_id = request_id
         self._reply_to = reply_to
         self._attempt = attempt
         self._publisher = publisher
+        self._deadline = deadline  # the job's (Unix time; 0: none): its progress record lasts as long
         self._seq = 0
         self._released = 0  # characters of text published
         self._fresh = True  # the next event starts the job's progress record over
@@ -79,7 +87,7 @@ class JobEvents:
         event.seq = self._seq
         event.attempt = self._attempt
         self._released += len(event.delta.text)
-        progress = Progress(self._attempt, self._seq, self._released, token_ids, self._fresh)
+        progress = Progress(self._attempt, self._seq, self._released, token_ids, self._fresh, self._deadline)
         self._seq += 1
         self._fresh = False
         self._publisher.publish(self._reply_to, event, progress)

@@ -1,6 +1,7 @@
 """A job's progress record is written with its events, fenced per attempt, and taken over
 (worker/publisher.py, worker/jobs.py), against a real redis-server."""
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -123,3 +124,35 @@ def test_a_progress_record_round_trips_and_a_broken_one_is_refused() -> None:
         codec.decode_progress(record[:-1])
     with pytest.raises(codec.BadPayload):
         codec.decode_progress(b"not a record")
+
+
+async def test_a_record_written_after_its_job_was_acknowledged_expires(
+    client: Redis, publisher: EventPublisher, reply_to: str
+) -> None:
+    # A worker froze before its first event; another took the job over and finished it, and the
+    # acknowledgment deleted the record. The first worker wakes up and writes its first event:
+    # nothing will ever delete that record, so it must expire (a while after the job's deadline).
+    jobs = JobStream(client, MODEL, "w2")
+    await jobs.ensure_group()
+    entry_id = await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-e"})
+    await jobs.acknowledge(entry_id, "r-e")
+    JobEvents("r-e", reply_to, 1, publisher, deadline=time.time() + 30).started("w1", "fp")
+    await publisher.flush()
+    assert 0 < await client.pttl(keys.progress("r-e")) <= 90_000
+
+
+async def test_the_record_keeps_its_expiry_through_a_takeover(
+    client: Redis, publisher: EventPublisher, reply_to: str
+) -> None:
+    old = JobEvents("r-f", reply_to, 1, publisher, deadline=time.time() + 30)
+    old.started("w1", "fp")
+    old.delta("a", 1, (1,))
+    await publisher.flush()
+    taken = await JobStream(client, MODEL, "w2").take_over_progress("r-f", 2)
+    assert taken is not None
+    new = JobEvents("r-f", reply_to, 2, publisher, deadline=time.time() + 30)
+    new.continue_from(taken)
+    new.delta("b", 2, (2,))
+    await publisher.flush()
+    assert await progress_of(client, "r-f") == codec.Progress(2, 2, 2, (1, 2))
+    assert 0 < await client.pttl(keys.progress("r-f")) <= 90_000
