@@ -18,8 +18,7 @@ import grpc
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common.model_store import DEFAULT_MODEL_NAME
-from devstack import processes
-from devstack.redis_server import RedisServer, free_port
+from devstack.local_stack import LocalStack
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -41,34 +40,18 @@ async def one(stub: chat_pb2_grpc.ChatServiceStub, seed: int) -> tuple[float, fl
 
 
 async def main(streams: int, rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        redis = RedisServer(Path(tmp) / "redis")
-        redis.start()
-        address = f"127.0.0.1:{free_port()}"
-        env = {
-            "REDIS_URL": redis.url,
-            "GATEWAY_ADDRESS": address,
-            "GATEWAY_HTTP_ADDRESS": "127.0.0.1:0",
-            "GATEWAY_METRICS_PORT": "0",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_MAX_CONCURRENCY": str(max(streams, 8)),
-        }
-        gateway = processes.launch("gateway", env, Path(tmp) / "gateway.log")
-        worker = processes.launch("worker", env, Path(tmp) / "worker.log")
-        try:
-            processes.wait_serving(address, gateway)
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = chat_pb2_grpc.ChatServiceStub(channel)
-                await one(stub, 0)  # waits for the worker; warms every path
-                for r in range(rounds):
-                    results = await asyncio.gather(*(one(stub, i) for i in range(streams)))
-                    print(f"round {r + 1}")
-                    for name, column in (("TTFT", 0), ("queue_time", 1), ("prompt_time", 2)):
-                        print(f"  {name:>11} ms: {sorted(round(x[column] * 1000, 1) for x in results)}")
-        finally:
-            processes.stop(worker)
-            processes.stop(gateway)
-            redis.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalStack(Path(tmp), {"WORKER_MAX_CONCURRENCY": str(max(streams, 8))}) as stack,
+    ):
+        async with grpc.aio.insecure_channel(stack.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            await one(stub, 0)  # waits for the worker; warms every path
+            for r in range(rounds):
+                results = await asyncio.gather(*(one(stub, i) for i in range(streams)))
+                print(f"round {r + 1}")
+                for name, column in (("TTFT", 0), ("queue_time", 1), ("prompt_time", 2)):
+                    print(f"  {name:>11} ms: {sorted(round(x[column] * 1000, 1) for x in results)}")
 
 
 if __name__ == "__main__":

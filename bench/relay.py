@@ -34,7 +34,8 @@ from bench.loadgen import Sample, closed_loop, request, stream_once
 from chat.v1 import chat_pb2_grpc
 from common.models import ModelSpec
 from devstack import processes
-from devstack.redis_server import RedisServer, free_port
+from devstack.local_stack import LocalStack
+from devstack.redis_server import free_port
 from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.bench import BenchEngine
 
@@ -59,52 +60,45 @@ class Target:
 
     def __init__(self, kind: str, tokens_per_second: float, tmp: Path) -> None:
         self.kind = kind
-        self.port = free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.redis: RedisServer | None = None
+        self._bare: subprocess.Popen[bytes] | None = None
+        self._stack: LocalStack | None = None
         if kind == "bare":
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "bench.bare_server", str(self.port), str(tokens_per_second)],
-                    cwd=REPO,
-                    stdout=subprocess.PIPE,
-                )
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            self._bare = subprocess.Popen(
+                [sys.executable, "-m", "bench.bare_server", str(port), str(tokens_per_second)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
             )
-            assert self.procs[0].stdout is not None and self.procs[0].stdout.readline().strip() == b"ready"
+            assert self._bare.stdout is not None and self._bare.stdout.readline().strip() == b"ready"
             return
-        self.redis = RedisServer(tmp / f"redis-{self.port}")
-        self.redis.start()
+        directory = tmp / "stack"
+        directory.mkdir(exist_ok=True)
         env = {
-            "REDIS_URL": self.redis.url,
-            "GATEWAY_ADDRESS": f"127.0.0.1:{self.port}",
-            "GATEWAY_HTTP_ADDRESS": "127.0.0.1:0",  # not measured here; any free port
-            "GATEWAY_METRICS_PORT": "0",
-            "WORKER_METRICS_PORT": "0",
             "WORKER_ENGINE": "bench",
             "WORKER_BENCH_TOKENS_PER_SECOND": str(tokens_per_second),
             "WORKER_MAX_CONCURRENCY": "2000",
             "GATEWAY_MAX_QUEUED_JOBS": "100000",
         }
-        self.procs.append(processes.launch("gateway", env, tmp / "gateway.log"))
-        self.procs.append(processes.launch("worker", env, tmp / "worker.log"))
-        processes.wait_serving(f"127.0.0.1:{self.port}", self.procs[0])
+        self._stack = LocalStack(directory, env).start()
+        self.address = self._stack.address
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU used so far by the gateway process and by redis-server."""
-        if self.kind != "stack" or self.redis is None:
+        if self._stack is None or self._stack.gateway is None:
             return {}
-        gateway = psutil.Process(self.procs[0].pid).cpu_times()
-        info = redis.Redis.from_url(self.redis.url).info("cpu")
+        gateway = psutil.Process(self._stack.gateway.pid).cpu_times()
+        info = redis.Redis.from_url(self._stack.redis.url).info("cpu")
         return {
             "gateway": gateway.user + gateway.system,
             "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
         }
 
     def stop(self) -> None:
-        for proc in self.procs:
-            processes.stop(proc)
-        if self.redis is not None:
-            self.redis.stop()
+        if self._bare is not None:
+            processes.stop(self._bare)
+        if self._stack is not None:
+            self._stack.stop()
 
 
 async def measure(
@@ -118,7 +112,7 @@ async def measure(
         )
         return asdict(report)
     # Like a fleet of callers: at most STREAMS_PER_CHANNEL streams share one HTTP/2 connection.
-    address = f"127.0.0.1:{target.port}"
+    address = target.address
     own_connection = [("grpc.use_local_subchannel_pool", 1)]  # else channels share one TCP connection
     channels = [
         grpc.aio.insecure_channel(address, options=own_connection)

@@ -43,7 +43,8 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from common.model_store import DEFAULT_MODEL_NAME
 from common.models import Message, ModelSpec, PromptRenderer
 from devstack import processes
-from devstack.redis_server import RedisServer, free_port
+from devstack.local_stack import LocalStack
+from devstack.redis_server import free_port
 from worker.config import WorkerSettings
 from worker.engine.base import GenerationRequest, SamplingParams
 from worker.engine.vllm import VllmEngine
@@ -105,10 +106,8 @@ class Servers:
         self.prompt_ids = PromptRenderer(self.spec).render([Message("user", PROMPT)])
         self._tmp = tmp
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._redis: RedisServer | None = None
         self.vllm_port = free_port()
-        self.stack_address = f"127.0.0.1:{free_port()}"
-        self.stack_http_address = f"127.0.0.1:{free_port()}"
+        self.stack = LocalStack(tmp, {"WORKER_MAX_CONCURRENCY": str(max_num_seqs)})
 
     async def start(self) -> dict[str, float]:
         """Starts the engine, vLLM's server and the stack; returns each one's start-up time in seconds."""
@@ -148,28 +147,15 @@ class Servers:
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
 
     def _start_stack(self) -> None:
-        self._redis = RedisServer(self._tmp / "redis")
-        self._redis.start()
-        env = {
-            "REDIS_URL": self._redis.url,
-            "GATEWAY_ADDRESS": self.stack_address,
-            "GATEWAY_HTTP_ADDRESS": self.stack_http_address,
-            "GATEWAY_METRICS_PORT": "0",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_MAX_CONCURRENCY": str(self.engine.engine_args().max_num_seqs),
-        }
-        self._procs.append(processes.launch("gateway", env, self._tmp / "gateway.log"))
-        processes.wait_serving(self.stack_address, self._procs[-1])
-        self._procs.append(processes.launch("worker", env, self._tmp / "worker.log"))
-        with grpc.insecure_channel(self.stack_address) as channel:  # one token: the worker is up
+        self.stack.start()
+        with grpc.insecure_channel(self.stack.address) as channel:  # one token: the worker is up
             chat_pb2_grpc.ChatServiceStub(channel).ChatCompletion(_grpc_request(0, 1), timeout=300)
 
     async def stop(self) -> None:
         await self.engine.stop()
         for process in reversed(self._procs):
             processes.stop(process)
-        if self._redis is not None:
-            self._redis.stop()
+        self.stack.stop()
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
@@ -196,8 +182,8 @@ def _grpc_request(seed: int, max_tokens: int) -> chat_pb2.ChatCompletionRequest:
 def clients(servers: Servers, tokens: int) -> tuple[dict[str, OneRequest], Callable[[], Awaitable[None]]]:
     """One request function per mode, and how to close their connections."""
     vllm_client = AsyncOpenAI(base_url=f"http://127.0.0.1:{servers.vllm_port}/v1", api_key="none")
-    http_client = AsyncOpenAI(base_url=f"http://{servers.stack_http_address}/v1", api_key="none")
-    channel = grpc.aio.insecure_channel(servers.stack_address)
+    http_client = AsyncOpenAI(base_url=f"http://{servers.stack.http_address}/v1", api_key="none")
+    channel = grpc.aio.insecure_channel(servers.stack.address)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     ids = iter(range(10**9))
 
