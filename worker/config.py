@@ -12,6 +12,7 @@
 | WORKER_CLAIM_IDLE_SECONDS | 2 | a job whose worker has not heartbeated for this long is taken over |
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
+| WORKER_IDLE_LINGER_MS | 3 | an idle worker that takes one job waits this long for the rest of a burst |
 | REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
 | WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | WORKER_VLLM_TENSOR_PARALLEL_SIZE | 1 | vLLM engine: GPUs per worker |
@@ -59,6 +60,7 @@ class WorkerSettings:
     claim_idle_seconds: float
     max_deliveries: int
     drain_seconds: float
+    idle_linger_seconds: float
     bench_tokens_per_second: float
     metrics_port: int
     redis_tls_ca_file: str
@@ -88,6 +90,7 @@ class WorkerSettings:
             claim_idle_seconds=claim_idle,
             max_deliveries=env_int(env, "WORKER_MAX_DELIVERIES", 3, minimum=1),
             drain_seconds=env_float(env, "WORKER_DRAIN_SECONDS", 20.0, minimum=0.0),
+            idle_linger_seconds=env_float(env, "WORKER_IDLE_LINGER_MS", 3.0, minimum=0.0) / 1000,
             bench_tokens_per_second=env_float(env, "WORKER_BENCH_TOKENS_PER_SECOND", 50.0, minimum=0.0),
             metrics_port=env_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
             redis_tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),

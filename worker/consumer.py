@@ -152,7 +152,14 @@ class JobConsumer:
                 log.info("reclaimed %d jobs of unresponsive workers", len(reclaimed))
                 metrics.RECLAIMED.labels(self._model).inc(len(reclaimed))
                 return reclaimed
-        return await self._jobs.read_new(free, block_ms=int(period * 1000))
+        taken = await self._jobs.read_new(free, block_ms=int(period * 1000))
+        linger = self._settings.idle_linger_seconds
+        if linger and len(taken) == 1 < free and not self._running:
+            # The first job of a burst wakes the read alone; started now, the engine would prefill
+            # it by itself and the rest of the burst would wait for that whole step.
+            await asyncio.sleep(linger)
+            taken += await self._jobs.read_new(free - 1, block_ms=None)
+        return taken
 
     def _accept(self, delivery: Delivery) -> None:
         deadline = delivery.job.deadline if delivery.job is not None else 0.0

@@ -112,9 +112,10 @@ class JobStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read_new(self, count: int, block_ms: int) -> list[Delivery]:
-        # Capped, so the read ends well within the connection's socket timeout.
-        block_ms = min(block_ms, int(MAX_BLOCK_SECONDS * 1000))
+    async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
+        """Up to count new jobs, waiting up to block_ms for the first (None: not at all)."""
+        if block_ms is not None:  # capped, so the read ends well within the connection's socket timeout
+            block_ms = min(block_ms, int(MAX_BLOCK_SECONDS * 1000))
         reply = await self._redis.xreadgroup(
             keys.WORKER_GROUP, self._worker_id, {self.stream: ">"}, count=count, block=block_ms
         )

@@ -1,9 +1,10 @@
-"""An abort is never lost between a job's delivery and its start in the engine (worker/consumer.py).
+"""How the consumer takes jobs and starts them (worker/consumer.py), on a real redis-server.
 
-The consumer checks Redis before it starts a job (cancel flag, progress record); an abort
-that arrives during those awaits (the job was reclaimed, the worker drains) must keep the
-job out of the engine. Real redis-server; the engine is the scripted fake of test_runner.
-"""
+An abort is never lost between a job's delivery and its start in the engine: the consumer
+checks Redis before it starts a job (cancel flag, progress record), and an abort that
+arrives during those awaits (the job was reclaimed, the worker drains) must keep the job
+out of the engine. And an idle worker lingers for the rest of a burst. The engine is the
+scripted fake of test_runner."""
 
 import asyncio
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from common import codec
+from common import codec, keys
 from devstack.redis_server import RedisServer
 from tests.unit.test_runner import CollectingFakePublisher, ScriptedFakeEngine
 from worker.config import WorkerSettings
@@ -74,3 +75,25 @@ async def test_a_job_aborted_while_the_consumer_waits_on_redis_never_reaches_the
     assert engine.requests == [], "an aborted job was started in the engine"
     outcomes = [e.WhichOneof("kind") for e in publisher.events]
     assert outcomes == ([] if reason != "cancelled" else ["failed"])
+
+
+@pytest.mark.parametrize(("linger_ms", "taken"), [("0", 1), ("200", 3)])
+async def test_an_idle_worker_lingers_for_the_rest_of_a_burst(
+    redis_server: RedisServer, linger_ms: str, taken: int
+) -> None:
+    # A burst reaches Redis over a few ms; the first job wakes the blocked read alone.
+    client = Redis.from_url(redis_server.url)
+    settings = WorkerSettings.from_env(
+        {"WORKER_ENGINE": "bench", "WORKER_ID": "w1", "WORKER_MODEL": f"m{uuid.uuid4().hex[:6]}=/nowhere",
+         "WORKER_IDLE_LINGER_MS": linger_ms}
+    )  # fmt: skip
+    consumer = JobConsumer(settings, client, ScriptedFakeEngine([]), FlushingFakePublisher())  # type: ignore[arg-type]
+    await consumer._jobs.ensure_group()
+    consumer._next_reclaim = float("inf")  # only new jobs here
+    reading = asyncio.create_task(consumer._take(free=4))
+    await asyncio.sleep(0.05)  # the read is blocked in Redis
+    for n in range(3):
+        await client.xadd(consumer._jobs.stream, {keys.REQUEST_ID_FIELD: f"r{n}".encode()})
+        await asyncio.sleep(0.005)
+    assert len(await reading) == taken
+    await client.aclose()
