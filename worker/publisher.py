@@ -156,7 +156,7 @@ class EventPublisher:
                 header,
                 codec.encode_token_ids(p.token_ids),
                 int(p.fresh),
-                _time_to_live_ms(p.deadline),
+                _time_to_live_ms(p.deadline) if p.fresh else 0,  # only a fresh event sets it
             ]
         # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire; don't recreate it.
         if dropped := await self._script(keys=script_keys, args=args):

@@ -65,9 +65,9 @@ def _descendants(pid: int, exclude: set[int]) -> set[_Target]:
 class Reaper:
     """The worker's handle on its reaper process."""
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], exclude: set[int]) -> None:
         self._process: subprocess.Popen[bytes] | None = process
-        self._exclude: set[int] = set()
+        self._exclude = exclude  # processes that are not the engine's: those before it, the reaper
 
     @classmethod
     def start(cls) -> "Reaper":
@@ -83,8 +83,7 @@ class Reaper:
             # Its own session: a Ctrl-C to the worker's process group must not end the guard early.
             start_new_session=True,
         )
-        reaper = cls(process)
-        reaper._exclude = exclude | {process.pid}
+        reaper = cls(process, exclude | {process.pid})
         _guarding.append(reaper)
         return reaper
 
