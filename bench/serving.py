@@ -1,9 +1,11 @@
 """`make bench`, part one: our stack against vLLM's own server, on the real engine, in one run.
 
-The same closed-loop load against four ways of serving the same model with the same
-engine arguments (eager, same max_num_seqs, same KV cache):
+The same closed-loop load against five ways of serving the same model, four with the same
+engine arguments (eager, same max_num_seqs, same KV cache, same dtype):
   (a) engine  vLLM's AsyncLLM in this process (worker/engine/vllm.py): no gRPC, no Redis
   (b) vllm    vLLM's OpenAI-compatible server, streamed with the openai SDK
+  (b') vllm_default  the same server as it comes: its own default dtype (bfloat16 on every x86
+              CPU, emulated and ~10x slower where the processor lacks AVX512_BF16 and AMX)
   (c) stack   gateway -> Redis -> one vLLM worker -> gateway, streamed over gRPC
   (d) http    the same stack through the gateway's OpenAI-compatible HTTP API, streamed with
               the openai SDK exactly as (b) is
@@ -47,13 +49,14 @@ from devstack.local_stack import LocalStack
 from devstack.redis_server import free_port
 from worker.config import WorkerSettings
 from worker.engine.base import GenerationRequest, SamplingParams
+from worker.engine.dtype import detect_cpu_features
 from worker.engine.vllm import VllmEngine
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks"
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 TEMPERATURE = 0.7
-MODES = ("engine", "vllm", "stack", "http")
+MODES = ("engine", "vllm", "vllm_default", "stack", "http")
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Servers:
         self._tmp = tmp
         self._procs: list[subprocess.Popen[bytes]] = []
         self.vllm_port = free_port()
+        self.vllm_default_port = free_port()
         self.stack = LocalStack(tmp, {"WORKER_MAX_CONCURRENCY": str(max_num_seqs)})
 
     async def start(self) -> dict[str, float]:
@@ -116,33 +120,39 @@ class Servers:
         await self.engine.start()
         started["engine"] = time.monotonic() - t
         t = time.monotonic()
-        self._procs.append(self._start_vllm_server())
+        self._procs.append(self._start_vllm_server(self.vllm_port))
         _wait_http(f"http://127.0.0.1:{self.vllm_port}/health", self._procs[-1])
         started["vllm"] = time.monotonic() - t
+        t = time.monotonic()
+        self._procs.append(self._start_vllm_server(self.vllm_default_port, default_dtype=True))
+        _wait_http(f"http://127.0.0.1:{self.vllm_default_port}/health", self._procs[-1])
+        started["vllm_default"] = time.monotonic() - t
         t = time.monotonic()
         self._start_stack()
         started["stack"] = time.monotonic() - t
         return started
 
-    def _start_vllm_server(self) -> subprocess.Popen[bytes]:
+    def _start_vllm_server(self, port: int, default_dtype: bool = False) -> subprocess.Popen[bytes]:
+        """vLLM's server with the worker's engine arguments, or (default_dtype) its own dtype."""
         args = self.engine.engine_args()
         flags = [
             "--model", args.model,
             "--served-model-name", DEFAULT_MODEL_NAME,
-            "--port", str(self.vllm_port),
+            "--port", str(port),
             "--max-num-seqs", str(args.max_num_seqs),
-            "--dtype", args.dtype,
             "--load-format", args.load_format,
             "--disable-log-stats",
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
+        if not default_dtype:
+            flags += ["--dtype", args.dtype]
         if args.enforce_eager:
             flags.append("--enforce-eager")
         if args.kv_cache_memory_bytes:
             flags += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
         if self.settings.vllm.max_model_len:
             flags += ["--max-model-len", str(self.settings.vllm.max_model_len)]
-        log = open(self._tmp / "vllm-server.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self._tmp / f"vllm-server-{port}.log", "ab")  # noqa: SIM115 - handed to the child
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
 
@@ -182,6 +192,7 @@ def _grpc_request(seed: int, max_tokens: int) -> chat_pb2.ChatCompletionRequest:
 def clients(servers: Servers, tokens: int) -> tuple[dict[str, OneRequest], Callable[[], Awaitable[None]]]:
     """One request function per mode, and how to close their connections."""
     vllm_client = AsyncOpenAI(base_url=f"http://127.0.0.1:{servers.vllm_port}/v1", api_key="none")
+    default_client = AsyncOpenAI(base_url=f"http://127.0.0.1:{servers.vllm_default_port}/v1", api_key="none")
     http_client = AsyncOpenAI(base_url=f"http://{servers.stack.http_address}/v1", api_key="none")
     channel = grpc.aio.insecure_channel(servers.stack.address)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -225,21 +236,34 @@ def clients(servers: Servers, tokens: int) -> tuple[dict[str, OneRequest], Calla
     async def vllm(seed: int) -> Stream:
         return await openai_sdk(vllm_client, seed)
 
+    async def vllm_default(seed: int) -> Stream:
+        return await openai_sdk(default_client, seed)
+
     async def http(seed: int) -> Stream:
         return await openai_sdk(http_client, seed)
 
     async def close() -> None:
         await vllm_client.close()
+        await default_client.close()
         await http_client.close()
         await channel.close()
 
-    return {"engine": engine, "vllm": vllm, "stack": stack, "http": http}, close
+    modes: dict[str, OneRequest] = {
+        "engine": engine,
+        "vllm": vllm,
+        "vllm_default": vllm_default,
+        "stack": stack,
+        "http": http,
+    }
+    return modes, close
 
 
-async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, float]]:
+async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     servers = Servers(tmp, max(args.concurrency))
     try:
-        startup = await servers.start()
+        startup: dict[str, Any] = await servers.start()
+        # What the stack's engine computes in and why, beside the processor that decided it.
+        startup["dtype"] = f"{servers.engine.dtype} ({servers.engine.dtype_choice.reason})"
         one, close = clients(servers, args.tokens)
         try:
             for mode in MODES:  # warm every path (connections, first-request costs) before measuring
@@ -261,6 +285,20 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
+
+
+def _processor() -> str:
+    """The processor's name and what it computes bfloat16 with (decides the stack's dtype)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    cpu = detect_cpu_features()
+    return f"{name}, torch capability {cpu.capability}, native bf16: {', '.join(cpu.native_bf16) or 'none'}"
 
 
 def _engine_package() -> str:
@@ -290,6 +328,8 @@ def main() -> None:
         f" {psutil.virtual_memory().total // 2**30} GiB",
         "command": "make bench  (.venv/bin/python -m bench.serving " + " ".join(sys.argv[1:]) + ")",
         "engine": _engine_package(),
+        "processor": _processor(),
+        "dtype": startup.pop("dtype"),
         "model": DEFAULT_MODEL_NAME,
         "tokens": args.tokens,
         "rounds": args.rounds,

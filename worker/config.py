@@ -19,9 +19,10 @@
 | WORKER_VLLM_GPU_MEMORY_UTILIZATION | 0.9 | vLLM engine: fraction of GPU memory for weights + KV cache |
 | WORKER_VLLM_KV_CACHE_GIB | 0 | vLLM engine: KV cache size; 0 = 2 GiB on CPU, the rest of GPU memory |
 | WORKER_VLLM_MAX_MODEL_LEN | 0 | vLLM engine: context length; 0 = the model's (gateways learn it) |
-| WORKER_VLLM_DTYPE | auto | vLLM engine: weight dtype (auto, bfloat16, float16) |
+| WORKER_VLLM_DTYPE | auto | vLLM engine: compute dtype; auto: bf16 where the CPU has it natively, else f32 |
 | WORKER_VLLM_LOAD_FORMAT | auto | vLLM engine: `dummy` gives random weights (benchmarks, no download) |
 | WORKER_VLLM_ENFORCE_EAGER | auto | vLLM engine: 1 = no graph capture; auto = eager on CPU only |
+| WORKER_VLLM_IGNORE_EOS | 0 | vLLM engine, benchmarks only: 1 = generate to max_tokens past end-of-sequence |
 | WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
 """
 
@@ -46,6 +47,7 @@ class VllmSettings:
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy": random weights, for benchmarks
     enforce_eager: bool | None = None  # None: eager on CPU, graphs on GPU
+    ignore_eos: bool = False  # benchmarks only: every reply runs to max_tokens (as vLLM's ignore_eos)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class WorkerSettings:
                 dtype=env_str(env, "WORKER_VLLM_DTYPE", "auto"),
                 load_format=env_str(env, "WORKER_VLLM_LOAD_FORMAT", "auto"),
                 enforce_eager=_auto_flag(env, "WORKER_VLLM_ENFORCE_EAGER"),
+                ignore_eos=_flag(env, "WORKER_VLLM_IGNORE_EOS"),
             ),
         )
 
@@ -115,6 +118,14 @@ def _auto_flag(env: Mapping[str, str], name: str) -> bool | None:
     if text not in flags:
         raise ValueError(f"{name} must be auto, 1 or 0, got {text!r}")
     return flags[text]
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """`0` (the default) or `1`."""
+    text = env_str(env, name, "0")
+    if text not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def _default_worker_id() -> str:

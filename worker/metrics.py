@@ -7,7 +7,7 @@ Engine.stats at scrape time.
 
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,8 +53,16 @@ HANDED_BACK = Counter(
 ABORT_REASONS = ("cancelled", "gateway_gone", "reclaimed", "drain")
 
 
+ENGINE = Info(
+    "chat_worker_engine",
+    "The engine this worker runs: its fingerprint (engine, version, device, dtype) and dtype",
+    ["model"],
+)
+
+
 def observe_engine(model: str, engine: Engine) -> None:
     """Reads the engine's gauges and counters from Engine.stats whenever Prometheus scrapes."""
+    ENGINE.labels(model).info({"fingerprint": engine.fingerprint, "dtype": engine.dtype or "none"})
     RUNNING.labels(model).set_function(lambda: engine.num_active)
     WAITING.labels(model).set_function(lambda: engine.stats.num_waiting)
     KV_CACHE_USAGE.labels(model).set_function(lambda: engine.stats.kv_cache_usage)

@@ -79,6 +79,8 @@ class Engine(ABC):
     context_window: int
     # Identifies engine + model build; reported to callers as system_fingerprint.
     fingerprint: str
+    # What the engine computes in (bfloat16, float32, ...); "" for one without a model.
+    dtype: str = ""
 
     @abstractmethod
     async def start(self) -> None:

@@ -40,6 +40,7 @@ from worker.engine.base import (
     GenerationRequest,
 )
 from worker.engine.base import SamplingParams as EngineParams
+from worker.engine.dtype import DtypeChoice, choose_dtype, detect_cpu_features
 from worker.engine.reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ class VllmEngine(Engine):
         self._max_num_seqs = max_num_seqs
         self.context_window = 0  # vLLM's max_model_len, known once started
         self.fingerprint = "fp_vllm"
+        self.dtype = ""  # what the engine computes in, known once started
+        on_cpu = current_platform.is_cpu()
+        self.dtype_choice: DtypeChoice = choose_dtype(
+            settings.dtype, current_platform.device_type, detect_cpu_features() if on_cpu else None
+        )
         self._engine: AsyncLLM | None = None
         self._reaper: Reaper | None = None
         self._starting: set[str] = set()  # generate() called, not yet iterated
@@ -86,7 +92,7 @@ class VllmEngine(Engine):
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             max_num_seqs=self._max_num_seqs,
-            dtype=s.dtype,
+            dtype=self.dtype_choice.dtype,
             load_format=s.load_format,
             # Graph capture costs start-up time (69 s vs 19 s on CPU) and buys nothing on CPU.
             enforce_eager=on_cpu if s.enforce_eager is None else s.enforce_eager,
@@ -110,17 +116,21 @@ class VllmEngine(Engine):
             raise
         self._reaper.engine_started()
         self.context_window = int(self._engine.model_config.max_model_len)
-        self.fingerprint = f"fp_vllm_{vllm.__version__}_{current_platform.device_type}"
+        self.dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
+        # The dtype changes the numbers, so replies from engines that differ in it differ too.
+        self.fingerprint = f"fp_vllm_{vllm.__version__}_{current_platform.device_type}_{self.dtype}"
         # One token, so the first real request does not pay for lazy initialisation.
         async for _ in self.generate(GenerationRequest("warmup", [1, 2, 3], EngineParams(max_tokens=1))):
             pass
         log.info(
-            "vLLM %s on %s ready in %.1fs: %s, context %d tokens",
+            "vLLM %s on %s ready in %.1fs: %s, context %d tokens, dtype %s (%s)",
             vllm.__version__,
             current_platform.device_type,
             time.monotonic() - started,
             self._spec.path,
             self.context_window,
+            self.dtype,
+            self.dtype_choice.reason,
         )
 
     def _stats_logger(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
@@ -182,7 +192,8 @@ class VllmEngine(Engine):
                 raise EngineDead("the engine is not running")
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
             try:
-                outputs = self._engine.generate(prompt, sampling_params(request), request_id)
+                params = sampling_params(request, ignore_eos=self._settings.ignore_eos)
+                outputs = self._engine.generate(prompt, params, request_id)
                 first = await anext(aiter(outputs), None)
             except _REQUEST_ERRORS as exc:
                 # vLLM validates the request when it is added: e.g. a JSON Schema its grammar
@@ -215,7 +226,7 @@ async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> As
         yield output
 
 
-def sampling_params(request: GenerationRequest) -> SamplingParams:
+def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> SamplingParams:
     p = request.params
     structured = None
     if p.json_schema:
@@ -230,6 +241,7 @@ def sampling_params(request: GenerationRequest) -> SamplingParams:
         stop=list(p.stop) or None,
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
+        ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
     )
 
 
