@@ -217,10 +217,16 @@ class JobConsumer:
         try:
             await self._publisher.flush()
             if dead_letter_reason:
-                await self._jobs.dead_letter(delivery, dead_letter_reason)
-                metrics.DEAD_LETTERS.labels(self._model).inc()
+                ended = await self._jobs.dead_letter(delivery, dead_letter_reason)
+                metrics.DEAD_LETTERS.labels(self._model).inc(ended)
             else:
-                await self._jobs.acknowledge(delivery.entry_id, delivery.request_id)
+                ended = await self._jobs.acknowledge(delivery)
+            if not ended:
+                # We stalled past the claim timeout and another worker runs the job now (our
+                # events were fenced off): its entry and progress record are that attempt's.
+                log.warning(
+                    "job %s was taken over by another worker; leaving it to that one", delivery.request_id
+                )
         except RedisError as exc:
             # Left pending: after the claim timeout another worker runs it again.
             log.error("job %s: cannot report its end (%s)", delivery.request_id, exc)

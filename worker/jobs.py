@@ -59,6 +59,28 @@ if record then redis.call('SETRANGE', KEYS[1], 0, ARGV[1]) end
 return record
 """
 
+# Ends a job this attempt still owns: KEYS: job stream, cancel flag, submitted marker, progress
+# record, dead-letter stream; ARGV: group, consumer, entry id, attempt, width of the record's
+# attempt field, and for a dead letter the fields to record (name, value, ...). The job is ours
+# while its pending entry names this consumer and no later attempt owns its progress record.
+# A worker that froze past the claim timeout and woke after another took the job over must not
+# acknowledge it: that would delete the live attempt's entry and record, fence off all its
+# events and leave its caller waiting to the deadline. Atomic, so ownership cannot change
+# between the check and the removal. Returns 1 if the job was ended, 0 if it was not ours.
+_END_OWNED = """
+local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
+if not entry or entry[2] ~= ARGV[2] then return 0 end
+local current = tonumber(redis.call('GETRANGE', KEYS[4], 0, tonumber(ARGV[5]) - 1))
+if current and current > tonumber(ARGV[4]) then return 0 end
+if #ARGV > 5 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+return 1
+"""
+
 # A consumer is forgotten after this many claim timeouts without reading: a live worker reads
 # at least every heartbeat, which is much shorter than the claim timeout.
 DEAD_CONSUMER_CLAIM_TIMEOUTS = 10
@@ -100,6 +122,7 @@ class JobStream:
         self._touch_owned = redis.register_script(_TOUCH_OWNED)
         self._forget_dead_consumers = redis.register_script(_FORGET_DEAD_CONSUMERS)
         self._take_over_progress = redis.register_script(_TAKE_OVER_PROGRESS)
+        self._end_owned = redis.register_script(_END_OWNED)
         # Where the next XAUTOCLAIM scan starts. Each call scans a bounded number of entries, so
         # starting over at 0-0 every time would never get past a long run of live pending entries.
         self._reclaim_cursor = b"0-0"
@@ -141,10 +164,12 @@ class JobStream:
             await self._redis.xack(self.stream, keys.WORKER_GROUP, *deleted)
         deliveries = []
         for entry_id, fields in claimed:
-            [pending] = await self._redis.xpending_range(
-                self.stream, keys.WORKER_GROUP, entry_id, entry_id, 1
-            )
-            deliveries.append(Delivery.parse(entry_id, fields, int(pending["times_delivered"])))
+            pending = await self._redis.xpending_range(self.stream, keys.WORKER_GROUP, entry_id, entry_id, 1)
+            if not pending or pending[0]["consumer"] != self._worker_id.encode():
+                # Acknowledged (its job ended) or claimed by another worker since our XAUTOCLAIM.
+                log.info("entry %s changed hands while being reclaimed; leaving it", entry_id)
+                continue
+            deliveries.append(Delivery.parse(entry_id, fields, int(pending[0]["times_delivered"])))
         return deliveries
 
     async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
@@ -178,14 +203,10 @@ class JobStream:
         )
         return None if record is None else codec.decode_progress(bytes(record))
 
-    async def acknowledge(self, entry_id: bytes, request_id: str) -> None:
+    async def acknowledge(self, delivery: Delivery) -> bool:
         """Removes a finished job from the stream (and its cancel flag, submitted marker and progress
-        record, which have served their purpose)."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            pipe.delete(keys.cancel_flag(request_id), keys.submitted(request_id), keys.progress(request_id))
-            await pipe.execute()
+        record, which have served their purpose), if this attempt still owns it; returns whether it did."""
+        return await self._end(delivery, [])
 
     async def hand_back(self, entry_ids: list[bytes]) -> None:
         """Makes our unfinished jobs claimable by other workers at once (used when draining)."""
@@ -200,21 +221,34 @@ class JobStream:
                 justid=True,
             )
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Moves a job that cannot or must not run again to the dead-letter stream."""
+    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Moves a job that cannot or must not run again to the dead-letter stream, if this attempt
+        still owns it; returns whether it did."""
         log.error("dead-lettering job %s (entry %s): %s", delivery.request_id, delivery.entry_id, reason)
-        record: dict[Any, Any] = {
+        record: dict[bytes, bytes] = {
             **delivery.fields,
             b"reason": reason.encode(),
             b"attempt": str(delivery.attempt).encode(),
         }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._dead_letters, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.xack(self.stream, keys.WORKER_GROUP, delivery.entry_id)
-            pipe.xdel(self.stream, delivery.entry_id)
-            pipe.delete(
-                keys.cancel_flag(delivery.request_id),
-                keys.submitted(delivery.request_id),
-                keys.progress(delivery.request_id),
-            )
-            await pipe.execute()
+        return await self._end(delivery, [DEAD_LETTER_MAXLEN, *(x for pair in record.items() for x in pair)])
+
+    async def _end(self, delivery: Delivery, dead_letter: list[Any]) -> bool:
+        request_id = delivery.request_id
+        ended = await self._end_owned(
+            keys=[
+                self.stream,
+                keys.cancel_flag(request_id),
+                keys.submitted(request_id),
+                keys.progress(request_id),
+                self._dead_letters,
+            ],
+            args=[
+                keys.WORKER_GROUP,
+                self._worker_id,
+                delivery.entry_id,
+                delivery.attempt,
+                codec.PROGRESS_FIELD_WIDTH,
+                *dead_letter,
+            ],
+        )
+        return bool(ended)

@@ -108,12 +108,13 @@ async def test_acknowledging_a_job_deletes_its_progress(
 ) -> None:
     jobs = JobStream(client, MODEL, "w1")
     await jobs.ensure_group()
-    entry_id = await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-d"})
+    await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-d"})
+    [delivery] = await jobs.read_new(1, block_ms=None)
     events = JobEvents("r-d", reply_to, 1, publisher)
     events.started("w1", "fp")
     await publisher.flush()
     assert await client.exists(keys.progress("r-d"))
-    await jobs.acknowledge(entry_id, "r-d")
+    assert await jobs.acknowledge(delivery)
     assert not await client.exists(keys.progress("r-d"))
 
 
@@ -134,8 +135,9 @@ async def test_a_record_written_after_its_job_was_acknowledged_expires(
     # nothing will ever delete that record, so it must expire (a while after the job's deadline).
     jobs = JobStream(client, MODEL, "w2")
     await jobs.ensure_group()
-    entry_id = await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-e"})
-    await jobs.acknowledge(entry_id, "r-e")
+    await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-e"})
+    [delivery] = await jobs.read_new(1, block_ms=None)
+    assert await jobs.acknowledge(delivery)
     JobEvents("r-e", reply_to, 1, publisher, deadline=time.time() + 30).started("w1", "fp")
     await publisher.flush()
     assert 0 < await client.pttl(keys.progress("r-e")) <= 90_000
