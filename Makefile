@@ -8,8 +8,12 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := gen/.generated
 MODEL := $(VENV)/.model-ready
+# buf (from the npm registry) checks the proto contract: lint, and no breaking change since the
+# previous commit (buf.yaml says which rules and why).
+BUF := .tools/node_modules/.bin/buf
 
 .PHONY: setup proto model run test test-unit test-integration lint format clean bench
+.PHONY: gpu-prepare gpu-check gpu-check-dry-run
 
 setup: $(INSTALLED) $(GENERATED) $(MODEL)
 
@@ -41,11 +45,11 @@ run: setup
 	$(BIN)/python -m devstack
 
 # redis-server for every test with a stack, prometheus for the dashboards test.
-test: setup
+test: setup $(BUF)
 	devstack/require.sh redis-server prometheus
 	$(BIN)/python -m pytest
 
-test-unit: setup
+test-unit: setup $(BUF)
 	devstack/require.sh redis-server
 	$(BIN)/python -m pytest tests/unit
 
@@ -53,20 +57,40 @@ test-integration: setup
 	devstack/require.sh redis-server
 	$(BIN)/python -m pytest tests/integration
 
-lint: setup
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+lint: setup $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BUF) lint
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		echo "buf breaking --against HEAD~1"; $(BUF) breaking --against '.git#ref=HEAD~1,subdir=proto'; \
+	else echo "buf breaking: no previous commit to compare with"; fi
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) gen .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) gen .run .tools .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks, each written to docs/: our stack vs vLLM's own server vs the engine in-process
 # (docs/BENCHMARKS.md), and the relay alone on the benchmark engine (docs/benchmarks/relay.md).
 bench: setup
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.relay
+
+# The stack on a real GPU (docs/gpu-check.md). gpu-prepare fills the git-ignored folders the
+# device tool carries (.gpu-kit, .gpu-deps; gen from make proto); gpu-check runs there, without
+# make's setup (no venv: the kit and the carried wheels); the dry run checks it all here on CPU.
+gpu-prepare: setup
+	devstack/require.sh redis-server
+	gpu/prepare.sh
+
+gpu-check:
+	bash gpu/check.sh $(ARGS)
+
+gpu-check-dry-run: gpu-prepare
+	bash gpu/check.sh --dry-run $(ARGS)
