@@ -18,6 +18,7 @@ LOCAL_REDIS_PORT = 6390
 # The model name the reference's examples ask for, served by the bundled model, so they run
 # unchanged (examples/groq/). Only with the default GATEWAY_MODELS, which it must name.
 REFERENCE_MODEL_ALIASES = "mixtral-8x7b-32768=SmolLM2-135M-Instruct"
+WORKER_START_GRACE_SECONDS = 120
 
 
 def main() -> None:
@@ -30,6 +31,10 @@ def main() -> None:
         print(f"redis-server on {redis.url} (data in {redis.data_dir})", flush=True)
     if not os.environ.get("GATEWAY_MODELS") and not os.environ.get("GATEWAY_MODEL_ALIASES"):
         env["GATEWAY_MODEL_ALIASES"] = REFERENCE_MODEL_ALIASES
+    if not os.environ.get("GATEWAY_NO_WORKER_GRACE_SECONDS"):
+        # The worker loads its engine for 15-20 s after the gateway starts: a call made meanwhile
+        # waits for it, rather than being refused for want of a live worker.
+        env["GATEWAY_NO_WORKER_GRACE_SECONDS"] = str(WORKER_START_GRACE_SECONDS)
     gateway = launch("gateway", env)
     worker = launch("worker", env)
     children = [gateway, worker]

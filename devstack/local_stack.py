@@ -31,6 +31,7 @@ class LocalStack:
             "GATEWAY_HTTP_ADDRESS": self.http_address,
             "GATEWAY_METRICS_PORT": "0",  # any free port: several stacks may run side by side
             "WORKER_METRICS_PORT": "0",
+            "GATEWAY_NO_WORKER": "queue",  # the first call waits for the worker to load its engine
             **self._env,
         }
         try:

@@ -51,6 +51,13 @@ class RedisServer:
             self._process.wait(timeout=10)
         self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is flushed or saved on the way out."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        self._process = None
+
 
 def _answers_ping(port: int) -> bool:
     try:

@@ -22,6 +22,7 @@ class Subscription:
         self.model = model
         self.max_tokens = max_tokens
         self.entry_id = b""  # the job's entry in the job stream, once queued
+        self.deadline = 0.0  # unix seconds: workers drop the job after it
         self._events: deque[codec.Event] = deque()
         self._arrived = asyncio.Event()
         self._attempt = 1
@@ -68,6 +69,11 @@ class Subscription:
         else:
             self._events.append(event)
         self._arrived.set()
+
+    @property
+    def done(self) -> bool:
+        """A terminal event or an error has arrived: nothing more is awaited from Redis."""
+        return self._ended or self._error is not None
 
     def fail(self, error: ServiceError) -> None:
         """Ends the subscription: next() raises error once queued events are consumed."""

@@ -2,6 +2,8 @@
 
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -14,7 +16,7 @@ from chat.v1 import chat_pb2_grpc
 from common import keys
 from tests.faults.conftest import bench_text, check_clean
 from tests.faults.helpers import TimedStream, started, status_of
-from tests.integration.stack import Stack, chat_request, running_requests, stream_text
+from tests.integration.stack import MODEL, Stack, chat_request, running_requests, stream_text
 
 
 def test_jobs_of_a_killed_gateway_are_aborted_on_the_worker(
@@ -125,4 +127,66 @@ def test_a_gateway_frozen_past_its_reply_stream_ttl_recovers_at_once(
     assert in_flight_ended < 3
     assert unary.choices[0].message.content == bench_text(4)
     assert stream_text(streamed) == bench_text(4)
+    check_clean(fault_stack, fault_redis_client)
+
+
+def model_health(channel: grpc.Channel, service: str) -> int:
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=2
+    )
+    return int(reply.status)
+
+
+def test_a_model_without_a_live_worker_is_refused_after_the_grace(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    fault_stack.gateway_env.update(GATEWAY_NO_WORKER="refuse", GATEWAY_NO_WORKER_GRACE_SECONDS="2")
+    fault_stack.start_gateway()  # no worker
+    channel = grpc.insecure_channel(fault_stack.address)
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    per_model = f"chat.v1.ChatService/{MODEL}"
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert model_health(channel, "") == serving  # the gateway itself serves
+    wait_until(lambda: model_health(channel, per_model) == not_serving, 3)
+    time.sleep(2)  # past the grace
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ChatCompletion(chat_request(max_tokens=4), timeout=30)
+    refused_in = time.monotonic() - start
+    assert status_of(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert "no worker serving model" in caught.value.details()
+    with urllib.request.urlopen(f"{fault_stack.http_url}/readyz", timeout=5) as reply:
+        assert reply.status == 200
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"{fault_stack.http_url}/readyz?model={MODEL}", timeout=5)
+    assert not_ready.value.code == 503
+    fault_stack.start_worker()
+    became_serving = wait_until(lambda: model_health(channel, per_model) == serving, 30)
+    reply = stub.ChatCompletion(chat_request(max_tokens=4), timeout=30)
+    print(
+        f"no live worker: refused UNAVAILABLE in {refused_in * 1000:.0f} ms;"
+        f" model SERVING {became_serving:.1f}s after its worker was started"
+    )
+    assert refused_in < 1
+    assert reply.choices[0].message.content == bench_text(4)
+    assert fault_redis_client.xlen(keys.job_stream(MODEL)) == 0  # the refused call queued nothing
+    check_clean(fault_stack, fault_redis_client)
+
+
+def test_health_says_serving_as_soon_as_a_woken_gateway_serves_calls(
+    fault_stack: Stack, fault_redis_client: redis.Redis
+) -> None:
+    stub = started(fault_stack, workers=1)
+    channel = grpc.insecure_channel(fault_stack.address)
+    assert fault_stack.gateway is not None
+    fault_stack.gateway.send_signal(signal.SIGSTOP)
+    time.sleep(13)  # past the reply stream's TTL, as measured on `make run`
+    fault_stack.gateway.send_signal(signal.SIGCONT)
+    woke = time.monotonic()
+    for _ in range(3):
+        assert stub.ChatCompletion(chat_request(max_tokens=4), timeout=10).choices[0].message.content
+    served = time.monotonic() - woke
+    statuses = [model_health(channel, service) for service in ("", "chat.v1.ChatService")]
+    print(f"gateway SIGSTOP 13 s -> 3 calls served {served:.2f}s after SIGCONT, health then {statuses}")
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
     check_clean(fault_stack, fault_redis_client)

@@ -1,6 +1,7 @@
 """Redis stops and comes back: explicit errors meanwhile, recovery without restarting anything."""
 
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -8,10 +9,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chat.v1 import chat_pb2_grpc
+from common import keys
 from devstack.redis_server import RedisServer
-from tests.faults.conftest import bench_text, check_clean
+from tests.faults.conftest import GATEWAY_ENV, bench_text, check_clean
 from tests.faults.helpers import TimedStream
-from tests.integration.stack import Stack, chat_request
+from tests.integration.stack import MODEL, Stack, chat_request
 
 
 def health_status(channel: grpc.Channel) -> int:
@@ -116,3 +118,43 @@ def test_a_full_redis_refuses_new_calls_with_resource_exhausted(
     reply = stub.ChatCompletion(chat_request(max_tokens=4), timeout=10)  # room again: served
     assert reply.choices[0].message.content == bench_text(4)
     check_clean(fault_stack, fault_redis_client)
+
+
+def incr_aof(server: RedisServer) -> Path:
+    """The append-only file Redis 7 appends writes to (appendonlydir/*.incr.aof)."""
+    [path] = (server.data_dir / "appendonlydir").glob("*.incr.aof")
+    return path
+
+
+def test_a_job_lost_by_a_redis_crash_ends_its_call_unavailable(tmp_path: Path) -> None:
+    # AOF with appendfsync everysec (what `make run` and the deploy use): a crash of the machine
+    # loses the writes of the last second, which the page cache held but the disk did not. A
+    # SIGKILL of redis-server, then the AOF cut back to its size before the submit, is that crash.
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    stack = Stack(server, tmp_path, gateway_env=dict(GATEWAY_ENV))
+    client = redis.Redis.from_url(server.url)
+    try:
+        stack.start_gateway()  # no worker: the job stays queued
+        stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(stack.address))
+        time.sleep(1.5)  # the AOF holds the reply stream
+        synced = incr_aof(server).stat().st_size
+        call = stub.ChatCompletion.future(chat_request(max_tokens=4), timeout=20)
+        assert wait_for(lambda: client.xlen(keys.job_stream(MODEL)) == 1, 5) < 5
+        server.kill()
+        killed = time.monotonic()
+        with incr_aof(server).open("r+b") as aof:
+            aof.truncate(synced)
+        server.start()
+        assert client.xlen(keys.job_stream(MODEL)) == 0  # the job is gone
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result()
+        ended = time.monotonic() - killed
+        print(f"job lost by a Redis crash: call ended {caught.value.code().name} {ended:.1f}s after the kill")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert "retry" in caught.value.details()
+        assert ended < 8
+    finally:
+        client.close()
+        stack.stop()
+        server.stop()
