@@ -3,6 +3,7 @@
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -124,8 +125,15 @@ class _BaseClient:
         model = kwargs.get("model", "")
         return {**kwargs, "model": self._aliases.get(model, model)}
 
-    def _options(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": self.metadata}
+    def _options(self, timeout: float | None, idempotency_key: str | None = None) -> dict[str, Any]:
+        metadata = self.metadata + ((("idempotency-key", idempotency_key),) if idempotency_key else ())
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": metadata}
+
+
+def _idempotency_key(given: str | None) -> str:
+    """One key per logical call, sent with each of its retries: the gateway then runs it once,
+    and charges it once, however many times it is sent (gateway/idempotency.py)."""
+    return given if given is not None else f"chat-client-{uuid.uuid4()}"
 
 
 class _Completions:
@@ -138,11 +146,16 @@ class _Completions:
     def create(self, *, stream: Literal[True], **kwargs: Any) -> Stream: ...
 
     def create(
-        self, *, stream: bool = False, timeout: float | None = None, **kwargs: Any
+        self,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
     ) -> ChatCompletion | Stream:
         client = self._client
         request = build_request(**client._resolve(kwargs))
-        options = client._options(timeout)
+        options = client._options(timeout, _idempotency_key(idempotency_key))
         if stream:
             return Stream(lambda: client._stub.StreamChatCompletion(request, **options), client.max_retries)
         attempt = 0
@@ -171,11 +184,12 @@ class _AsyncCompletions:
         *,
         stream: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, as in the SDK
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> ChatCompletion | AsyncStream:
         client = self._client
         request = build_request(**client._resolve(kwargs))
-        options = client._options(timeout)
+        options = client._options(timeout, _idempotency_key(idempotency_key))
         if stream:
             return AsyncStream(client._stub.StreamChatCompletion(request, **options))
         attempt = 0
@@ -207,6 +221,8 @@ class Client(_BaseClient):
     tls: a TLS() to connect with TLS or mutual TLS; None for plaintext.
     timeout: default deadline in seconds for each call (None: the gateway's default).
     max_retries: how often a call refused with RESOURCE_EXHAUSTED is retried after its RetryInfo delay.
+        Every call sends an `idempotency-key` (fresh, or create(idempotency_key=...)) and keeps
+        it across its retries, so the gateway queues and charges one logical call once.
     model_aliases: maps model names used in calling code to models this service runs.
     """
 

@@ -62,6 +62,7 @@ def _parse(message: Job | Event, data: bytes) -> None:
 PROGRESS_FIELD_WIDTH = 10
 PROGRESS_HEADER_BYTES = 3 * PROGRESS_FIELD_WIDTH
 _TOKEN = struct.Struct("<I")
+PROGRESS_TOKEN_BYTES = _TOKEN.size  # so a record's length alone tells how many tokens it holds
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,11 @@ def progress(request_id: str) -> str:
     text and events published so far, written in the same step as its events, so a worker that
     takes the job over continues where the events stopped. Deleted with the job."""
     return f"{PREFIX}:progress:{request_id}"
+
+
+def idempotency(scope: str, key_digest: str) -> str:
+    """Hash of one idempotency key's call: the request's hash, the call that owns it and, once it
+    finished, its result. `scope` is the API key's digest (or "anonymous" without auth), so keys of
+    different callers never meet; `key_digest` is the SHA-256 of the caller's Idempotency-Key.
+    Lives for GATEWAY_IDEMPOTENCY_WINDOW_SECONDS, so a retry within it gets the first call's answer."""
+    return f"{PREFIX}:idempotency:{scope}:{key_digest}"

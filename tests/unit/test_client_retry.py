@@ -59,6 +59,20 @@ def test_client_waits_the_retry_delay_and_retries(fake: tuple[FakeRateLimitedSer
     assert all(m["authorization"] == "Bearer sk-test" for m in service.metadata)
 
 
+@pytest.mark.parametrize("fake", [(2, 0.01)], indirect=True)
+def test_client_keeps_one_idempotency_key_across_the_retries_of_a_call(
+    fake: tuple[FakeRateLimitedService, str],
+) -> None:
+    service, address = fake
+    hi = [{"role": "user", "content": "hi"}]
+    with Client(address, max_retries=2) as client:
+        client.chat.completions.create(model="m", messages=hi)
+        client.chat.completions.create(model="m", messages=hi, idempotency_key="mine")
+    first, second = service.metadata[:3], service.metadata[3:]
+    assert len({m["idempotency-key"] for m in first}) == 1  # three attempts, one logical call
+    assert [m["idempotency-key"] for m in second] == ["mine"]
+
+
 @pytest.mark.parametrize("fake", [(5, 0.05)], indirect=True)
 def test_client_gives_up_after_max_retries(fake: tuple[FakeRateLimitedService, str]) -> None:
     service, address = fake
