@@ -1,4 +1,8 @@
-"""Serves a process's Prometheus metrics over HTTP (one port per process)."""
+"""Serves a process's Prometheus metrics over HTTP (one port per process).
+
+A scraper that asks for OpenMetrics (Accept: application/openmetrics-text, as Prometheus does)
+gets it, with the exemplars (trace ids) the classic text format cannot carry.
+"""
 
 import logging
 
