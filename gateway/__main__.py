@@ -7,13 +7,15 @@ import sys
 
 import uvloop
 
+from common.tracing import Tracing
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
 
 
 async def serve(settings: GatewaySettings) -> None:
-    gateway = Gateway(settings, ModelCatalog.load(settings.models, settings.aliases))
+    tracer = Tracing.from_env("chat-gateway")  # off unless OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+    gateway = Gateway(settings, ModelCatalog.load(settings.models, settings.aliases), tracer)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -21,6 +23,7 @@ async def serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await gateway.stop()
+    tracer.shutdown()  # exports the spans still queued
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ class Authenticator:
         try:
             fields = await self._redis.hgetall(keys.api_key(key_digest))
         except RedisError as exc:
-            raise Unavailable(f"cannot check the API key: {exc}") from exc
+            raise Unavailable.hiding("cannot check the API key", exc) from exc
         record = KeyRecord.from_hash(fields, key_digest) if fields else None
         if len(self._cache) > 10_000:  # unknown keys must not grow it without bound
             self._cache.clear()

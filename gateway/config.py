@@ -7,7 +7,7 @@
 | GATEWAY_MODEL_ALIASES | | comma-separated `ALIAS=MODEL`: requests naming ALIAS run on the served MODEL |
 | REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
 | GATEWAY_MODELS | SmolLM2-135M-Instruct | comma-separated `NAME=DIR` models; `NAME` alone: bundled model |
-| GATEWAY_DEFAULT_MAX_TOKENS | 1024 | max_tokens when a request sets none (capped by the context window) |
+| GATEWAY_DEFAULT_MAX_TOKENS | 1024 | max_tokens when a request sets none (capped: context, key's tpm) |
 | GATEWAY_DEFAULT_TIMEOUT_SECONDS | 300 | deadline when the caller sets none; also the longest honoured |
 | GATEWAY_ID | host-pid-random | names this process's reply stream in Redis |
 | GATEWAY_MAX_QUEUED_JOBS | 1000 | jobs waiting per model beyond which calls get RESOURCE_EXHAUSTED |
@@ -21,14 +21,20 @@
 | GATEWAY_MAX_NAME_CHARS | 64 | most characters in a message's name |
 | GATEWAY_MAX_USER_CHARS | 256 | most characters in the user field |
 | GATEWAY_MAX_STREAMS_PER_CONNECTION | 1024 | concurrent calls one HTTP/2 connection may open |
+| GATEWAY_NO_WORKER | refuse | model with no live worker: `refuse` (UNAVAILABLE/503) or `queue` (scale to 0) |
+| GATEWAY_NO_WORKER_GRACE_SECONDS | 10 | `refuse`: how long a model may lack a live worker before refusals |
 | GATEWAY_AUTH | off | `on`: callers need an API key (`authorization: Bearer ...`), see gateway/auth.py |
 | GATEWAY_AUTH_CACHE_SECONDS | 5 | how long a looked-up key is trusted before Redis is asked again |
+| GATEWAY_REFLECTION | on, off with auth | gRPC server reflection; with GATEWAY_AUTH=on it needs a key |
+| GATEWAY_TOKENIZER_THREADS | 1 | threads that tokenize large prompts off the event loop |
+| GATEWAY_IDEMPOTENCY_WINDOW_SECONDS | 600 | a retry with the same Idempotency-Key within it gets the answer |
 | GATEWAY_TLS_CERT_FILE | | server certificate chain (PEM); with the key file, the port serves TLS |
 | GATEWAY_TLS_KEY_FILE | | server private key (PEM) |
 | GATEWAY_TLS_CLIENT_CA_FILE | | CA bundle (PEM); when set, clients need a certificate it signed (mTLS) |
 | REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
 | GATEWAY_METRICS_PORT | 9100 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | GATEWAY_REDIS_TIMEOUT_SECONDS | 2 | connect/command timeout towards Redis; then a call fails UNAVAILABLE |
+| OTEL_EXPORTER_OTLP_ENDPOINT | | traces to OTLP (common/tracing.py; other OTEL_* too); unset = off |
 """
 
 import os
@@ -66,10 +72,15 @@ class GatewaySettings:
     max_streams_per_connection: int
     auth: bool
     auth_cache_seconds: float
+    reflection: bool
+    idempotency_window_seconds: float
     tls_cert_file: str
     tls_key_file: str
     tls_client_ca_file: str
     redis_tls_ca_file: str
+    tokenizer_threads: int = 1
+    no_worker_policy: str = "refuse"  # gateway/presence.py
+    no_worker_grace_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         served = {m.name for m in self.models}
@@ -79,6 +90,8 @@ class GatewaySettings:
             if alias in served:
                 raise ValueError(f"GATEWAY_MODEL_ALIASES: {alias!r} is already a served model's name")
         self.http_host_port  # noqa: B018 - refuses a malformed address at start-up
+        if self.no_worker_policy not in ("refuse", "queue"):
+            raise ValueError(f"GATEWAY_NO_WORKER must be refuse or queue, got {self.no_worker_policy!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -102,6 +115,7 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewaySettings":
         env = os.environ if env is None else env
+        auth = _on_off(env, "GATEWAY_AUTH")
         return cls(
             address=env_str(env, "GATEWAY_ADDRESS", "[::]:50051"),
             redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
@@ -126,17 +140,25 @@ class GatewaySettings:
             max_name_chars=env_int(env, "GATEWAY_MAX_NAME_CHARS", 64, minimum=1),
             max_user_chars=env_int(env, "GATEWAY_MAX_USER_CHARS", 256, minimum=0),
             max_streams_per_connection=env_int(env, "GATEWAY_MAX_STREAMS_PER_CONNECTION", 1024, minimum=1),
-            auth=_on_off(env, "GATEWAY_AUTH"),
+            auth=auth,
             auth_cache_seconds=env_float(env, "GATEWAY_AUTH_CACHE_SECONDS", 5.0, minimum=0.0),
+            # Reflection lists every service and message: with auth on, only when asked for.
+            reflection=_on_off(env, "GATEWAY_REFLECTION", "off" if auth else "on"),
+            idempotency_window_seconds=env_float(
+                env, "GATEWAY_IDEMPOTENCY_WINDOW_SECONDS", 600.0, minimum=1.0
+            ),
             tls_cert_file=env_str(env, "GATEWAY_TLS_CERT_FILE", ""),
             tls_key_file=env_str(env, "GATEWAY_TLS_KEY_FILE", ""),
             tls_client_ca_file=env_str(env, "GATEWAY_TLS_CLIENT_CA_FILE", ""),
             redis_tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
+            tokenizer_threads=env_int(env, "GATEWAY_TOKENIZER_THREADS", 1, minimum=1),
+            no_worker_policy=env_str(env, "GATEWAY_NO_WORKER", "refuse").lower(),
+            no_worker_grace_seconds=env_float(env, "GATEWAY_NO_WORKER_GRACE_SECONDS", 10.0, minimum=0.0),
         )
 
 
-def _on_off(env: Mapping[str, str], name: str) -> bool:
-    value = env_str(env, name, "off").lower()
+def _on_off(env: Mapping[str, str], name: str, default: str = "off") -> bool:
+    value = env_str(env, name, default).lower()
     if value not in ("on", "off"):
         raise ValueError(f"{name} must be on or off, got {value!r}")
     return value == "on"

@@ -11,6 +11,7 @@ ServiceError                     any error the caller is told about
 ├── Unauthenticated              UNAUTHENTICATED: no API key, or an unknown one
 ├── PermissionDenied             PERMISSION_DENIED: revoked key, or a model the key may not use
 ├── Aborted                      ABORTED (worker lost after text was sent, and the job could not continue)
+├── IdempotencyConflict          ALREADY_EXISTS: an idempotency key reused with another request
 ├── RequestTooLarge              RESOURCE_EXHAUSTED without RetryInfo: larger than the hard limit
 ├── DeadlineExceeded             DEADLINE_EXCEEDED
 └── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
@@ -24,12 +25,16 @@ HTTP (with the `type` and `code` of the Groq/OpenAI error body, which the SDKs m
 typed exceptions).
 """
 
+import logging
+import uuid
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from common import codec
+
+log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "chat.v1"
 
@@ -119,7 +124,16 @@ class JsonValidateFailed(ServiceError):
 
 
 class Unavailable(ServiceError):
-    pass
+    @classmethod
+    def hiding(cls, what: str, cause: BaseException, request_id: str = "") -> "Unavailable":
+        """What failed and an id to quote, for the caller; the cause (a Redis error names the
+        host and port of Redis) only in the log, under the same id.
+
+        request_id: the call's, where its job exists; otherwise a new one that marks this failure.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        log.warning("%s (request %s): %s: %s", what, request_id, type(cause).__name__, cause)
+        return cls(f"{what}; retry the request (request id {request_id})")
 
 
 class DeadlineExceeded(ServiceError):
@@ -136,6 +150,15 @@ class PermissionDenied(ServiceError):
 
 class Aborted(ServiceError):
     pass
+
+
+class IdempotencyConflict(ServiceError):
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            # In full (at most 255 printable characters, checked before): the caller must recognise it.
+            f"idempotency key {key!r} was already used with a different request; send a new"
+            " key for a new request, or the same request to get its answer"
+        )
 
 
 class Overloaded(ServiceError):
@@ -202,6 +225,9 @@ STATUSES: dict[type[ServiceError], Status] = {
     ),
     RedisOutOfMemory: _OVERLOADED,
     Aborted: Status(code_pb2.ABORTED, 409, "api_error", "stream_aborted"),
+    IdempotencyConflict: Status(
+        code_pb2.ALREADY_EXISTS, 409, "invalid_request_error", "idempotency_key_reused"
+    ),
     DeadlineExceeded: Status(code_pb2.DEADLINE_EXCEEDED, 504, "api_error", "timeout"),
     Unavailable: Status(code_pb2.UNAVAILABLE, 503, "api_error", "service_unavailable", retryable=True),
 }

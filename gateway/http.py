@@ -23,18 +23,21 @@ from typing import Any
 from aiohttp import web
 
 from chat.v1 import chat_pb2
-from gateway.catalog import ModelCatalog
+from common import tracing
+from gateway.access import Metadata, ModelDirectory
+from gateway.auth import Authenticator
+from gateway.catalog import ServedModel
 from gateway.config import GatewaySettings
 from gateway.errors import (
     InvalidField,
     JsonValidateFailed,
     MalformedRequest,
-    ModelNotFound,
     Overloaded,
     RequestTooLarge,
     ServiceError,
     UnsupportedParameter,
 )
+from gateway.idempotency import METADATA_KEY as IDEMPOTENCY_METADATA
 from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
 
 log = logging.getLogger(__name__)
@@ -306,12 +309,14 @@ class HttpApi:
         self,
         settings: GatewaySettings,
         relay: Relay,
-        catalog: ModelCatalog,
-        is_ready: Callable[[], bool],
+        directory: ModelDirectory,
+        authenticator: Authenticator | None,
+        is_ready: Callable[[str | None], bool],  # the gateway, or with a model name that model
     ) -> None:
         self._settings = settings
         self._relay = relay
-        self._catalog = catalog
+        self._directory = directory
+        self._authenticator = authenticator  # None: GATEWAY_AUTH=off
         self._is_ready = is_ready
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -348,11 +353,17 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed: chat_pb2.ChatCompletionRequest | ServiceError
         options = Options()
+        metadata = _metadata(request)
         try:
+            # The key before the body: who has no valid key costs no read or parse of up to
+            # GATEWAY_MAX_REQUEST_BYTES (the relay checks the key again, from its cache).
+            if self._authenticator is not None:
+                await self._authenticator.authenticate(metadata, None)
             parsed, options = parse_request(await _json_body(request, self._settings.max_request_bytes))
         except ServiceError as exc:
             parsed = exc  # refused by the relay, so it counts in the same metrics
-        caller = Caller((("authorization", request.headers.get("Authorization", "")),), None, "http")
+        idempotency = (IDEMPOTENCY_METADATA, request.headers.get("Idempotency-Key", ""))
+        caller = Caller((*metadata, idempotency), None, "http")
         items = self._relay.run(parsed, caller, stream=options.stream)
         async with aclosing(items):
             if options.stream:
@@ -360,33 +371,39 @@ class HttpApi:
             return await _unary(items, options)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model(m.name) for m in self._catalog]})
+        """The models the caller's key may use (a ServiceError answers through _errors_as_json)."""
+        models = await self._directory.visible(_metadata(request))
+        return web.json_response({"object": "list", "data": [_model(m.name, m) for m in models]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if self._catalog.get(name) is None:
-            return error_response(ModelNotFound(name, self._catalog.names))
-        return web.json_response(self._model(name))
-
-    def _model(self, name: str) -> dict[str, Any]:
-        served = self._catalog.get(name)
-        assert served is not None
-        return {
-            "id": name,
-            "object": "model",
-            "created": served.created,
-            "owned_by": "chat-service",
-            "active": True,
-            "context_window": served.context_window,
-        }
+        return web.json_response(_model(name, await self._directory.get(_metadata(request), name)))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready while the gRPC health says SERVING: Redis answers and the gateway is not stopping."""
-        ready = self._is_ready()
+        """Ready while the gRPC health says SERVING: Redis answers and the gateway is not stopping.
+        `/readyz?model=NAME` as `chat.v1.ChatService/NAME`: also a live worker serves the model."""
+        ready = self._is_ready(request.query.get("model"))
         return web.json_response({"status": "ok" if ready else "not ready"}, status=200 if ready else 503)
+
+
+def _metadata(request: web.Request) -> Metadata:
+    # traceparent/tracestate too: the relay traces the call under the caller's span.
+    authorization = ("authorization", request.headers.get("Authorization", ""))
+    return (authorization, *tracing.trace_headers(request.headers))
+
+
+def _model(name: str, served: ServedModel) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "chat-service",
+        "active": True,
+        "context_window": served.context_window,
+    }
 
 
 async def _json_body(request: web.Request, limit: int) -> object:

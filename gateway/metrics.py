@@ -8,6 +8,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from common.tracing import CallSpan
+
 # Buckets suited to LLM serving: first tokens take 10 ms .. a minute, tokens 1 ms .. seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -74,8 +76,10 @@ REJECTION_REASONS = (
     "queue_full",
     "too_many_calls",
     "redis_unavailable",
+    "no_worker",  # GATEWAY_NO_WORKER=refuse: no live worker serves the model
     "redis_full",
     "too_large",
+    "idempotency_conflict",
 )
 
 
@@ -96,28 +100,40 @@ def model_label(name: str, served: list[str]) -> str:
 
 
 class CallRecorder:
-    """Records the metrics of one call as its events pass through the gateway."""
+    """Records the metrics of one call as its events pass through the gateway, and its span.
 
-    def __init__(self, rpc: str, model: str, transport: str = "grpc") -> None:
+    A traced call puts its trace id on the TTFT and duration observations as an exemplar, so a
+    dashboard can go from a slow bucket to a trace (exemplars show in the OpenMetrics format only).
+    """
+
+    def __init__(self, rpc: str, model: str, transport: str = "grpc", span: CallSpan | None = None) -> None:
         self.rpc = rpc
         self.model = model
         self.transport = transport
+        self.span = span or CallSpan()
+        self._exemplar = {"trace_id": self.span.trace_id} if self.span.trace_id else None
         self._start = time.monotonic()
         self._last_delta: float | None = None
 
     def delta(self) -> None:
         now = time.monotonic()
         if self._last_delta is None:
-            TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self._start)
+            TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self._start, self._exemplar)
+            self.span.first_token(now - self._start)
         else:
             INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_delta)
         self._last_delta = now
 
-    def finished(self, prompt_tokens: int, completion_tokens: int, queue_time: float) -> None:
+    def finished(
+        self, prompt_tokens: int, completion_tokens: int, queue_time: float, finish_reason: str = ""
+    ) -> None:
         PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         COMPLETION_TOKENS.labels(self.model).inc(completion_tokens)
         QUEUE_WAIT.labels(self.model).observe(queue_time)
-        REQUEST_DURATION.labels(self.model, self.rpc, self.transport).observe(time.monotonic() - self._start)
+        duration = time.monotonic() - self._start
+        REQUEST_DURATION.labels(self.model, self.rpc, self.transport).observe(duration, self._exemplar)
+        self.span.finished(finish_reason, prompt_tokens, completion_tokens, queue_time)
 
     def done(self, code: str) -> None:
         REQUESTS.labels(self.model, self.rpc, code, self.transport).inc()
+        self.span.end(code)

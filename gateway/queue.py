@@ -23,12 +23,15 @@ from redis.exceptions import OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
+from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
+from gateway.supervise import supervised
 from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
 REPLY_STREAM_TTL_SECONDS = 10  # workers treat a missing reply stream as a dead gateway
+LOST_JOB_CHECK_SECONDS = 2.0  # how often waiting calls' jobs are looked for in Redis
 _KEEPALIVE_SECONDS = 2
 _TRIM_EVERY_SECONDS = 1.0
 
@@ -94,14 +97,18 @@ class JobQueue:
         self._renewing = asyncio.Lock()
         self._reader_ok = True
         self._reply_stream_ok = True
+        self.read_through = b"0-0"  # the reply stream's last entry the reader has routed
+        self._check_jobs_now = asyncio.Event()  # set when Redis may have lost data (reader recovered)
+        self.presence: WorkerPresence | None = None  # None: queue whether or not a worker is live
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._touch_reply_stream()
         self._tasks = [
-            asyncio.create_task(self._read_replies(), name="reply-reader"),
-            asyncio.create_task(self._keep_reply_stream(), name="reply-keepalive"),
+            supervised("reply-reader", self._read_replies),
+            supervised("reply-keepalive", self._keep_reply_stream),
+            supervised("lost-jobs", self._watch_jobs),
         ]
 
     async def stop(self) -> None:
@@ -119,6 +126,15 @@ class JobQueue:
         """The context window the model's live workers run with (None: no worker is live)."""
         return await engine_registry.context_window(self._redis, model)
 
+    async def generated_tokens(self, request_id: str) -> int:
+        """Tokens the job's workers have generated and published so far, from its progress record
+        (0 once the job has ended and its record is gone, or when Redis cannot tell)."""
+        try:
+            size = int(await self._redis.strlen(keys.progress(request_id)))
+        except RedisError:
+            return 0
+        return max(0, size - codec.PROGRESS_HEADER_BYTES) // codec.PROGRESS_TOKEN_BYTES
+
     @property
     def can_relay(self) -> bool:
         """False while the reply stream cannot be read or kept: events of jobs would not reach calls."""
@@ -126,6 +142,8 @@ class JobQueue:
 
     async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
         """Queues a validated request; its events arrive on the returned Subscription."""
+        if self.presence is not None:
+            await self.presence.admit(request.model, deadline)  # no live worker: refused or held
         for _ in range(2):
             generation = self._generation
             subscription = await self._submit_once(request, deadline)
@@ -134,7 +152,7 @@ class JobQueue:
             try:
                 await self._renew_reply_stream(generation, "this gateway's reply stream was gone")
             except RedisError as exc:
-                raise Unavailable(f"job queue unreachable: {exc}") from exc
+                raise Unavailable.hiding("job queue unreachable", exc) from exc
         raise Unavailable("this gateway cannot keep its reply stream in Redis; retry the request")
 
     async def _submit_once(self, request: ValidRequest, deadline: float) -> Subscription | None:
@@ -158,8 +176,10 @@ class JobQueue:
             deadline=deadline,
             reply_to=self._reply_stream,
             gateway_id=self._gateway_id,
+            trace_context=dict(request.trace_context),
         )
         subscription = Subscription(request_id, request.model, request.max_tokens)
+        subscription.deadline = deadline
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (
             keys.REQUEST_ID_FIELD, request_id.encode(),
@@ -183,7 +203,7 @@ class JobQueue:
             if isinstance(exc, OutOfMemoryError):
                 raise RedisOutOfMemory("cannot queue the job") from exc
             if isinstance(exc, RedisError):
-                raise Unavailable(f"job queue unreachable: {exc}") from exc
+                raise Unavailable.hiding("job queue unreachable", exc, request_id) from exc
             raise
         if isinstance(added, int):
             self._subscriptions.pop(request_id, None)
@@ -191,6 +211,7 @@ class JobQueue:
                 return None
             raise QueueFull(request.model, added)
         subscription.entry_id = added
+        self._reply_stream_ok = True  # the script found the reply stream there
         return subscription
 
     @property
@@ -238,13 +259,19 @@ class JobQueue:
 
     async def _read_replies(self) -> None:
         last_id = b"0-0"
+        # The stream generation last_id was read in: a renewal since made the stream anew, and an
+        # entry of the old one missing from it is no loss (the renewal already failed its calls).
+        read_generation = self._generation
         last_trim = time.monotonic()
         broken = False
         while True:
             try:
                 if broken:
-                    last_id = await self._recover(last_id)
+                    last_id = await self._recover(last_id, read_generation)
                     broken = False
+                    self._reader_ok = True  # answered: no need to wait for the blocking read's end
+                    self._check_jobs_now.set()  # a restart may have lost jobs, not only events
+                generation = self._generation
                 reply = await self._reader.xread({self._reply_stream: last_id}, count=1024, block=1000)
                 self._reader_ok = True
             except RedisError as exc:
@@ -255,17 +282,20 @@ class JobQueue:
                 await asyncio.sleep(0.2)
                 continue
             for entry_id, fields in streams.entries(reply):
-                last_id = entry_id
+                last_id, read_generation = entry_id, generation
                 self._route(fields)
+            self.read_through = last_id
             if reply and time.monotonic() - last_trim > _TRIM_EVERY_SECONDS:
                 last_trim = time.monotonic()
                 await self._trim(last_id)
 
-    async def _recover(self, last_id: bytes) -> bytes:
+    async def _recover(self, last_id: bytes, read_generation: int) -> bytes:
         """After a Redis outage: if our reply stream lost entries, fail every waiting call."""
         generation = self._generation
         if last_id == b"0-0" or await self._reader.xrange(self._reply_stream, last_id, last_id):
             return last_id
+        if generation != read_generation:
+            return b"0-0"  # renewed once already for this loss: every entry there is news
         await self._renew_reply_stream(generation, "the job queue restarted and lost this job's progress")
         return b"0-0"
 
@@ -283,6 +313,54 @@ class JobQueue:
             for subscription in lost:
                 subscription.fail(error)
             await self._touch_reply_stream()
+
+    async def _watch_jobs(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_jobs_now.wait(), LOST_JOB_CHECK_SECONDS)
+            self._check_jobs_now.clear()
+            try:
+                await self.fail_lost_jobs()
+            except RedisError as exc:
+                log.warning("cannot look for lost jobs: %s", exc)
+
+    async def fail_lost_jobs(self) -> int:
+        """Ends UNAVAILABLE (retryable) every waiting call whose job Redis no longer holds.
+
+        Redis with `appendfsync everysec` can come back from a crash without the writes of its
+        last second: a job queued then is gone, and its call would wait to its deadline. A job's
+        entry stays in its stream until its worker has published its last event, so an entry
+        missing once the reader has routed every event written before the look means a lost job.
+        Returns how many calls were ended.
+        """
+        now = time.time()
+        waiting = [s for s in self._subscriptions.values() if s.entry_id and not s.done and s.deadline > now]
+        if not waiting:
+            return 0
+        generation = self._generation
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for s in waiting:
+                pipe.xrange(keys.job_stream(s.model), s.entry_id, s.entry_id, count=1)
+            pipe.xrevrange(self._reply_stream, "+", "-", count=1)
+            *found, newest = await pipe.execute()
+        missing = [s for s, entries in zip(waiting, found, strict=True) if not entries]
+        if not missing:
+            return 0
+        written = _stream_id(newest[0][0]) if newest else (0, 0)
+        give_up = time.monotonic() + LOST_JOB_CHECK_SECONDS
+        while _stream_id(self.read_through) < written and generation == self._generation:
+            if time.monotonic() > give_up:
+                return 0  # the reader is behind or broken: look again next time
+            await asyncio.sleep(0.05)
+        if generation != self._generation:
+            return 0  # the reply stream was renewed, which ended those calls already
+        lost = [s for s in missing if not s.done and s.request_id in self._subscriptions]
+        if lost:
+            log.error("the job queue lost %d queued or running jobs (Redis restarted?)", len(lost))
+        error = Unavailable("the job queue lost this job (Redis restarted); retry the request")
+        for subscription in lost:
+            subscription.fail(error)
+        return len(lost)
 
     def _route(self, fields: dict[bytes, bytes]) -> None:
         payload = fields.get(keys.PAYLOAD_FIELD)
@@ -311,6 +389,7 @@ class JobQueue:
             pipe.xadd(self._reply_stream, {b"created": b"1"})
             pipe.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS)
             await pipe.execute()
+        self._reply_stream_ok = True  # any renewal that worked, whoever made it
 
     async def _keep_reply_stream(self) -> None:
         while True:
@@ -335,3 +414,8 @@ class JobQueue:
         except RedisError as exc:
             self._reply_stream_ok = False
             log.warning("cannot refresh reply stream: %s", exc)
+
+
+def _stream_id(entry_id: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or 0)

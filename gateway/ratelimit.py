@@ -2,8 +2,11 @@
 
 Every gateway replica runs the same Lua script on the same per-minute window, so the
 limits hold across replicas. At admission a call counts one request and reserves its
-prompt tokens plus max_tokens; when it ends, the tokens it did not generate are given
-back, so the window holds prompt + completion tokens of every call.
+prompt tokens plus max_tokens; when it ends, however it ends, the tokens the engine did
+not generate are given back, so the window holds prompt + completion tokens of every call.
+A call that never reached a worker (its submit was refused, or it never left the queue)
+gives back its request and all its tokens: the overload that refused it must not also use
+up the budget of the retries that follow.
 """
 
 import contextlib
@@ -41,11 +44,12 @@ redis.call('SET', KEYS[2], cjson.encode(admitted), 'EX', ARGV[4])
 return admitted
 """
 
-# KEYS: window hash, applied marker. ARGV: tokens to give back, marker TTL. A window that has
-# expired is not recreated (it would have no TTL).
+# KEYS: window hash, applied marker. ARGV: tokens to give back, marker TTL, requests to give
+# back (0 or 1). A window that has expired is not recreated (it would have no TTL).
 _REFUND = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'tokens', -tonumber(ARGV[1]))
+  redis.call('HINCRBY', KEYS[1], 'requests', -tonumber(ARGV[3]))
 end
 """
 _WINDOW_SECONDS = 60
@@ -60,6 +64,7 @@ class Budget:
     used_requests: int
     used_tokens: int
     reset_seconds: float
+    reserved_tokens: int = 0  # what this call reserved: its prompt plus max_tokens
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         rpm, tpm = self.record.requests_per_minute, self.record.tokens_per_minute
@@ -104,8 +109,8 @@ class RateLimiter:
         except OutOfMemoryError as exc:
             raise RedisOutOfMemory("cannot count the call against its rate limit") from exc
         except RedisError as exc:
-            raise Unavailable(f"cannot check the rate limit: {exc}") from exc
-        budget = Budget(record, window, int(used_requests), int(used_tokens), reset)
+            raise Unavailable.hiding("cannot check the rate limit", exc) from exc
+        budget = Budget(record, window, int(used_requests), int(used_tokens), reset, tokens)
         if not admitted:
             what = (
                 "requests"
@@ -119,12 +124,51 @@ class RateLimiter:
             )
         return budget
 
-    async def refund(self, budget: Budget, tokens: int) -> None:
-        """Gives back reserved tokens a call did not use (only within the same window)."""
-        if tokens <= 0 or int(time.time() // _WINDOW_SECONDS) != budget.window:
+    async def check_requests(self, record: KeyRecord) -> None:
+        """Raises RateLimited when the key has no request left in this window; counts nothing.
+
+        One read, so that a key over its limit is refused before its request costs any work
+        (parsing, tokenizing); admit() checks again, atomically, once the call's tokens are known.
+        """
+        if not record.requests_per_minute:
+            return
+        now = time.time()
+        window = int(now // _WINDOW_SECONDS)
+        try:
+            used = await self._redis.hmget(keys.rate_window(record.digest, window), ["requests", "tokens"])
+        except RedisError as exc:
+            raise Unavailable.hiding("cannot check the rate limit", exc) from exc
+        used_requests, used_tokens = (int(v or 0) for v in used)
+        if used_requests >= record.requests_per_minute:
+            reset = (window + 1) * _WINDOW_SECONDS - now
+            budget = Budget(record, window, used_requests, used_tokens, reset)
+            raise RateLimited(
+                f"API key {record.name!r} is over its requests per minute limit;"
+                f" retry in {math.ceil(reset)}s",
+                reset,
+                budget.metadata(),
+            )
+
+    async def count_refused(self, record: KeyRecord) -> None:
+        """Counts a request refused after it cost work (an invalid prompt, tokenized to tell)
+        against the key's requests per minute, so that invalid requests meet the limit too."""
+        if not record.requests_per_minute:
+            return
+        window = keys.rate_window(record.digest, int(time.time() // _WINDOW_SECONDS))
+        with contextlib.suppress(RedisError):  # the request is refused anyway
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(window, "requests", 1)
+                pipe.expire(window, 2 * _WINDOW_SECONDS)
+                await pipe.execute()
+
+    async def refund(self, budget: Budget, tokens: int, requests: int = 0) -> None:
+        """Gives back reserved tokens a call did not use, and its request when it never reached a
+        worker (only within the same window: an older one no longer limits anybody)."""
+        if (tokens <= 0 and requests <= 0) or int(time.time() // _WINDOW_SECONDS) != budget.window:
             return
         window = keys.rate_window(budget.record.digest, budget.window)
         with contextlib.suppress(RedisError):  # the window expires anyway
             await self._refund(
-                keys=[window, keys.applied(uuid.uuid4().hex)], args=[tokens, keys.RETRY_MARKER_TTL_SECONDS]
+                keys=[window, keys.applied(uuid.uuid4().hex)],
+                args=[max(0, tokens), keys.RETRY_MARKER_TTL_SECONDS, max(0, requests)],
             )

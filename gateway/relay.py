@@ -8,18 +8,27 @@ cancellation, rate limits and metrics live here once.
 
 When a call ends for any reason other than its job finishing (caller cancelled or
 disconnected, deadline, error), the job is cancelled so no worker keeps generating for
-nobody, and the tokens reserved for it are settled with the rate limiter.
+nobody. However a call ends, its key is charged what the engine generated (`_settle`).
+
+A call with an idempotency key (gateway/idempotency.py) claims it after validation and
+before the rate limiter counts it; a retry of it gets the first call's answer instead.
+
+A request without max_tokens gets GATEWAY_DEFAULT_MAX_TOKENS, capped by what the context
+window leaves after the prompt (gateway/validation.py) and by what the key's tokens per
+minute leave after it (`_default_fits_budget`): a default never makes a valid request invalid.
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
 
 from chat.v1 import chat_pb2
-from common import codec
+from common import codec, tracing
 from gateway import metrics
 from gateway.apikeys import KeyRecord
 from gateway.auth import Authenticator
@@ -28,6 +37,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import (
     Aborted,
     DeadlineExceeded,
+    IdempotencyConflict,
     InvalidField,
     MalformedRequest,
     PermissionDenied,
@@ -41,12 +51,15 @@ from gateway.errors import (
     Unavailable,
     from_failed_event,
 )
+from gateway.idempotency import Answer, Claim, IdempotencyKeys, idempotency_key
 from gateway.metrics import CallRecorder
+from gateway.presence import NoLiveWorker
 from gateway.queue import JobQueue
 from gateway.ratelimit import Budget, RateLimiter
 from gateway.resume import ReplyProgress
 from gateway.subscription import Subscription
-from gateway.validation import Limits, validate
+from gateway.tokenizing import PromptValidator
+from gateway.validation import Limits, ValidRequest
 from gateway.wire import Undecodable
 
 
@@ -132,13 +145,20 @@ class Relay:
         queue: JobQueue,
         authenticator: Authenticator | None = None,
         rate_limiter: RateLimiter | None = None,
+        idempotency: IdempotencyKeys | None = None,
+        tracer: tracing.Tracing = tracing.OFF,
     ) -> None:
         self._settings = settings
+        self._tracer = tracer
         self._catalog = catalog
         self._queue = queue
         self._authenticator = authenticator  # None: GATEWAY_AUTH=off
         self._rate_limiter = rate_limiter
+        self._idempotency = idempotency  # None: idempotency keys are ignored
         self._limits = Limits.from_settings(settings)
+        self._validator = PromptValidator(
+            catalog, settings.default_max_tokens, self._limits, settings.tokenizer_threads
+        )
         self.open_calls = 0
 
     async def run(self, request: Request, caller: Caller, *, stream: bool) -> AsyncGenerator[Item]:
@@ -152,14 +172,20 @@ class Relay:
         if isinstance(request, chat_pb2.ChatCompletionRequest):
             # GATEWAY_MODEL_ALIASES: the rest of the call (keys, queue, responses) sees the served name.
             request.model = model = self._catalog.resolve(request.model)
-        recorder = CallRecorder(rpc, metrics.model_label(model, self._catalog.names), caller.transport)
+        label = metrics.model_label(model, self._catalog.names)
+        # The label, not the name asked for: a caller's made-up model name goes in no span either.
+        span = self._tracer.call(rpc, label, caller.transport, caller.metadata)
+        recorder = CallRecorder(rpc, label, caller.transport, span)
         code, ended = "OK", False
         try:
-            async for item in self._run(request, caller, recorder, stream):
-                if isinstance(item, Failed):
-                    code = code_pb2.Code.Name(item.error.code)
-                ended = isinstance(item, Finished | Failed)
-                yield item
+            # aclosing: a caller that leaves closes the inner generators at once, so the job is
+            # cancelled and the call charged now, not whenever the garbage collector gets to them.
+            async with contextlib.aclosing(self._run(request, caller, recorder, stream)) as items:
+                async for item in items:
+                    if isinstance(item, Failed):
+                        code = code_pb2.Code.Name(item.error.code)
+                    ended = isinstance(item, Finished | Failed)
+                    yield item
         except (asyncio.CancelledError, GeneratorExit):
             if not ended:
                 code = "CANCELLED"
@@ -176,7 +202,7 @@ class Relay:
         caller: Caller,
         recorder: CallRecorder,
         stream: bool,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item]:
         # The open-call slot is taken before the first await, so a burst cannot pass the limit
         # while earlier calls are still being admitted.
         if self.open_calls >= self._settings.max_concurrent_calls:
@@ -186,8 +212,9 @@ class Relay:
         self.open_calls += 1
         metrics.OPEN_CALLS.inc()
         try:
-            async for item in self._admit_and_relay(request, caller, recorder, stream):
-                yield item
+            async with contextlib.aclosing(self._admit_and_relay(request, caller, recorder, stream)) as items:
+                async for item in items:
+                    yield item
         finally:
             self.open_calls -= 1
             metrics.OPEN_CALLS.dec()
@@ -198,25 +225,41 @@ class Relay:
         caller: Caller,
         recorder: CallRecorder,
         stream: bool,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item]:
         timeout = self._timeout(caller.timeout)
         deadline = time.time() + timeout
         try:
-            subscription, budget = await self._admit(request, caller, deadline, recorder)
+            admitted = await self._admit(request, caller, deadline, recorder)
         except ServiceError as exc:
             yield Failed(exc)
             return
+        if isinstance(admitted, Answer):
+            for item in _replay(admitted, stream):
+                yield item
+            return
+        subscription, budget, claim = admitted
         ratelimit = budget.metadata() if budget is not None else ()
         translation = _Translation(stream, recorder)
+        answered = False
         try:
-            yield Accepted(subscription.request_id, int(time.time()), subscription.model, ratelimit)
+            accepted = Accepted(subscription.request_id, int(time.time()), subscription.model, ratelimit)
+            recorder.span.accepted(accepted.request_id)
+            yield accepted
             ends_at = asyncio.get_running_loop().time() + timeout
+            texts: list[str] = []  # what the caller was sent, for the answer a retry gets
             while not translation.finished:
                 # The deadline bounds the waits for the job, never a yield: a timeout around a
                 # yield would fire in the transport (a slow write) and end the call without a status.
                 async with asyncio.timeout_at(ends_at):
                     event = await subscription.next()
-                for item in translation.items(event):
+                items = translation.items(event)
+                if claim is not None and self._idempotency is not None:
+                    texts += [item.text for item in items if isinstance(item, Text)]
+                    if finished := next((i for i in items if isinstance(i, Finished)), None):
+                        # Stored before the caller sees the end, so a retry after it finds the answer.
+                        answer = _answer(accepted, "".join(texts), finished)
+                        answered = await self._idempotency.answer(claim, answer)
+                for item in items:
                     yield item
         except TimeoutError:
             passed = f"deadline of {timeout:.1f}s passed before the completion finished"
@@ -228,10 +271,33 @@ class Relay:
         finally:
             done = translation.finished
             self._queue.release(subscription, cancel_until=None if done else deadline)
-            if budget is not None and self._rate_limiter is not None:
-                # Calls that did not finish are charged their whole reservation.
-                unused = subscription.max_tokens - translation.completion_tokens if done else 0
-                await self._rate_limiter.refund(budget, unused)
+            await self._settle(subscription, budget, translation)
+            if claim is not None and not answered and self._idempotency is not None:
+                await self._idempotency.give_up(claim)
+
+    async def _settle(
+        self, subscription: Subscription, budget: Budget | None, translation: "_Translation"
+    ) -> None:
+        """Charges the call the tokens its job generated, however it ended; gives the rest back.
+
+        A finished job says how many it generated. Any other ending (the caller left, a deadline,
+        a worker's error, lost events) is charged the larger of what the events received say and
+        what the job's progress record holds now (it is ahead when events were lost or in flight;
+        the few tokens a worker generates before it sees the cancel are not charged). A call whose
+        job never reached a worker gives back its request and every token.
+        """
+        if budget is None or self._rate_limiter is None:
+            return
+        if translation.answered:
+            generated = translation.completion_tokens
+        else:
+            in_record = await self._queue.generated_tokens(subscription.request_id)
+            generated = max(translation.tokens_received, in_record)
+        generated = min(generated, subscription.max_tokens)
+        if not translation.started and not generated:
+            await self._rate_limiter.refund(budget, budget.reserved_tokens, requests=1)
+        else:
+            await self._rate_limiter.refund(budget, subscription.max_tokens - generated)
 
     async def _admit(
         self,
@@ -239,31 +305,83 @@ class Relay:
         caller: Caller,
         deadline: float,
         recorder: CallRecorder,
-    ) -> tuple[Subscription, Budget | None]:
-        """Everything that may refuse a call before its job exists: caller, limits, validation, capacity."""
+    ) -> tuple[Subscription, Budget | None, Claim | None] | Answer:
+        """Everything that may refuse a call before its job exists: caller, limits, validation,
+        capacity; or the answer to an earlier call with the same idempotency key."""
         try:
             # The caller first: who has no valid key learns nothing about the request's faults.
             record = None
             if self._authenticator is not None:
                 model = request.model if isinstance(request, chat_pb2.ChatCompletionRequest) else None
                 record = await self._authenticator.authenticate(caller.metadata, model)
+                recorder.span.caller(record.name)
             if isinstance(request, ServiceError):
                 raise request
             if isinstance(request, Undecodable):
                 raise MalformedRequest(f"the request is not a valid {request.message_type}: {request.error}")
-            valid = validate(request, self._catalog, self._settings.default_max_tokens, self._limits)
-            if record is None or self._rate_limiter is None:
-                return await self._queue.submit(valid, deadline), None
-            tokens = len(valid.prompt_token_ids) + valid.max_tokens
-            _check_fits_budget(record, len(valid.prompt_token_ids), valid.max_tokens)
-            budget = await self._rate_limiter.admit(record, tokens)
+            # A retry under an idempotency key gets the first call's answer before any limit is
+            # checked: it costs nothing, so a key whose minute is used up still gets its answer.
+            claim = await self._claim(request, caller, record, deadline)
+            if isinstance(claim, Answer):
+                return claim
             try:
-                return await self._queue.submit(valid, deadline), budget
-            except ServiceError:
-                await self._rate_limiter.refund(budget, tokens)  # no job, nothing to charge
+                if record is not None and self._rate_limiter is not None:
+                    # A key over its requests per minute is refused before its request costs any work.
+                    await self._rate_limiter.check_requests(record)
+                try:
+                    valid = await self._validator.validate(request)
+                except InvalidField:
+                    if record is not None and self._rate_limiter is not None:
+                        await self._rate_limiter.count_refused(record)
+                    raise
+                if record is not None and not request.HasField("max_tokens"):
+                    valid = _default_fits_budget(record, valid)
+                valid = _traced(valid, recorder.span)
+                subscription, budget = await self._submit(valid, record, deadline)
+            except BaseException:
+                if claim is not None and self._idempotency is not None:
+                    await asyncio.shield(self._idempotency.give_up(claim))
                 raise
+            return subscription, budget, claim
         except ServiceError as exc:
             metrics.REJECTIONS.labels(recorder.model, _rejection_reason(exc)).inc()
+            raise
+
+    async def _claim(
+        self,
+        request: chat_pb2.ChatCompletionRequest,
+        caller: Caller,
+        record: KeyRecord | None,
+        deadline: float,
+    ) -> Claim | Answer | None:
+        """Claims the caller's idempotency key for this call, or gets the answer of the call that has it."""
+        key = idempotency_key(caller.metadata)
+        if key is None or self._idempotency is None:
+            return None
+        scope = record.digest if record is not None else "anonymous"
+        body = request.SerializeToString(deterministic=True)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                return await self._idempotency.claim_or_wait(key, scope, body, deadline - time.time())
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"deadline passed while the first call with idempotency key {key!r} was still running"
+            ) from None
+
+    async def _submit(
+        self, valid: ValidRequest, record: KeyRecord | None, deadline: float
+    ) -> tuple[Subscription, Budget | None]:
+        """Counts the call against its key's limits, then queues its job."""
+        if record is None or self._rate_limiter is None:
+            return await self._queue.submit(valid, deadline), None
+        tokens = len(valid.prompt_token_ids) + valid.max_tokens
+        _check_fits_budget(record, len(valid.prompt_token_ids), valid.max_tokens)
+        budget = await self._rate_limiter.admit(record, tokens)
+        try:
+            return await self._queue.submit(valid, deadline), budget
+        except ServiceError:
+            # No job: nothing to charge, and the request the overload refused is given back too.
+            await self._rate_limiter.refund(budget, tokens, requests=1)
             raise
 
     def _timeout(self, remaining: float | None) -> float:
@@ -281,7 +399,18 @@ class _Translation:
         self._fingerprint = ""
         self._attempt = 0
         self.finished = False  # the job reached its terminal event (Finished or Failed)
-        self.completion_tokens = 0
+        self.answered = False  # ... and it was Finished
+        self.completion_tokens = 0  # of the Finished event
+
+    @property
+    def started(self) -> bool:
+        """A worker took the job."""
+        return self._attempt > 0
+
+    @property
+    def tokens_received(self) -> int:
+        """Tokens behind the deltas received (of the attempt the reply comes from)."""
+        return self._reply.completion_tokens
 
     def items(self, event: codec.Event) -> list[Item]:
         kind = event.WhichOneof("kind")
@@ -309,13 +438,54 @@ class _Translation:
         return []
 
     def _on_finished(self, f: codec.Finished) -> list[Item]:
-        self.finished = True
+        self.finished = self.answered = True
         self.completion_tokens = f.completion_tokens
-        self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time)
+        self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
         finished: Item = Finished(f.finish_reason, usage, self._fingerprint)
         text = "".join(self._reply.pieces)
         return [finished] if self._stream or not text else [Text(text), finished]
+
+
+def _answer(call: Accepted, text: str, finished: Finished) -> Answer:
+    u = finished.usage
+    return Answer(
+        call.request_id, call.created, call.model, text, finished.finish_reason, finished.system_fingerprint,
+        u.prompt_tokens, u.completion_tokens, u.queue_time, u.prompt_time, u.completion_time,
+    )  # fmt: skip
+
+
+def _replay(answer: Answer, stream: bool) -> list[Item]:
+    """A finished call's answer again, for a retry: the same items, the text in one piece."""
+    usage = Usage(
+        answer.prompt_tokens,
+        answer.completion_tokens,
+        answer.queue_time,
+        answer.prompt_time,
+        answer.completion_time,
+    )
+    items: list[Item] = [
+        Accepted(answer.request_id, answer.created, answer.model, ()),
+        Started(answer.system_fingerprint),
+    ]
+    if answer.text:
+        items.append(Text(answer.text))
+    return [*items, Finished(answer.finish_reason, usage, answer.system_fingerprint)]
+
+
+def _default_fits_budget(record: KeyRecord, valid: ValidRequest) -> ValidRequest:
+    """A default max_tokens is lowered to what the key's tokens per minute leave after the prompt
+    (at least 1), so a request that did not ask for a length is not refused for its default."""
+    room = record.tokens_per_minute - len(valid.prompt_token_ids)
+    if not record.tokens_per_minute or room < 1 or valid.max_tokens <= room:
+        return valid
+    return dataclasses.replace(valid, max_tokens=room)
+
+
+def _traced(valid: ValidRequest, span: tracing.CallSpan) -> ValidRequest:
+    """The job carries the call's trace context, so its workers trace under the call's span."""
+    carrier = span.carrier()
+    return dataclasses.replace(valid, trace_context=tuple(carrier.items())) if carrier else valid
 
 
 def _check_fits_budget(record: KeyRecord, prompt_tokens: int, max_tokens: int) -> None:
@@ -338,8 +508,10 @@ def _rejection_reason(error: ServiceError) -> str:
         (MalformedRequest, "invalid"),
         (QueueFull, "queue_full"),
         (TooManyCalls, "too_many_calls"),
+        (NoLiveWorker, "no_worker"),  # before Unavailable, which it is
         (Unavailable, "redis_unavailable"),
         (RedisOutOfMemory, "redis_full"),
         (RequestTooLarge, "too_large"),
+        (IdempotencyConflict, "idempotency_conflict"),
     ]
     return next((reason for kind, reason in reasons if isinstance(error, kind)), "other")

@@ -12,16 +12,21 @@ from redis.exceptions import RedisError
 from chat.v1 import chat_pb2
 from common.metrics_server import serve_metrics
 from common.redis_client import connect
+from common.tracing import OFF, Tracing
 from gateway import metrics
+from gateway.access import ModelDirectory, ReflectionKeyCheck
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
 from gateway.http import HttpApi
+from gateway.idempotency import IdempotencyKeys
+from gateway.presence import WorkerPresence
 from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.servicer import ChatServicer
+from gateway.supervise import supervised
 from gateway.wire import add_chat_service
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | No
 class Gateway:
     """One gateway process: gRPC server + its side of the job queue."""
 
-    def __init__(self, settings: GatewaySettings, catalog: ModelCatalog) -> None:
+    def __init__(self, settings: GatewaySettings, catalog: ModelCatalog, tracer: Tracing = OFF) -> None:
         self.settings = settings
         timeout = settings.redis_timeout_seconds
         ca = settings.redis_tls_ca_file
@@ -76,22 +81,27 @@ class Gateway:
         Overloaded.retry_after_seconds = settings.retry_after_seconds
         self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs)
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
-        self.relay = Relay(settings, catalog, self.queue, auth, RateLimiter(self._redis))
-        self.servicer = ChatServicer(self.relay, catalog)
+        idempotency = IdempotencyKeys(self._redis, settings.idempotency_window_seconds, settings.gateway_id)
+        self.relay = Relay(settings, catalog, self.queue, auth, RateLimiter(self._redis), idempotency, tracer)
+        directory = ModelDirectory(catalog, auth)
+        self.servicer = ChatServicer(self.relay, directory)
         self.serving = False  # what the health service says; /readyz mirrors it
-        self.http = HttpApi(settings, self.relay, catalog, lambda: self.serving)
+        self.http = HttpApi(settings, self.relay, directory, auth, self.is_ready)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings))
+        # With auth on, reflection (when enabled at all) takes the same keys as the chat calls.
+        interceptors = [ReflectionKeyCheck(auth)] if auth is not None and settings.reflection else []
+        self.server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         add_chat_service(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                CHAT_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (
+                    CHAT_SERVICE,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self.server,
+            )
         credentials = server_credentials(settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(settings.address)
@@ -100,6 +110,10 @@ class Gateway:
         self._monitor: asyncio.Task[None] | None = None
         self._catalog = catalog
         self._models = catalog.names
+        self.presence = WorkerPresence(
+            self._models, settings.no_worker_policy, settings.no_worker_grace_seconds
+        )
+        self.queue.presence = self.presence
 
     async def start(self) -> None:
         metrics.initialize(self._models)
@@ -109,7 +123,12 @@ class Gateway:
         await self.server.start()
         await self.http.start()
         await self._set_serving(True)
-        self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
+        self._monitor = supervised("redis-health", self._watch_redis)
+        if self.settings.auth and not self.settings.tls_cert_file:
+            log.warning(
+                "GATEWAY_AUTH is on but TLS is off: API keys cross the network in clear text;"
+                " set GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE, or terminate TLS in front"
+            )
         log.info(
             "gateway %s listening on port %d (gRPC) and %d (HTTP)",
             self.settings.gateway_id,
@@ -132,20 +151,30 @@ class Gateway:
         """Queue depths for the metrics, and the context windows the workers' engines run with."""
         for model in self._models:
             metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
-            self._catalog.set_engine_context_window(model, await self.queue.engine_context_window(model))
+            window = await self.queue.engine_context_window(model)
+            self._catalog.set_engine_context_window(model, window)
+            self.presence.observe(model, window is not None)
+
+    def is_ready(self, model: str | None = None) -> bool:
+        """What health says: for the gateway, or (a name or alias) whether it serves that model."""
+        if model is None:
+            return self.serving
+        served = self._catalog.get(model)
+        return self.serving and served is not None and self.presence.is_live(served.name)
 
     async def _set_serving(self, serving: bool) -> None:
         self.serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for service in ("", CHAT_SERVICE):
-            await self.health.set(service, status)
+            await self.health.set(service, _status(serving))
+        # Per model, for load balancers and probes: `chat.v1.ChatService/<model or alias>` says
+        # whether this gateway can serve it now (a live worker runs it).
+        for name in [*self._models, *self.settings.aliases]:
+            await self.health.set(f"{CHAT_SERVICE}/{name}", _status(self.is_ready(name)))
 
     async def _watch_redis(self) -> None:
         """Health says NOT_SERVING while Redis is unreachable or events cannot be relayed, so load
-        balancers route around us."""
-        serving = True
+        balancers route around us. Recomputed from the present state and set at every tick, so no
+        past state (a missed change, a frozen process) outlives the next tick."""
         while True:
             await asyncio.sleep(_HEALTH_CHECK_SECONDS)
             try:
@@ -153,12 +182,15 @@ class Gateway:
                 redis_ok = True
             except (RedisError, OSError) as exc:
                 redis_ok = False
-                if serving:
+                if self.serving:
                     log.error("Redis unreachable: %s", exc)
             # Redis may answer while this gateway still cannot relay events (reply stream lost).
             ok = redis_ok and self.queue.can_relay
             metrics.REDIS_UP.set(1 if redis_ok else 0)
-            if ok != serving:
-                serving = ok
-                await self._set_serving(ok)
+            if ok != self.serving:
                 log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
+            await self._set_serving(ok)
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -13,7 +13,7 @@ from google.rpc import code_pb2
 from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
-from gateway.catalog import ModelCatalog
+from gateway.access import ModelDirectory
 from gateway.errors import ServiceError
 from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
 from gateway.wire import Undecodable
@@ -24,9 +24,9 @@ _NO_RESULT = "the job ended without a result"
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, relay: Relay, catalog: ModelCatalog) -> None:
+    def __init__(self, relay: Relay, directory: ModelDirectory) -> None:
         self._relay = relay
-        self._catalog = catalog
+        self._directory = directory
 
     async def ChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
@@ -75,6 +75,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ListModelsResponse:
+        try:
+            visible = await self._directory.visible(context.invocation_metadata() or ())
+        except ServiceError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort always raises
         models = [
             chat_pb2.Model(
                 id=m.name,
@@ -83,7 +88,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 owned_by="chat-service",
                 context_window=m.context_window,
             )
-            for m in self._catalog
+            for m in visible
         ]
         return chat_pb2.ListModelsResponse(object="list", data=models)
 

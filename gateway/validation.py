@@ -36,6 +36,8 @@ class ValidRequest:
     json_mode: bool  # also set with json_schema: the reply is a JSON object either way
     user: str
     json_schema: str = ""  # JSON text of the schema the reply must follow; empty = none
+    # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

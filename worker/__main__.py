@@ -9,6 +9,7 @@ import uvloop
 
 from common.metrics_server import serve_metrics
 from common.redis_client import connect
+from common.tracing import Tracing
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.consumer import JobConsumer
@@ -18,25 +19,27 @@ from worker.publisher import EventPublisher
 log = logging.getLogger("worker")
 
 
-def build_engine(settings: WorkerSettings) -> Engine:
+def build_engine(settings: WorkerSettings, tracer: Tracing) -> Engine:
     if settings.engine == "bench":
         from worker.engine.bench import BenchEngine
 
         return BenchEngine(settings.model, settings.bench_tokens_per_second)
     from worker.engine.vllm import VllmEngine  # the only import of vLLM
 
-    return VllmEngine(settings.model, settings.vllm, settings.max_concurrency)
+    # vLLM exports its own llm_request spans to the same endpoint when tracing is on.
+    return VllmEngine(settings.model, settings.vllm, settings.max_concurrency, tracer.endpoint)
 
 
 async def serve(settings: WorkerSettings) -> None:
-    engine = build_engine(settings)
+    tracer = Tracing.from_env("chat-worker")  # off unless OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+    engine = build_engine(settings, tracer)
     await engine.start()
     # Metrics answer only once the model is loaded: the Kubernetes startup probe relies on it.
     serve_metrics(settings.metrics_port)
     redis = connect(settings.redis_url, settings.redis_tls_ca_file)
     publisher = EventPublisher(redis)
     publisher.start()
-    consumer = JobConsumer(settings, redis, engine, publisher)
+    consumer = JobConsumer(settings, redis, engine, publisher, tracer)
     model = settings.model.name
     metrics.initialize(model)
     metrics.observe_engine(model, engine)
@@ -51,6 +54,7 @@ async def serve(settings: WorkerSettings) -> None:
         await publisher.stop()
         await engine.stop()
         await redis.aclose()
+        tracer.shutdown()  # exports the spans still queued
 
 
 def main() -> None:

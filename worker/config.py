@@ -24,6 +24,7 @@
 | WORKER_VLLM_ENFORCE_EAGER | auto | vLLM engine: 1 = no graph capture; auto = eager on CPU only |
 | WORKER_VLLM_IGNORE_EOS | 0 | vLLM engine, benchmarks only: 1 = generate to max_tokens past end-of-sequence |
 | WORKER_BENCH_TOKENS_PER_SECOND | 50 | benchmark engine only: tokens per second per request (0 = flat out) |
+| OTEL_EXPORTER_OTLP_ENDPOINT | | traces to OTLP, vLLM's too (common/tracing.py); unset = off |
 """
 
 import os

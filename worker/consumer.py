@@ -16,7 +16,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from common import codec, engine_registry, keys
+from common import codec, engine_registry, keys, tracing
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
@@ -41,9 +41,15 @@ class _Running:
 
 class JobConsumer:
     def __init__(
-        self, settings: WorkerSettings, redis: Redis, engine: Engine, publisher: EventPublisher
+        self,
+        settings: WorkerSettings,
+        redis: Redis,
+        engine: Engine,
+        publisher: EventPublisher,
+        tracer: tracing.Tracing = tracing.OFF,
     ) -> None:
         self._settings = settings
+        self._tracer = tracer
         self._redis = redis
         self._engine = engine
         self._publisher = publisher
@@ -180,6 +186,7 @@ class JobConsumer:
         job = delivery.job
         dead_letter_reason = ""
         taken = time.monotonic()
+        span = self._trace(delivery)
         try:
             if job is None:
                 dead_letter_reason = f"undecodable job: {delivery.error}"
@@ -194,12 +201,14 @@ class JobConsumer:
             else:
                 if delivery.attempt > 1 and can_continue(job):
                     await self._continue_from_progress(delivery, events)
+                    if events.continued_from is not None:
+                        span.continued(len(events.continued_from.token_ids))
                 # Checked after the awaits above: an abort that arrived meanwhile found nothing in
                 # the engine to stop, so the job must not get there (silenced jobs publish nothing).
                 if running.aborted:
                     events.failed(FailureKind.FAILURE_KIND_CANCELLED, "aborted before it started")
                 else:
-                    await run_job(job, self._engine, events, self._settings.worker_id)
+                    await run_job(job, self._engine, events, self._settings.worker_id, span.carrier())
         except EngineDead as exc:
             self._engine_died(exc)
         except Exception:
@@ -212,6 +221,7 @@ class JobConsumer:
             metrics.JOBS.labels(self._model, events.outcome or "handed_back").inc()
             metrics.GENERATED_TOKENS.labels(self._model).inc(events.tokens_generated_here)
             metrics.JOB_DURATION.labels(self._model).observe(time.monotonic() - taken)
+            span.end(events.outcome or "handed_back", events.tokens_generated_here)
         if running.handed_back:
             return
         try:
@@ -230,6 +240,14 @@ class JobConsumer:
         except RedisError as exc:
             # Left pending: after the claim timeout another worker runs it again.
             log.error("job %s: cannot report its end (%s)", delivery.request_id, exc)
+
+    def _trace(self, delivery: Delivery) -> tracing.AttemptSpan:
+        """This attempt's span, under the call's span the job carries (another attempt: another span)."""
+        job = delivery.job
+        context = job.trace_context if job is not None else {}
+        return self._tracer.attempt(
+            context, delivery.request_id, self._model, delivery.attempt, self._settings.worker_id
+        )
 
     async def _continue_from_progress(self, delivery: Delivery, events: JobEvents) -> None:
         """Takes over what earlier attempts published, so this one continues instead of starting over."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, replace
 
 from common import codec
@@ -22,6 +22,7 @@ from worker.engine.base import (
     Delta,
     Engine,
     EngineDead,
+    EngineError,
     EngineRejected,
     EngineUnavailable,
     GenerationRequest,
@@ -159,10 +160,17 @@ class _Generation:
     first_token_at: float | None = None
 
 
-async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: str) -> None:
+async def run_job(
+    job: codec.Job,
+    engine: Engine,
+    events: JobEvents,
+    worker_id: str,
+    trace_headers: Mapping[str, str] | None = None,
+) -> None:
     """Runs the job to its terminal event. Re-raises EngineDead after reporting it.
 
     Continues the generation when `events.continue_from()` was called with a progress record.
+    trace_headers: the attempt's trace context, for the engine to trace under.
     """
     taken_at = time.time()
     events.started(worker_id, engine.fingerprint)
@@ -179,7 +187,9 @@ async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: 
             field="messages",
         )
         return
-    request = GenerationRequest(job.request_id, prompt, params, num_generated=len(generated))
+    request = GenerationRequest(
+        job.request_id, prompt, params, num_generated=len(generated), trace_headers=dict(trace_headers or {})
+    )
     result = _Generation(completion_tokens=len(generated))
     timeout = job.deadline - taken_at if job.deadline else None
     try:
@@ -191,8 +201,13 @@ async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: 
             FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, f"deadline passed after {n} generated tokens"
         )
         return
-    except EngineDead as exc:
-        events.failed(FailureKind.FAILURE_KIND_UNAVAILABLE, f"engine unavailable: {exc}")
+    except EngineDead:
+        # The cause (the engine's own words) goes to the log only; the caller gets the id to quote.
+        log.exception("job %s: the engine died", job.request_id)
+        events.failed(
+            FailureKind.FAILURE_KIND_UNAVAILABLE,
+            f"the engine stopped; retry the request (request id {job.request_id})",
+        )
         raise
     except EngineUnavailable as exc:
         events.failed(FailureKind.FAILURE_KIND_UNAVAILABLE, f"{exc}; retry the request")
@@ -202,7 +217,13 @@ async def run_job(job: codec.Job, engine: Engine, events: JobEvents, worker_id: 
         return
     except Exception as exc:
         log.exception("job %s failed", job.request_id)
-        events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+        # EngineError's words are this worker's own (e.g. repetitive output); any other
+        # exception's text may carry internals (paths, addresses), so the caller gets an id instead.
+        why = str(exc) if type(exc) is EngineError else "internal error"
+        events.failed(
+            FailureKind.FAILURE_KIND_INTERNAL,
+            f"generation failed: {why} (request id {job.request_id})",
+        )
         return
     if result.finish_reason is None:
         events.failed(FailureKind.FAILURE_KIND_CANCELLED, "generation was aborted")

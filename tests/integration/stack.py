@@ -54,6 +54,9 @@ class Stack:
             "GATEWAY_HTTP_ADDRESS": f"127.0.0.1:{self.http_port}",
             "GATEWAY_METRICS_PORT": str(self.gateway_metrics_port),
             "GATEWAY_MODEL_ALIASES": REFERENCE_ALIASES,
+            # Tests start workers after the gateway (vLLM takes longer than the refusal grace to
+            # start) or queue jobs with no worker on purpose; tests of the refusal set `refuse`.
+            "GATEWAY_NO_WORKER": "queue",
             **self.gateway_env,
         }
         self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
@@ -128,8 +131,12 @@ def leaks(client: redis.Redis) -> list[str]:
             problems.append(f"{pending} pending jobs in {stream}")
     for key in client.scan_iter(f"{keys.PREFIX}:*"):
         name = key.decode()
-        # Job streams, reply streams and the engine registry live as long as their processes.
-        if not name.startswith(tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines"))):
+        # Job streams, reply streams and the engine registry live as long as their processes;
+        # the answers kept for idempotency keys (chat_client sends one per call), for their window.
+        if name.startswith(f"{keys.PREFIX}:idempotency:"):
+            if not client.hexists(key, "answer"):
+                problems.append(f"idempotency key neither answered nor given up: {name}")
+        elif not name.startswith(tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines"))):
             problems.append(f"stray key {name}")
     return problems
 

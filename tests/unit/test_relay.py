@@ -59,8 +59,14 @@ class FakeQueue:
         self.submit_seconds = submit_seconds
         self.attempts = events or [answer()]  # the events of attempt 1, 2, ...
         self.released: list[str] = []
+        self.submitted: list[ValidRequest] = []
+        self.in_record = 0  # tokens the job's progress record holds when the call ends
+
+    async def generated_tokens(self, request_id: str) -> int:
+        return self.in_record
 
     async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
+        self.submitted.append(request)
         await asyncio.sleep(self.submit_seconds)
         if self.error is not None:
             raise self.error
@@ -74,7 +80,7 @@ class FakeQueue:
 
     def _deliver(self, subscription: Subscription, attempt: int) -> None:
         events = self.attempts[attempt - 1]
-        continued = events[0].HasField("started") and events[0].started.continued
+        continued = bool(events) and events[0].HasField("started") and events[0].started.continued
         seq = sum(len(a) for a in self.attempts[: attempt - 1]) if continued else 0
         for template in events:
             event = codec.Event()
@@ -95,13 +101,19 @@ class FakeAuthenticator:
 class FakeRateLimiter:
     def __init__(self) -> None:
         self.reserved = 0
+        self.requests = 0
 
     async def admit(self, record: KeyRecord, tokens: int) -> Budget:
         self.reserved += tokens
-        return Budget(record, 0, 1, self.reserved, 60.0)
+        self.requests += 1
+        return Budget(record, 0, self.requests, self.reserved, 60.0, tokens)
 
-    async def refund(self, budget: Budget, tokens: int) -> None:
+    async def refund(self, budget: Budget, tokens: int, requests: int = 0) -> None:
         self.reserved -= tokens
+        self.requests -= requests
+
+    async def check_requests(self, record: KeyRecord) -> None:
+        pass
 
 
 def make_relay(queue: FakeQueue, limiter: FakeRateLimiter | None = None, **settings: object) -> Relay:
@@ -144,13 +156,41 @@ async def test_tokens_reserved_for_a_call_that_could_not_be_queued_are_refunded(
     limiter = FakeRateLimiter()
     items = await run(make_relay(FakeQueue(error), limiter), request(max_tokens=10))
     assert isinstance(items[-1], Failed) and items[-1].error is error
-    assert limiter.reserved == 0
+    assert limiter.reserved == 0 and limiter.requests == 0  # the overload costs no request either
 
 
 async def test_a_finished_call_is_charged_what_it_used() -> None:
     limiter = FakeRateLimiter()
     await run(make_relay(FakeQueue(), limiter), request(max_tokens=10))
     assert limiter.reserved == 2 + 1  # prompt + generated, not prompt + max_tokens
+
+
+@pytest.mark.parametrize("in_record", [0, 5])
+async def test_a_call_its_caller_leaves_is_charged_what_was_generated(in_record: int) -> None:
+    # Two tokens received; the progress record may be ahead (events in flight, or lost).
+    limiter, queue = FakeRateLimiter(), FakeQueue(events=[TAKEN_OVER_AFTER_TWO_TOKENS])
+    queue.in_record = in_record
+    calls = make_relay(queue, limiter).run(request(max_tokens=500), Caller((), None), stream=True)
+    async for item in calls:
+        if isinstance(item, Text):  # both deltas, merged while the call had not read them
+            break
+    await calls.aclose()
+    assert limiter.reserved == 2 + max(2, in_record) and limiter.requests == 1
+
+
+async def test_a_call_whose_job_never_reached_a_worker_gives_back_request_and_tokens() -> None:
+    limiter = FakeRateLimiter()
+    relay = make_relay(FakeQueue(events=[[]]), limiter)
+    items = [item async for item in relay.run(request(max_tokens=500), Caller((), 0.1), stream=False)]
+    assert isinstance(items[-1], Failed) and isinstance(items[-1].error, DeadlineExceeded)
+    assert limiter.reserved == 0 and limiter.requests == 0
+
+
+async def test_a_default_max_tokens_is_lowered_to_what_the_keys_tpm_leaves() -> None:
+    # KEY allows 1,000 tokens per minute; the default (5,000) would make the request invalid.
+    queue = FakeQueue()
+    items = await run(make_relay(queue, FakeRateLimiter(), default_max_tokens=5000), request())
+    assert isinstance(items[-1], Finished) and queue.submitted[0].max_tokens == 1000 - 2
 
 
 async def test_a_request_larger_than_the_keys_tpm_is_refused_for_good() -> None:

@@ -5,6 +5,7 @@ continuation tests also use the benchmark engine, whose token i is `t{i} ` with 
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -139,12 +140,31 @@ async def test_a_generation_that_ends_without_finish_reason_was_aborted() -> Non
         (EngineUnavailable("the engine aborted the generation"), Kind.FAILURE_KIND_UNAVAILABLE, "retry"),
         (EngineRejected("bad schema"), Kind.FAILURE_KIND_INVALID_REQUEST, "refused the request: bad schema"),
         (EngineError("repetitive output"), Kind.FAILURE_KIND_INTERNAL, "repetitive output"),
-        (ValueError("boom"), Kind.FAILURE_KIND_INTERNAL, "ValueError: boom"),
+        (ValueError("boom"), Kind.FAILURE_KIND_INTERNAL, "internal error (request id r1)"),
     ],
 )
 async def test_engine_errors_become_failed_events(error: Exception, kind: int, message: str) -> None:
     events = await run(ScriptedFakeEngine([Delta("a", 1)], error), job())
     assert events[-1].failed.kind == kind and message in events[-1].failed.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("cannot reach redis://:hunter2@10.1.2.3:6379/0"),
+        EngineDead("EngineCore at /opt/venv/lib/vllm/v1/engine/core.py died: cannot reach 10.1.2.3"),
+    ],
+)
+async def test_the_caller_gets_the_request_id_not_the_exception_text(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = CollectingFakePublisher()
+    events = JobEvents("r1", "g", 1, publisher)  # type: ignore[arg-type]
+    with contextlib.suppress(EngineDead):
+        await run_job(job(), ScriptedFakeEngine([Delta("a", 1)], error), events, "w1")
+    message = publisher.events[-1].failed.message
+    assert "10.1.2.3" not in message and "request id r1" in message, message
+    assert "10.1.2.3" in caplog.text  # the detail is for whoever runs the worker
 
 
 async def test_a_dead_engine_fails_the_job_and_stops_the_worker() -> None:

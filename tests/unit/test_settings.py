@@ -90,3 +90,24 @@ def test_gateway_http_address_and_model_aliases() -> None:
 def test_bad_gateway_http_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GatewaySettings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "reflection"),
+    [
+        ({}, True),
+        ({"GATEWAY_AUTH": "on"}, False),  # it lists every service: not to callers without a key
+        ({"GATEWAY_AUTH": "on", "GATEWAY_REFLECTION": "on"}, True),
+        ({"GATEWAY_REFLECTION": "off"}, False),
+    ],
+)
+def test_reflection_is_off_with_auth_unless_turned_on(env: dict[str, str], reflection: bool) -> None:
+    assert GatewaySettings.from_env(env).reflection is reflection
+
+
+def test_the_no_worker_policy_defaults_to_refuse_and_takes_only_refuse_or_queue() -> None:
+    settings = GatewaySettings.from_env({})
+    assert (settings.no_worker_policy, settings.no_worker_grace_seconds) == ("refuse", 10.0)
+    assert GatewaySettings.from_env({"GATEWAY_NO_WORKER": "queue"}).no_worker_policy == "queue"
+    with pytest.raises(ValueError, match="GATEWAY_NO_WORKER"):
+        GatewaySettings.from_env({"GATEWAY_NO_WORKER": "wait"})

@@ -58,11 +58,15 @@ CPU_DEFAULT_KV_CACHE_GIB = 2.0
 
 
 class VllmEngine(Engine):
-    def __init__(self, spec: ModelSpec, settings: VllmSettings, max_num_seqs: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, settings: VllmSettings, max_num_seqs: int, otlp_traces_endpoint: str = ""
+    ) -> None:
         self.model_name = spec.name
         self._spec = spec
         self._settings = settings
         self._max_num_seqs = max_num_seqs
+        # Where vLLM exports its llm_request spans (common/tracing.py); "" leaves its tracing off.
+        self._otlp_traces_endpoint = otlp_traces_endpoint
         self.context_window = 0  # vLLM's max_model_len, known once started
         self.fingerprint = "fp_vllm"
         self.dtype = ""  # what the engine computes in, known once started
@@ -87,6 +91,8 @@ class VllmEngine(Engine):
         if kv_cache_gib:
             # On CPU vLLM would otherwise reserve gpu_memory_utilization of all RAM.
             optional["kv_cache_memory_bytes"] = int(kv_cache_gib * _GIB)
+        if self._otlp_traces_endpoint:
+            optional["otlp_traces_endpoint"] = self._otlp_traces_endpoint
         return AsyncEngineArgs(
             model=str(self._spec.path),
             tensor_parallel_size=s.tensor_parallel_size,
@@ -193,7 +199,9 @@ class VllmEngine(Engine):
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
             try:
                 params = sampling_params(request, ignore_eos=self._settings.ignore_eos)
-                outputs = self._engine.generate(prompt, params, request_id)
+                outputs = self._engine.generate(
+                    prompt, params, request_id, trace_headers=request.trace_headers or None
+                )
                 first = await anext(aiter(outputs), None)
             except _REQUEST_ERRORS as exc:
                 # vLLM validates the request when it is added: e.g. a JSON Schema its grammar
