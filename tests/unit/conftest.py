@@ -1,12 +1,31 @@
 """Fixtures of the unit tests that talk to a real redis-server (session-wide, tests/conftest.py)."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
 from devstack.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
+from worker.publisher import EventPublisher
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain asyncio client of the session's redis-server (tests that need options make their own)."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def publisher(client: Redis) -> AsyncIterator[EventPublisher]:
+    """The worker's event publisher, running, on `client`."""
+    publisher = EventPublisher(client)
+    publisher.start()
+    yield publisher
+    await publisher.stop()
 
 
 @pytest.fixture

@@ -5,23 +5,13 @@ It is what a call that ends before its job's Finished (caller gone, deadline, lo
 charged, so it must count exactly the tokens the events published."""
 
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
 from common import keys
-from devstack.redis_server import RedisServer
 from gateway.queue import JobQueue
 from worker.publisher import EventPublisher
 from worker.runner import JobEvents
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def test_the_tokens_in_a_progress_record_are_the_tokens_published(client: Redis) -> None:

@@ -3,33 +3,16 @@
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from common import codec, keys
-from devstack.redis_server import RedisServer
 from worker.jobs import JobStream
 from worker.publisher import EventPublisher
 from worker.runner import JobEvents
 
 MODEL = "progress-test"
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def publisher(client: Redis) -> AsyncIterator[EventPublisher]:
-    publisher = EventPublisher(client)
-    publisher.start()
-    yield publisher
-    await publisher.stop()
 
 
 @pytest.fixture

@@ -2,24 +2,15 @@
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from common import keys
-from devstack.redis_server import RedisServer
 from worker.jobs import DEAD_CONSUMER_CLAIM_TIMEOUTS, JobStream
 
 CLAIM_IDLE_MS = 10_000
 LIVE_JOBS = 300  # pending with a live worker, queued before the dead worker's job
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def pending_with(client: Redis, stream: str, consumer: str, jobs: int, idle_ms: int) -> list[bytes]:

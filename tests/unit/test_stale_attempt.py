@@ -8,9 +8,7 @@ must be too, or it deletes B's pending entry and progress record and B's caller 
 """
 
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
 from common import codec, keys
@@ -18,21 +16,6 @@ from devstack.redis_server import RedisServer
 from worker.jobs import Delivery, JobStream
 from worker.publisher import EventPublisher
 from worker.runner import JobEvents
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def publisher(client: Redis) -> AsyncIterator[EventPublisher]:
-    publisher = EventPublisher(client)
-    publisher.start()
-    yield publisher
-    await publisher.stop()
 
 
 async def taken_over(client: Redis, publisher: EventPublisher) -> tuple[JobStream, Delivery, JobStream, str]:
