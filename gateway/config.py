@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from common.models import ModelSpec, parse_model_specs
 from common.settings import env_float, env_int, env_str
+from gateway.presence import POLICIES
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class GatewaySettings:
             if alias in served:
                 raise ValueError(f"GATEWAY_MODEL_ALIASES: {alias!r} is already a served model's name")
         self.http_host_port  # noqa: B018 - refuses a malformed address at start-up
-        if self.no_worker_policy not in ("refuse", "queue"):
-            raise ValueError(f"GATEWAY_NO_WORKER must be refuse or queue, got {self.no_worker_policy!r}")
+        if self.no_worker_policy not in POLICIES:
+            raise ValueError(f"GATEWAY_NO_WORKER must be one of {POLICIES}, got {self.no_worker_policy!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -153,7 +154,8 @@ class GatewaySettings:
             redis_tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
             tokenizer_threads=env_int(env, "GATEWAY_TOKENIZER_THREADS", 1, minimum=1),
             no_worker_policy=env_str(env, "GATEWAY_NO_WORKER", "refuse").lower(),
-            no_worker_grace_seconds=env_float(env, "GATEWAY_NO_WORKER_GRACE_SECONDS", 10.0, minimum=0.0),
+            # At least two health ticks: the gateway learns of live workers on its first one.
+            no_worker_grace_seconds=env_float(env, "GATEWAY_NO_WORKER_GRACE_SECONDS", 10.0, minimum=2.0),
         )
 
 

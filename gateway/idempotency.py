@@ -152,7 +152,15 @@ class IdempotencyKeys:
         ttl_ms = max(1000, int(running_seconds * 1000) + 5000)
         while True:
             try:
-                found = await self._claim(keys=[record], args=[body, claim.owner, ttl_ms, self._reply_stream])
+                try:
+                    found = await self._claim(
+                        keys=[record], args=[body, claim.owner, ttl_ms, self._reply_stream]
+                    )
+                except asyncio.CancelledError:
+                    # The script may have claimed the key for this call, which will never learn it:
+                    # give it up (only if ours), or a retry would wait for it to our deadline.
+                    await asyncio.shield(self.give_up(claim))
+                    raise
                 if found is None:
                     return claim
                 stored_body, answer, gateway = found

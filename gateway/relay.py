@@ -10,8 +10,8 @@ When a call ends for any reason other than its job finishing (caller cancelled o
 disconnected, deadline, error), the job is cancelled so no worker keeps generating for
 nobody. However a call ends, its key is charged what the engine generated (`_settle`).
 
-A call with an idempotency key (gateway/idempotency.py) claims it after validation and
-before the rate limiter counts it; a retry of it gets the first call's answer instead.
+A call with an idempotency key (gateway/idempotency.py) claims it once its API key is known,
+before any limit or validation: a retry of it gets the first call's answer instead, free.
 
 A request without max_tokens gets GATEWAY_DEFAULT_MAX_TOKENS, capped by what the context
 window leaves after the prompt (gateway/validation.py) and by what the key's tokens per
@@ -379,10 +379,15 @@ class Relay:
         budget = await self._rate_limiter.admit(record, tokens)
         try:
             return await self._queue.submit(valid, deadline), budget
-        except ServiceError:
-            # No job: nothing to charge, and the request the overload refused is given back too.
-            await self._rate_limiter.refund(budget, tokens, requests=1)
+        except BaseException:
+            # No job (refused, or the caller left while it waited for a worker or for Redis):
+            # nothing to charge, and the request is given back too.
+            await asyncio.shield(self._rate_limiter.refund(budget, tokens, requests=1))
             raise
+
+    def close(self) -> None:
+        """Releases what the relay holds besides calls (the tokenizer threads)."""
+        self._validator.close()
 
     def _timeout(self, remaining: float | None) -> float:
         default = self._settings.default_timeout_seconds

@@ -143,6 +143,7 @@ class Gateway:
         self.serving = False
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(self.settings.shutdown_grace_seconds), self.http.stop())
+        self.relay.close()
         await self.queue.stop()
         await self._redis.aclose()
         await self._reader_redis.aclose()

@@ -43,4 +43,5 @@ class PromptValidator:
         )
 
     def close(self) -> None:
+        """Stops the tokenizer threads (idle ones would otherwise wait for the interpreter's exit)."""
         self._executor.shutdown(wait=False, cancel_futures=True)

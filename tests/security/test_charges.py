@@ -153,6 +153,14 @@ class Occupied:
         time.sleep(0.3)  # the worker sees the cancel within its poll interval
 
 
+def wait_worker_idle(client: redis.Redis) -> None:
+    """Until the one worker holds no job (an earlier test's cancelled job may still be ending)."""
+    end = time.monotonic() + 10
+    while client.xlen(keys.job_stream(MODEL)):
+        assert time.monotonic() < end, "the worker still holds a job"
+        time.sleep(0.02)
+
+
 def test_a_stream_cut_after_three_chunks_is_charged_the_tokens_generated(
     gateways: list[Stack],
     secure_redis: RedisServer,
@@ -181,6 +189,7 @@ def test_a_call_past_its_deadline_is_charged_the_tokens_generated(
     fresh_minute: None,
 ) -> None:
     key = new_key(secure_redis, "deadline", rpm=100, tpm=100_000)
+    wait_worker_idle(redis_admin)  # so that the job starts at once and runs into its deadline
     with pytest.raises(grpc.RpcError) as caught:
         unary(gateways[1], key, timeout=1.0, max_tokens=600)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -205,7 +214,11 @@ def test_calls_that_never_reached_a_worker_give_back_request_and_tokens(
     with Occupied(gateways[0], new_key(secure_redis, "occupier")):
         waiter = threading.Thread(target=wait_in_queue)
         waiter.start()
-        time.sleep(0.5)  # its job is the one waiting job the queue holds
+        queued = keys.job_stream(MODEL)
+        end = time.monotonic() + 10
+        while redis_admin.xlen(queued) < 2:  # the occupier's job and its own, the one the queue may hold
+            assert time.monotonic() < end, "the waiting call's job was not queued"
+            time.sleep(0.02)
         with pytest.raises(grpc.RpcError) as caught:
             unary(gateways[1], refused, max_tokens=10)
         waiter.join()

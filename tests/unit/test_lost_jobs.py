@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+import gateway.queue
 from common import codec, keys
 from common.redis_client import connect
 from devstack.redis_server import RedisServer
@@ -29,7 +30,9 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def queue(client: Redis) -> AsyncIterator[JobQueue]:
+async def queue(client: Redis, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[JobQueue]:
+    # The test runs the check itself: the background one must not get there first.
+    monkeypatch.setattr(gateway.queue, "LOST_JOB_CHECK_SECONDS", 3600.0)
     queue = JobQueue(client, client, GATEWAY_ID, max_queued_jobs=100)
     await queue.start()
     yield queue
