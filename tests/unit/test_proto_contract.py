@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUF = REPO / ".tools" / "node_modules" / ".bin" / "buf"  # installed by `make lint` / `make test`
 PROTO = Path("proto/chat/v1/chat.proto")
 # make test and make lint install buf first; a bare pytest run without it says so.
-pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf is not installed: run `make lint` or `make test`")
+pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf is not installed: `make test` installs it")
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
