@@ -95,8 +95,10 @@ class JobQueue:
         # is failed); a lock makes one caller do it for everybody who noticed.
         self._generation = 0
         self._renewing = asyncio.Lock()
-        self._reader_ok = True
-        self._reply_stream_ok = True
+        self.__reader_ok = True
+        self.__reply_stream_ok = True
+        # Set whenever can_relay changes, so that health follows at once rather than at its next tick.
+        self.relay_state_changed = asyncio.Event()
         self.read_through = b"0-0"  # the reply stream's last entry the reader has routed
         self._check_jobs_now = asyncio.Event()  # set when Redis may have lost data (reader recovered)
         self.presence: WorkerPresence | None = None  # None: queue whether or not a worker is live
@@ -138,7 +140,27 @@ class JobQueue:
     @property
     def can_relay(self) -> bool:
         """False while the reply stream cannot be read or kept: events of jobs would not reach calls."""
-        return self._reader_ok and self._reply_stream_ok
+        return self.__reader_ok and self.__reply_stream_ok
+
+    @property
+    def _reader_ok(self) -> bool:
+        return self.__reader_ok
+
+    @_reader_ok.setter
+    def _reader_ok(self, ok: bool) -> None:
+        if ok != self.__reader_ok:
+            self.__reader_ok = ok
+            self.relay_state_changed.set()
+
+    @property
+    def _reply_stream_ok(self) -> bool:
+        return self.__reply_stream_ok
+
+    @_reply_stream_ok.setter
+    def _reply_stream_ok(self, ok: bool) -> None:
+        if ok != self.__reply_stream_ok:
+            self.__reply_stream_ok = ok
+            self.relay_state_changed.set()
 
     async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
         """Queues a validated request; its events arrive on the returned Subscription."""
@@ -406,7 +428,8 @@ class JobQueue:
         generation = self._generation
         try:
             if not await self._redis.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS):
-                self._reply_stream_ok = False
+                # Not unhealthy while it is made anew: calls are served meanwhile (a submit renews
+                # it too), and health read then must not say NOT_SERVING. A renewal that fails is.
                 await self._renew_reply_stream(
                     generation, "this gateway's reply stream expired while the gateway was unresponsive"
                 )

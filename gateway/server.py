@@ -1,6 +1,7 @@
 """Builds the gateway's gRPC server: chat service, health checks and reflection."""
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -177,7 +178,10 @@ class Gateway:
         balancers route around us. Recomputed from the present state and set at every tick, so no
         past state (a missed change, a frozen process) outlives the next tick."""
         while True:
-            await asyncio.sleep(_HEALTH_CHECK_SECONDS)
+            # A tick, or at once when the queue's ability to relay changes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.queue.relay_state_changed.wait(), _HEALTH_CHECK_SECONDS)
+            self.queue.relay_state_changed.clear()
             try:
                 await self._refresh_models()
                 redis_ok = True
