@@ -83,3 +83,25 @@ def idempotency(scope: str, key_digest: str) -> str:
     different callers never meet; `key_digest` is the SHA-256 of the caller's Idempotency-Key.
     Lives for GATEWAY_IDEMPOTENCY_WINDOW_SECONDS, so a retry within it gets the first call's answer."""
     return f"{PREFIX}:idempotency:{scope}:{key_digest}"
+
+
+def completion_log(request_id: str) -> str:
+    """Stream of one completion, from which a dropped stream resumes and a retry attaches.
+
+    Its first entry is the call's record (gateway/completion_log.py), added by the submit script
+    with the job; then every event of the job, added by the workers' publish script in the same
+    step as the reply-stream entry (so it holds exactly what a caller can have been sent); and,
+    where the call ended without its job's terminal event (a deadline, a lost job), an entry
+    that says how. It lives until the job's deadline plus GATEWAY_RESUME_WINDOW_SECONDS, and
+    for that window once the call has ended.
+    """
+    return f"{PREFIX}:completion:{request_id}"
+
+
+def watched(request_id: str) -> str:
+    """Set, with a short TTL refreshed while it lasts, by every call reading a completion's log.
+
+    A stream whose caller dropped keeps its job running while this lease is held or for
+    GATEWAY_RESUME_GRACE_SECONDS after the drop, so that a resume finds the rest of it.
+    """
+    return f"{PREFIX}:watched:{request_id}"

@@ -27,7 +27,11 @@
 | GATEWAY_AUTH_CACHE_SECONDS | 5 | how long a looked-up key is trusted before Redis is asked again |
 | GATEWAY_REFLECTION | on, off with auth | gRPC server reflection; with GATEWAY_AUTH=on it needs a key |
 | GATEWAY_TOKENIZER_THREADS | 1 | threads that tokenize large prompts off the event loop |
-| GATEWAY_IDEMPOTENCY_WINDOW_SECONDS | 600 | a retry with the same Idempotency-Key within it gets the answer |
+| GATEWAY_IDEMPOTENCY_WINDOW_SECONDS | 600 | a retry with the same Idempotency-Key attaches to the first job |
+| GATEWAY_RESUME_WINDOW_SECONDS | 600 | a completion stays resumable and readable so long after its end |
+| GATEWAY_SSE_KEEPALIVE_SECONDS | 15 | an HTTP stream silent so long gets a `: keepalive` SSE comment |
+| GATEWAY_GRPC_KEEPALIVE_SECONDS | 60 | the gRPC server pings connections idle this long (HTTP/2 PING) |
+| GATEWAY_RESUME_GRACE_SECONDS | 10 | a dropped stream's job runs on so long for a resume, then is cancelled |
 | GATEWAY_TLS_CERT_FILE | | server certificate chain (PEM); with the key file, the port serves TLS |
 | GATEWAY_TLS_KEY_FILE | | server private key (PEM) |
 | GATEWAY_TLS_CLIENT_CA_FILE | | CA bundle (PEM); when set, clients need a certificate it signed (mTLS) |
@@ -82,6 +86,10 @@ class GatewaySettings:
     tokenizer_threads: int = 1
     no_worker_policy: str = "refuse"  # gateway/presence.py
     no_worker_grace_seconds: float = 10.0
+    resume_window_seconds: float = 600.0  # gateway/completion_log.py
+    resume_grace_seconds: float = 10.0
+    sse_keepalive_seconds: float = 15.0
+    grpc_keepalive_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         served = {m.name for m in self.models}
@@ -156,6 +164,10 @@ class GatewaySettings:
             no_worker_policy=env_str(env, "GATEWAY_NO_WORKER", "refuse").lower(),
             # At least two health ticks: the gateway learns of live workers on its first one.
             no_worker_grace_seconds=env_float(env, "GATEWAY_NO_WORKER_GRACE_SECONDS", 10.0, minimum=2.0),
+            resume_window_seconds=env_float(env, "GATEWAY_RESUME_WINDOW_SECONDS", 600.0, minimum=1.0),
+            resume_grace_seconds=env_float(env, "GATEWAY_RESUME_GRACE_SECONDS", 10.0, minimum=0.0),
+            sse_keepalive_seconds=env_float(env, "GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.1),
+            grpc_keepalive_seconds=env_float(env, "GATEWAY_GRPC_KEEPALIVE_SECONDS", 60.0, minimum=10.0),
         )
 
 

@@ -5,6 +5,7 @@ ServiceError                     any error the caller is told about
 │   └── UnsupportedParameter     a parameter of the dialect this service does not implement
 ├── MalformedRequest             INVALID_ARGUMENT: the request bytes are not a valid message
 ├── ModelNotFound                NOT_FOUND, BadRequest field violation on `model`
+├── CompletionNotFound           NOT_FOUND: a completion id unknown, expired, or another key's
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
 ├── JobFailed                    status chosen by the worker's failure kind
 ├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
@@ -106,6 +107,14 @@ class ModelNotFound(InvalidField):
     def __init__(self, model: str, known: list[str]) -> None:
         super().__init__(
             "model", f"names no model served here: {shown(model)} (available: {', '.join(known)})"
+        )
+
+
+class CompletionNotFound(ServiceError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"no completion with id 'chatcmpl-{request_id}': unknown, past its retention window,"
+            " or created with another API key"
         )
 
 
@@ -211,6 +220,7 @@ STATUSES: dict[type[ServiceError], Status] = {
     ),
     MalformedRequest: Status(code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "invalid_json"),
     ModelNotFound: Status(code_pb2.NOT_FOUND, 404, "invalid_request_error", "model_not_found"),
+    CompletionNotFound: Status(code_pb2.NOT_FOUND, 404, "invalid_request_error", "completion_not_found"),
     JsonValidateFailed: Status(
         code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "json_validate_failed"
     ),

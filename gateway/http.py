@@ -8,9 +8,11 @@ status from errors.STATUSES. Code written against the groq SDK (`GROQ_BASE_URL`,
 
 aiohttp serves it on the gateway's event loop, beside grpc.aio. With handler
 cancellation on, a caller that disconnects cancels its handler, which closes the
-relay and so cancels the job, as on gRPC.
+relay, as on gRPC: the job is cancelled, or for a stream left running for the resume
+grace (GET /chat/completions/{id}?stream=true&starting_after=N picks it up).
 """
 
+import asyncio
 import json
 import logging
 import math
@@ -230,18 +232,20 @@ def _usage(usage: Usage) -> dict[str, Any]:
     }
 
 
-def _completion(call: Accepted, content: str, finished: Finished) -> dict[str, Any]:
+def _completion(
+    call: Accepted, content: str, finished: Finished | None, fingerprint: str = ""
+) -> dict[str, Any]:
+    """The completion; without `finished`, as far as it has come (finish_reason and usage null)."""
     message = {"role": "assistant", "content": content}
+    finish_reason = finished.finish_reason if finished is not None else None
     return {
         "id": call.completion_id,
         "object": "chat.completion",
         "created": call.created,
         "model": call.model,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finished.finish_reason}
-        ],
-        "usage": _usage(finished.usage),
-        "system_fingerprint": finished.system_fingerprint,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": _usage(finished.usage) if finished is not None else None,
+        "system_fingerprint": finished.system_fingerprint if finished is not None else fingerprint,
         "x_groq": {"id": f"req_{call.request_id}"},
     }
 
@@ -295,8 +299,15 @@ def error_response(error: ServiceError, options: Options | None = None) -> web.R
     )
 
 
-def _sse(payload: object) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def _sse(payload: object, seq: int | None = None) -> bytes:
+    """One server-sent event; with seq, its `id`, which a resume names (starting_after, Last-Event-ID)."""
+    data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return data if seq is None else b"id: %d\n" % seq + data
+
+
+# Sent while a stream waits in silence (a queue wait, a long prefill), so that proxies and load
+# balancers with an idle timeout keep the connection; an SSE comment, which clients ignore.
+_KEEPALIVE = b": keepalive\n\n"
 
 
 # ---- handlers ----
@@ -325,6 +336,7 @@ class HttpApi:
         app = web.Application(client_max_size=self._settings.max_request_bytes, middlewares=[_errors_as_json])
         for prefix in PREFIXES:
             app.router.add_post(f"{prefix}/chat/completions", self.chat_completions)
+            app.router.add_get(f"{prefix}/chat/completions/{{completion_id}}", self.get_completion)
             app.router.add_get(f"{prefix}/models", self.list_models)
             app.router.add_get(f"{prefix}/models/{{model:.+}}", self.get_model)
         app.router.add_get("/healthz", self.healthz)
@@ -367,8 +379,26 @@ class HttpApi:
         items = self._relay.run(parsed, caller, stream=options.stream)
         async with aclosing(items):
             if options.stream:
-                return await _stream(request, items, options)
+                return await _stream(request, items, options, self._settings.sse_keepalive_seconds)
             return await _unary(items, options)
+
+    async def get_completion(self, request: web.Request) -> web.StreamResponse:
+        """A completion by id: `?stream=true` streams it again after `starting_after` (or the
+        Last-Event-ID header) and on to its end; else it is returned as far as it has come."""
+        completion_id = request.match_info["completion_id"]
+        caller = Caller(_metadata(request), None, "http")
+        stream = _query_flag(request, "stream")
+        cursor = request.query.get("starting_after", request.headers.get("Last-Event-ID", ""))
+        try:
+            after = int(cursor) if cursor else -1
+        except ValueError:
+            return error_response(InvalidField("starting_after", f"must be an integer, got {cursor!r}"))
+        items = self._relay.resume(completion_id, caller, after, follow=stream)
+        async with aclosing(items):
+            if stream:
+                options = Options(stream=True, include_usage=_query_flag(request, "include_usage"))
+                return await _stream(request, items, options, self._settings.sse_keepalive_seconds)
+            return await _unary(items, Options(), whole=False)
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The models the caller's key may use (a ServiceError answers through _errors_as_json)."""
@@ -417,12 +447,23 @@ async def _json_body(request: web.Request, limit: int) -> object:
         raise MalformedRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-async def _unary(items: AsyncIterator[Any], options: Options) -> web.Response:
+def _query_flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false"):
+        raise InvalidField(name, f"must be true or false, got {value!r}")
+    return value == "true"
+
+
+async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True) -> web.Response:
+    """One JSON completion. whole: the job must finish; else what came so far will do (GET by id)."""
     call: Accepted | None = None
     pieces: list[str] = []
+    fingerprint = ""
     async for item in items:
         if isinstance(item, Accepted):
             call = item
+        elif isinstance(item, Started):
+            fingerprint = item.system_fingerprint
         elif isinstance(item, Text):
             pieces.append(item.text)
         elif isinstance(item, Failed):
@@ -430,15 +471,25 @@ async def _unary(items: AsyncIterator[Any], options: Options) -> web.Response:
         elif isinstance(item, Finished) and call is not None:
             headers = {**dict(call.ratelimit), "x-request-id": f"req_{call.request_id}"}
             return web.json_response(_completion(call, "".join(pieces), item), headers=headers)
+    if call is not None and not whole:
+        so_far = _completion(call, "".join(pieces), None, fingerprint)
+        return web.json_response(so_far, headers={"x-request-id": f"req_{call.request_id}"})
     return error_response(ServiceError("the job ended without a result"))
 
 
-async def _stream(request: web.Request, items: AsyncIterator[Any], options: Options) -> web.StreamResponse:
-    """Server-sent events: a role chunk, text chunks, the chunk with finish_reason, [DONE]."""
+async def _stream(
+    request: web.Request, items: AsyncIterator[Any], options: Options, keepalive_seconds: float
+) -> web.StreamResponse:
+    """Server-sent events: a role chunk, text chunks, the chunk with finish_reason, [DONE]. Each
+    chunk has an `id` to resume after; silent waits send a keepalive comment."""
     response: web.StreamResponse | None = None
     call: Accepted | None = None
     fingerprint = ""
-    async for item in items:
+    async for item in _with_keepalives(items, keepalive_seconds):
+        if item is None:
+            if response is not None:
+                await response.write(_KEEPALIVE)
+            continue
         if isinstance(item, Failed):
             if response is None:
                 return error_response(item.error, options)
@@ -456,13 +507,13 @@ async def _stream(request: web.Request, items: AsyncIterator[Any], options: Opti
             fingerprint = item.system_fingerprint
             first = _chunk(call, fingerprint, {"role": "assistant", "content": ""})
             first["x_groq"] = {"id": f"req_{call.request_id}"}
-            await response.write(_sse(first))
+            await response.write(_sse(first, item.seq))
         elif isinstance(item, Text):
-            await response.write(_sse(_chunk(call, fingerprint, {"content": item.text})))
+            await response.write(_sse(_chunk(call, fingerprint, {"content": item.text}), item.seq))
         elif isinstance(item, Finished):
             last = _chunk(call, fingerprint, {}, item.finish_reason)
             last["x_groq"] = {"id": f"req_{call.request_id}", "usage": _usage(item.usage)}
-            await response.write(_sse(last))
+            await response.write(_sse(last, item.seq))
             if options.include_usage:
                 usage_chunk = {**_chunk(call, fingerprint, {}), "choices": [], "usage": _usage(item.usage)}
                 await response.write(_sse(usage_chunk))
@@ -472,6 +523,30 @@ async def _stream(request: web.Request, items: AsyncIterator[Any], options: Opti
     if response is None:
         return error_response(ServiceError("the job ended without a result"))
     return response
+
+
+async def _with_keepalives(items: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
+    """The items, with None after every `seconds` of silence between them. The pending item is
+    awaited across the silences, never cancelled: cancelling it would end the call."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=seconds)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
 
 
 @web.middleware

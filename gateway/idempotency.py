@@ -1,38 +1,30 @@
-"""Idempotency keys: a retried call gets the answer of its first attempt, not a second job.
+"""Idempotency keys: a retried call attaches to the job of its first attempt, not a second job.
 
 A caller names a logical call with an `Idempotency-Key` HTTP header or `idempotency-key`
 gRPC metadata and sends the same key with every retry of it (chat_client does). Per API key
 (or among all callers while auth is off), the first call with a key claims it in Redis,
-atomically, before the rate limiter counts anything, and runs as usual; when its job
-finishes, its answer is stored under the key before the caller is sent the end of it. A
-retry of the same request then gets that answer, with the same completion id, from any
-gateway, and is neither queued nor charged; while the first call still runs, the retry waits
-for it (up to its own deadline). A different request under the same key is refused.
+atomically, before the rate limiter counts anything, and runs as usual; once its job is
+queued, the key points at it. A retry of the same request, on any gateway, then attaches to
+that job through its completion log (gateway/completion_log.py): the same mechanism a resumed
+stream uses, with its cursor at the start. It gets the job's reply as it is generated, with
+the same completion id, whether the job still runs or finished, and is neither queued nor
+charged. A different request under the same key is refused.
 
-Only finished answers are kept, for GATEWAY_IDEMPOTENCY_WINDOW_SECONDS after they were
-stored. A first call that ends without one (its caller left, its deadline, an error) gives
-the key up, and the next retry runs the request anew (charged only what the engine
-generated the first time): an error is no answer to repeat, and a retry is what the caller
-wants after one.
-
-Why store the answer and poll rather than attach to the running job's events: those go to
-the reply stream of the gateway that queued the job, which trims them as it reads, so a
-retry on another gateway, or after the first call's gateway gave up, could not read them.
-An answer is bounded by max_tokens, and a waiting retry costs Redis one script call per
-poll. The price: a retry that waits for a running job gets the whole reply when the job
-finishes, as one piece of text (a stream retried gets one chunk), not token by token; and
-a first call whose caller leaves gives the key up, so a retry waiting then runs the request
-anew rather than taking the abandoned job over. If the gateway running the first call dies,
-its key is freed once that gateway's reply stream has expired (10 s), and a retry runs anew.
+A finished call keeps its key for GATEWAY_IDEMPOTENCY_WINDOW_SECONDS (and its log at least as
+long). A first call that ends in an error gives the key up, and the next retry runs the
+request anew (charged only what the engine generated the first time): an error is no answer
+to repeat, and a retry is what the caller wants after one. A first call whose caller left
+keeps the key while its job runs on (gateway/relay.py), so the retry attaches to it. If the
+gateway running the first call dies, its key is freed once that gateway's reply stream has
+expired (10 s; its workers drop the job then), and a retry runs anew.
 """
 
 import asyncio
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
@@ -44,69 +36,58 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "idempotency-key"  # gRPC metadata; HTTP's Idempotency-Key header arrives as this
 MAX_KEY_CHARS = 255
-_POLL_SECONDS = 0.1  # how often a retry looks for the answer of a call still running
+_POLL_SECONDS = 0.1  # how often a retry looks for the job of a call still being admitted
 
 # KEYS: the key's record. ARGV: request hash, owner token, time to live (ms) while unanswered,
 # the owner's gateway's reply stream. Claims an unknown key for the owner; returns nil then,
-# else {request hash, answer or nil, the owning gateway's reply stream}.
+# else {request hash, the request id of its job (nil until queued), the owning gateway's reply stream}.
 _CLAIM = """
-local found = redis.call('HMGET', KEYS[1], 'body', 'answer', 'gateway')
+local found = redis.call('HMGET', KEYS[1], 'body', 'job', 'gateway')
 if found[1] then return found end
 redis.call('HSET', KEYS[1], 'body', ARGV[1], 'owner', ARGV[2], 'gateway', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return nil
 """
-# KEYS: the record, the reply stream of the gateway that owns it. Frees an unanswered key whose
-# gateway is gone: a reply stream expires 10 s after its gateway stopped (gateway/queue.py), and
-# its calls with it, so a retry need not wait for the dead call's deadline.
+# KEYS: the record, the reply stream of the gateway that owns it. Frees a key whose call has not
+# finished and whose gateway is gone: a reply stream expires 10 s after its gateway stopped
+# (gateway/queue.py), and workers drop its jobs then, so a retry need not wait for the dead call.
 _FREE_ORPHAN = """
-if redis.call('HGET', KEYS[1], 'gateway') == KEYS[2] and redis.call('HEXISTS', KEYS[1], 'answer') == 0
+if redis.call('HGET', KEYS[1], 'gateway') == KEYS[2] and redis.call('HEXISTS', KEYS[1], 'kept') == 0
     and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
 end
 """
-# KEYS: the record. ARGV: owner token, answer (JSON), window (ms). Only the owner answers.
-_ANSWER = """
+# KEYS: the record. ARGV: owner token, the job's request id. Points the key at the owner's job.
+_BIND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'answer', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'job', ARGV[2])
 return 1
 """
-# KEYS: the record. ARGV: owner token. Gives an unanswered key up, if this call still owns it.
+# KEYS: the record. ARGV: owner token, window (ms). The owner's job finished: keep the key.
+_KEEP = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'kept', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# KEYS: the record. ARGV: owner token. Gives an unfinished key up, if this call still owns it.
 _GIVE_UP = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HEXISTS', KEYS[1], 'answer') == 0 then
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HEXISTS', KEYS[1], 'kept') == 0 then
   redis.call('DEL', KEYS[1])
 end
 """
 
 
 @dataclass(frozen=True)
-class Answer:
-    """What a finished call told its caller; a retry is told the same."""
+class Attach:
+    """The key's first call queued this job: a retry attaches to it."""
 
     request_id: str
-    created: int
-    model: str
-    text: str
-    finish_reason: str
-    system_fingerprint: str
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time: float
-    prompt_time: float
-    completion_time: float
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Answer":
-        return cls(**json.loads(data))
 
 
 @dataclass(frozen=True)
 class Claim:
-    """This call owns its idempotency key: it runs the request, then answers or gives the key up."""
+    """This call owns its idempotency key: it runs the request, then keeps the key or gives it up."""
 
     record: str  # the Redis key
     owner: str  # this call's token
@@ -133,15 +114,16 @@ class IdempotencyKeys:
         self._reply_stream = keys.reply_stream(gateway_id)
         self._claim = redis.register_script(_CLAIM)
         self._free_orphan = redis.register_script(_FREE_ORPHAN)
-        self._answer = redis.register_script(_ANSWER)
+        self._bind = redis.register_script(_BIND)
+        self._keep = redis.register_script(_KEEP)
         self._give_up = redis.register_script(_GIVE_UP)
 
     async def claim_or_wait(
         self, key: str, scope: str, request: bytes, running_seconds: float
-    ) -> Claim | Answer:
-        """Claims the key for this call, or returns the answer of the call that has it (waiting for
-        it while it runs; the caller bounds the wait). Raises IdempotencyConflict when the key was
-        used with another request.
+    ) -> Claim | Attach:
+        """Claims the key for this call, or returns the job of the call that has it (waiting while
+        that call is admitted; the caller bounds the wait). Raises IdempotencyConflict when the key
+        was used with another request.
 
         running_seconds: how long the claim holds without an answer (the call's deadline, so a
         gateway that dies mid-call cannot hold the key for the whole window).
@@ -163,12 +145,12 @@ class IdempotencyKeys:
                     raise
                 if found is None:
                     return claim
-                stored_body, answer, gateway = found
+                stored_body, job, gateway = found
                 if bytes(stored_body).decode() != body:
                     raise IdempotencyConflict(key)
-                if answer is not None:
-                    return Answer.from_json(answer)
-                if gateway is not None:  # the first call is still running, unless its gateway died
+                if job is not None:
+                    return Attach(bytes(job).decode())
+                if gateway is not None:  # the first call is being admitted, unless its gateway died
                     await self._free_orphan(keys=[record, bytes(gateway).decode()])
             except OutOfMemoryError as exc:
                 raise RedisOutOfMemory("cannot record the idempotency key") from exc
@@ -177,18 +159,23 @@ class IdempotencyKeys:
                 raise Unavailable("cannot check the idempotency key; retry the request") from exc
             await asyncio.sleep(_POLL_SECONDS)
 
-    async def answer(self, claim: Claim, answer: Answer) -> bool:
-        """Stores the call's answer for retries; False when it could not (the key is then given up)."""
+    async def bind(self, claim: Claim, request_id: str) -> None:
+        """Points the key at the job its call queued, so that retries attach to that job."""
         try:
-            return bool(
-                await self._answer(keys=[claim.record], args=[claim.owner, answer.to_json(), self._window_ms])
-            )
+            await self._bind(keys=[claim.record], args=[claim.owner, request_id])
+        except RedisError as exc:  # a retry then waits for the call (or its deadline) instead
+            log.warning("cannot point idempotency record %s at job %s: %s", claim.record, request_id, exc)
+
+    async def keep(self, claim: Claim) -> bool:
+        """The call's job finished: retries within the window attach to it. False when it could not."""
+        try:
+            return bool(await self._keep(keys=[claim.record], args=[claim.owner, self._window_ms]))
         except RedisError as exc:
-            log.warning("cannot store the answer of request %s for retries: %s", answer.request_id, exc)
+            log.warning("cannot keep idempotency record %s for retries: %s", claim.record, exc)
             return False
 
     async def give_up(self, claim: Claim) -> None:
-        """Frees the key of a call that ended without an answer, so that a retry runs anew."""
+        """Frees the key of a call that ended without a finished job, so that a retry runs anew."""
         try:
             await self._give_up(keys=[claim.record], args=[claim.owner])
         except RedisError as exc:  # the claim expires after the call's deadline anyway

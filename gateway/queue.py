@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
+from gateway.completion_log import CallRecord
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
@@ -45,8 +46,10 @@ if waiting > 0 then
   if ok then waiting = waiting - pending[1] end
 end
 """
-# KEYS: job stream, the request's submitted marker, reply stream. ARGV: group, limit, marker TTL,
-# 6 entry fields. Returns the entry id; the number of jobs waiting when the queue is full; or
+# KEYS: job stream, the request's submitted marker, reply stream, completion log. ARGV: group,
+# limit, marker TTL, 6 entry fields, the call's record (gateway/completion_log.py), the log's
+# time to live (ms). The log is made with the job, so that every event of it lands there too.
+# Returns the entry id; the number of jobs waiting when the queue is full; or
 # _REPLY_STREAM_GONE: workers would drop the job's events (NOMKSTREAM), so it is not queued.
 # Idempotent per request id: run again (a retry after a reply timeout), it returns the entry it
 # added the first time instead of queueing the job twice.
@@ -62,6 +65,8 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 if waiting >= tonumber(ARGV[2]) then return waiting end
 local id = redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+redis.call('XADD', KEYS[4], '*', 'call', ARGV[10])
+redis.call('PEXPIRE', KEYS[4], ARGV[11])
 return id
 """
 )
@@ -81,8 +86,16 @@ end
 
 
 class JobQueue:
-    def __init__(self, redis: Redis, reader: Redis, gateway_id: str, max_queued_jobs: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        gateway_id: str,
+        max_queued_jobs: int,
+        log_window_seconds: float = 600.0,
+    ) -> None:
         self._redis = redis
+        self._log_window_seconds = log_window_seconds  # a completion log outlives its deadline so long
         self._reader = reader  # its own connection: the blocking XREAD holds it
         self._gateway_id = gateway_id
         self._max_queued_jobs = max_queued_jobs
@@ -162,13 +175,15 @@ class JobQueue:
             self.__reply_stream_ok = ok
             self.relay_state_changed.set()
 
-    async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
-        """Queues a validated request; its events arrive on the returned Subscription."""
+    async def submit(self, request: ValidRequest, deadline: float, owner: str = "anonymous") -> Subscription:
+        """Queues a validated request; its events arrive on the returned Subscription.
+
+        owner: whose completion it is (an API key's digest): only that key may read its log."""
         if self.presence is not None:
             await self.presence.admit(request.model, deadline)  # no live worker: refused or held
         for _ in range(2):
             generation = self._generation
-            subscription = await self._submit_once(request, deadline)
+            subscription = await self._submit_once(request, deadline, owner)
             if subscription is not None:
                 return subscription
             try:
@@ -177,7 +192,7 @@ class JobQueue:
                 raise Unavailable.hiding("job queue unreachable", exc) from exc
         raise Unavailable("this gateway cannot keep its reply stream in Redis; retry the request")
 
-    async def _submit_once(self, request: ValidRequest, deadline: float) -> Subscription | None:
+    async def _submit_once(self, request: ValidRequest, deadline: float, owner: str) -> Subscription | None:
         """Queues the job, or returns None when the reply stream is gone (nothing queued)."""
         request_id = uuid.uuid4().hex
         job = codec.Job(
@@ -202,6 +217,9 @@ class JobQueue:
         )
         subscription = Subscription(request_id, request.model, request.max_tokens)
         subscription.deadline = deadline
+        subscription.created = int(time.time())
+        record = CallRecord(request_id, owner, request.model, subscription.created, deadline)
+        log_ttl_ms = int((deadline - time.time() + self._log_window_seconds) * 1000)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (
             keys.REQUEST_ID_FIELD, request_id.encode(),
@@ -210,8 +228,17 @@ class JobQueue:
         )  # fmt: skip
         submitting = asyncio.ensure_future(
             self._submit(
-                keys=[keys.job_stream(request.model), keys.submitted(request_id), self._reply_stream],
-                args=[keys.WORKER_GROUP, self._max_queued_jobs, keys.RETRY_MARKER_TTL_SECONDS, *fields],
+                keys=[
+                    keys.job_stream(request.model),
+                    keys.submitted(request_id),
+                    self._reply_stream,
+                    keys.completion_log(request_id),
+                ],
+                args=[
+                    *(keys.WORKER_GROUP, self._max_queued_jobs, keys.RETRY_MARKER_TTL_SECONDS),
+                    *fields,
+                    *(record.to_json(), max(1000, log_ttl_ms)),
+                ],
             )
         )
         try:

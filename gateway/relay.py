@@ -11,7 +11,15 @@ disconnected, deadline, error), the job is cancelled so no worker keeps generati
 nobody. However a call ends, its key is charged what the engine generated (`_settle`).
 
 A call with an idempotency key (gateway/idempotency.py) claims it once its API key is known,
-before any limit or validation: a retry of it gets the first call's answer instead, free.
+before any limit or validation: a retry of it attaches to the first call's job instead, free.
+
+Every job's events also go to its completion log (gateway/completion_log.py), from which
+`Relay.resume` replays a completion after any chunk and follows it to its end: a stream whose
+connection dropped resumes there, and an idempotent retry attaches there from the start. So
+that the rest is there to resume, a stream (or an idempotent call) whose caller leaves keeps
+its job running, detached, while somebody reads its log, and for GATEWAY_RESUME_GRACE_SECONDS
+in any case; then, if nobody came back, the job is cancelled as at once before. The charge is
+settled when the job ends, so it is the same whether or not the caller came back.
 
 A request without max_tokens gets GATEWAY_DEFAULT_MAX_TOKENS, capped by what the context
 window leaves after the prompt (gateway/validation.py) and by what the key's tokens per
@@ -21,11 +29,13 @@ minute leave after it (`_default_fits_budget`): a default never makes a valid re
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
+from redis.exceptions import RedisError
 
 from chat.v1 import chat_pb2
 from common import codec, tracing
@@ -33,12 +43,16 @@ from gateway import metrics
 from gateway.apikeys import KeyRecord
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
+from gateway.completion_log import CallRecord, CompletionLog, parse_entry
 from gateway.config import GatewaySettings
 from gateway.errors import (
+    JOB_FAILURES,
     Aborted,
+    CompletionNotFound,
     DeadlineExceeded,
     IdempotencyConflict,
     InvalidField,
+    JobFailed,
     MalformedRequest,
     PermissionDenied,
     QueueFull,
@@ -51,7 +65,7 @@ from gateway.errors import (
     Unavailable,
     from_failed_event,
 )
-from gateway.idempotency import Answer, Claim, IdempotencyKeys, idempotency_key
+from gateway.idempotency import Attach, Claim, IdempotencyKeys, idempotency_key
 from gateway.metrics import CallRecorder
 from gateway.presence import NoLiveWorker
 from gateway.queue import JobQueue
@@ -61,6 +75,8 @@ from gateway.subscription import Subscription
 from gateway.tokenizing import PromptValidator
 from gateway.validation import Limits, ValidRequest
 from gateway.wire import Undecodable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,11 +121,16 @@ class Accepted:
         return f"chatcmpl-{self.request_id}"
 
 
+# `seq` of the items below: the position of the last job event behind the item (gateway/
+# subscription.py), which a stream sends with it so that its caller can resume after it.
+
+
 @dataclass(frozen=True)
 class Started:
     """A worker took the job (sent once, even when another worker takes the job over)."""
 
     system_fingerprint: str
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,7 @@ class Text:
     """Generated text: each piece once for a stream; the whole reply at once for a unary call."""
 
     text: str
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,7 @@ class Finished:
     finish_reason: str
     usage: Usage
     system_fingerprint: str
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,22 @@ Item = Accepted | Started | Text | Finished | Failed
 Request = chat_pb2.ChatCompletionRequest | Undecodable | ServiceError
 
 
+class _EndOfLog(ServiceError):
+    """A snapshot (Relay.resume without follow) has read all the log holds now."""
+
+
+@dataclass
+class _OpenCall:
+    """A call whose job runs: what ending it needs, whether its caller stays or leaves."""
+
+    subscription: Subscription
+    budget: Budget | None
+    claim: Claim | None
+    translation: "_Translation"
+    ends_at: float  # event-loop time of the deadline
+    deadline: float  # Unix time of the deadline
+
+
 class Relay:
     def __init__(
         self,
@@ -147,6 +186,7 @@ class Relay:
         rate_limiter: RateLimiter | None = None,
         idempotency: IdempotencyKeys | None = None,
         tracer: tracing.Tracing = tracing.OFF,
+        completion_log: CompletionLog | None = None,
     ) -> None:
         self._settings = settings
         self._tracer = tracer
@@ -155,6 +195,8 @@ class Relay:
         self._authenticator = authenticator  # None: GATEWAY_AUTH=off
         self._rate_limiter = rate_limiter
         self._idempotency = idempotency  # None: idempotency keys are ignored
+        self._log = completion_log  # None: nothing resumes, and a caller that leaves cancels its job
+        self._detached: set[asyncio.Task[None]] = set()  # jobs running on after their caller left
         self._limits = Limits.from_settings(settings)
         self._validator = PromptValidator(
             catalog, settings.default_max_tokens, self._limits, settings.tokenizer_threads
@@ -173,14 +215,39 @@ class Relay:
             # GATEWAY_MODEL_ALIASES: the rest of the call (keys, queue, responses) sees the served name.
             request.model = model = self._catalog.resolve(request.model)
         label = metrics.model_label(model, self._catalog.names)
+        recorder = self._recorder(rpc, label, caller)
+        async with contextlib.aclosing(
+            self._recorded(self._admit_and_relay(request, caller, recorder, stream), recorder)
+        ) as items:
+            async for item in items:
+                yield item
+
+    async def resume(
+        self, completion_id: str, caller: Caller, starting_after: int = -1, *, follow: bool = True
+    ) -> AsyncGenerator[Item]:
+        """A completion again, from its log: Accepted, then the stream's items after position
+        `starting_after` (-1: all), following the job to its end; without follow, only what the
+        log holds now (ending with Finished only if the job has). Free: nothing is charged."""
+        rpc = "ResumeChatCompletion" if follow else "GetChatCompletion"
+        recorder = self._recorder(rpc, "", caller)
+        async with contextlib.aclosing(
+            self._recorded(self._resume(completion_id, caller, starting_after, follow), recorder)
+        ) as items:
+            async for item in items:
+                yield item
+
+    def _recorder(self, rpc: str, label: str, caller: Caller) -> CallRecorder:
         # The label, not the name asked for: a caller's made-up model name goes in no span either.
         span = self._tracer.call(rpc, label, caller.transport, caller.metadata)
-        recorder = CallRecorder(rpc, label, caller.transport, span)
+        return CallRecorder(rpc, label, caller.transport, span)
+
+    async def _recorded(self, call: AsyncGenerator[Item], recorder: CallRecorder) -> AsyncGenerator[Item]:
+        """The call's items, counted in the request metrics by how the call ended."""
         code, ended = "OK", False
         try:
             # aclosing: a caller that leaves closes the inner generators at once, so the job is
-            # cancelled and the call charged now, not whenever the garbage collector gets to them.
-            async with contextlib.aclosing(self._run(request, caller, recorder, stream)) as items:
+            # cancelled (or detached) and the call charged now, not whenever the GC gets to them.
+            async with contextlib.aclosing(self._limited(call, recorder)) as items:
                 async for item in items:
                     if isinstance(item, Failed):
                         code = code_pb2.Code.Name(item.error.code)
@@ -196,13 +263,7 @@ class Relay:
         finally:
             recorder.done(code)
 
-    async def _run(
-        self,
-        request: Request,
-        caller: Caller,
-        recorder: CallRecorder,
-        stream: bool,
-    ) -> AsyncGenerator[Item]:
+    async def _limited(self, call: AsyncGenerator[Item], recorder: CallRecorder) -> AsyncGenerator[Item]:
         # The open-call slot is taken before the first await, so a burst cannot pass the limit
         # while earlier calls are still being admitted.
         if self.open_calls >= self._settings.max_concurrent_calls:
@@ -212,7 +273,7 @@ class Relay:
         self.open_calls += 1
         metrics.OPEN_CALLS.inc()
         try:
-            async with contextlib.aclosing(self._admit_and_relay(request, caller, recorder, stream)) as items:
+            async with contextlib.aclosing(call) as items:
                 async for item in items:
                     yield item
         finally:
@@ -233,47 +294,96 @@ class Relay:
         except ServiceError as exc:
             yield Failed(exc)
             return
-        if isinstance(admitted, Answer):
-            for item in _replay(admitted, stream):
-                yield item
+        if isinstance(admitted, Attach):
+            async with contextlib.aclosing(self._attach(admitted.request_id, caller, stream)) as items:
+                async for item in items:
+                    yield item
             return
         subscription, budget, claim = admitted
         ratelimit = budget.metadata() if budget is not None else ()
-        translation = _Translation(stream, recorder)
-        answered = False
+        ends_at = asyncio.get_running_loop().time() + timeout
+        call = _OpenCall(subscription, budget, claim, _Translation(stream, recorder), ends_at, deadline)
+        translation = call.translation
+        error: ServiceError | None = None
+        left = False
         try:
-            accepted = Accepted(subscription.request_id, int(time.time()), subscription.model, ratelimit)
+            created = subscription.created or int(time.time())
+            accepted = Accepted(subscription.request_id, created, subscription.model, ratelimit)
             recorder.span.accepted(accepted.request_id)
             yield accepted
-            ends_at = asyncio.get_running_loop().time() + timeout
-            texts: list[str] = []  # what the caller was sent, for the answer a retry gets
             while not translation.finished:
                 # The deadline bounds the waits for the job, never a yield: a timeout around a
                 # yield would fire in the transport (a slow write) and end the call without a status.
                 async with asyncio.timeout_at(ends_at):
                     event = await subscription.next()
-                items = translation.items(event)
-                if claim is not None and self._idempotency is not None:
-                    texts += [item.text for item in items if isinstance(item, Text)]
-                    if finished := next((i for i in items if isinstance(i, Finished)), None):
-                        # Stored before the caller sees the end, so a retry after it finds the answer.
-                        answer = _answer(accepted, "".join(texts), finished)
-                        answered = await self._idempotency.answer(claim, answer)
-                for item in items:
+                for item in translation.items(event, subscription.position):
                     yield item
         except TimeoutError:
-            passed = f"deadline of {timeout:.1f}s passed before the completion finished"
-            yield Failed(DeadlineExceeded(passed))
+            error = DeadlineExceeded(f"deadline of {timeout:.1f}s passed before the completion finished")
+            yield Failed(error)
         except ServiceError as exc:
             if isinstance(exc, Aborted):
                 metrics.RESUMED_STREAMS.labels(recorder.model, "aborted").inc()
+            error = exc
             yield Failed(exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            left = True
+            raise
         finally:
-            done = translation.finished
-            self._queue.release(subscription, cancel_until=None if done else deadline)
-            await self._settle(subscription, budget, translation)
-            if claim is not None and not answered and self._idempotency is not None:
-                await self._idempotency.give_up(claim)
+            if left and not translation.finished and self._log is not None and (stream or claim is not None):
+                # Somebody may come back for the rest: a resumed stream, or a retry with the key.
+                self._detach(call)
+            else:
+                await self._end(call, error)
+
+    async def _end(self, call: _OpenCall, error: ServiceError | None) -> None:
+        """Ends the call's part in its job: stops or leaves the job, charges, keeps or frees its key."""
+        request_id, finished = call.subscription.request_id, call.translation.finished
+        self._queue.release(call.subscription, cancel_until=None if finished else call.deadline)
+        await self._settle(call.subscription, call.budget, call.translation)
+        claim, idempotency = call.claim, self._idempotency
+        if claim is not None and idempotency is not None:
+            kept = call.translation.answered and await idempotency.keep(claim)
+            if not kept:
+                await idempotency.give_up(claim)
+        if self._log is not None:
+            if error is None and not call.translation.answered:
+                error = JobFailed(JOB_FAILURES[codec.FailureKind.FAILURE_KIND_CANCELLED], "the caller left")
+            await self._log.ended(request_id, error)
+
+    def _detach(self, call: _OpenCall) -> None:
+        task = asyncio.create_task(self._run_detached(call), name=f"detached-{call.subscription.request_id}")
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def _run_detached(self, call: _OpenCall) -> None:
+        """Follows a job whose caller left, so that it can be resumed: to its end while somebody
+        reads its log or within the grace period; else it is cancelled. Charged when it ends."""
+        assert self._log is not None
+        loop = asyncio.get_running_loop()
+        look_at = loop.time() + self._log.grace_seconds
+        error: ServiceError | None = None
+        try:
+            while not call.translation.finished:
+                now = loop.time()
+                if now >= call.ends_at:
+                    error = DeadlineExceeded("deadline passed before the completion finished")
+                    break
+                if now >= look_at:
+                    if not await self._log.is_watched(call.subscription.request_id):
+                        break  # nobody came back: cancelled below
+                    look_at = now + 1.0
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(look_at, call.ends_at) - now)):
+                        event = await call.subscription.next()
+                    call.translation.items(event, call.subscription.position)
+        except ServiceError as exc:
+            error = exc
+        finally:
+            try:
+                await self._end(call, error)
+            except Exception:
+                log.exception("cannot end detached job %s", call.subscription.request_id)
 
     async def _settle(
         self, subscription: Subscription, budget: Budget | None, translation: "_Translation"
@@ -305,9 +415,9 @@ class Relay:
         caller: Caller,
         deadline: float,
         recorder: CallRecorder,
-    ) -> tuple[Subscription, Budget | None, Claim | None] | Answer:
+    ) -> tuple[Subscription, Budget | None, Claim | None] | Attach:
         """Everything that may refuse a call before its job exists: caller, limits, validation,
-        capacity; or the answer to an earlier call with the same idempotency key."""
+        capacity; or the job of an earlier call with the same idempotency key."""
         try:
             # The caller first: who has no valid key learns nothing about the request's faults.
             record = None
@@ -319,10 +429,10 @@ class Relay:
                 raise request
             if isinstance(request, Undecodable):
                 raise MalformedRequest(f"the request is not a valid {request.message_type}: {request.error}")
-            # A retry under an idempotency key gets the first call's answer before any limit is
+            # A retry under an idempotency key attaches to the first call's job before any limit is
             # checked: it costs nothing, so a key whose minute is used up still gets its answer.
             claim = await self._claim(request, caller, record, deadline)
-            if isinstance(claim, Answer):
+            if isinstance(claim, Attach):
                 return claim
             try:
                 if record is not None and self._rate_limiter is not None:
@@ -338,6 +448,8 @@ class Relay:
                     valid = _default_fits_budget(record, valid)
                 valid = _traced(valid, recorder.span)
                 subscription, budget = await self._submit(valid, record, deadline)
+                if claim is not None and self._idempotency is not None:
+                    await self._idempotency.bind(claim, subscription.request_id)
             except BaseException:
                 if claim is not None and self._idempotency is not None:
                     await asyncio.shield(self._idempotency.give_up(claim))
@@ -353,12 +465,12 @@ class Relay:
         caller: Caller,
         record: KeyRecord | None,
         deadline: float,
-    ) -> Claim | Answer | None:
-        """Claims the caller's idempotency key for this call, or gets the answer of the call that has it."""
+    ) -> Claim | Attach | None:
+        """Claims the caller's idempotency key for this call, or gets the job of the call that has it."""
         key = idempotency_key(caller.metadata)
         if key is None or self._idempotency is None:
             return None
-        scope = record.digest if record is not None else "anonymous"
+        scope = _owner(record)
         body = request.SerializeToString(deterministic=True)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.time())):
@@ -372,13 +484,14 @@ class Relay:
         self, valid: ValidRequest, record: KeyRecord | None, deadline: float
     ) -> tuple[Subscription, Budget | None]:
         """Counts the call against its key's limits, then queues its job."""
+        owner = _owner(record)
         if record is None or self._rate_limiter is None:
-            return await self._queue.submit(valid, deadline), None
+            return await self._queue.submit(valid, deadline, owner), None
         tokens = len(valid.prompt_token_ids) + valid.max_tokens
         _check_fits_budget(record, len(valid.prompt_token_ids), valid.max_tokens)
         budget = await self._rate_limiter.admit(record, tokens)
         try:
-            return await self._queue.submit(valid, deadline), budget
+            return await self._queue.submit(valid, deadline, owner), budget
         except BaseException:
             # No job (refused, or the caller left while it waited for a worker or for Redis):
             # nothing to charge, and the request is given back too.
@@ -386,8 +499,91 @@ class Relay:
             raise
 
     def close(self) -> None:
-        """Releases what the relay holds besides calls (the tokenizer threads)."""
+        """Releases what the relay holds besides calls: the tokenizer threads, and jobs whose
+        callers left (cancelled and charged as their tasks end)."""
         self._validator.close()
+        for task in self._detached:
+            task.cancel()
+
+    async def _resume(
+        self, completion_id: str, caller: Caller, starting_after: int, follow: bool
+    ) -> AsyncGenerator[Item]:
+        try:
+            record = None
+            if self._authenticator is not None:
+                record = await self._authenticator.authenticate(caller.metadata, None)
+            request_id = _request_id(completion_id)
+        except ServiceError as exc:
+            yield Failed(exc)
+            return
+        attached = self._attach(request_id, caller, True, starting_after, follow, record)
+        async with contextlib.aclosing(attached) as items:
+            async for item in items:
+                yield item
+
+    async def _attach(
+        self,
+        request_id: str,
+        caller: Caller,
+        stream: bool,
+        starting_after: int = -1,
+        follow: bool = True,
+        key: KeyRecord | None = None,
+    ) -> AsyncGenerator[Item]:
+        """The completion's items from its log after `starting_after`, as a call would get them."""
+        try:
+            if self._log is None:
+                raise CompletionNotFound(request_id)
+            if key is None and self._authenticator is not None:
+                key = await self._authenticator.authenticate(caller.metadata, None)
+            call = await self._log.open(request_id, _owner(key))
+        except ServiceError as exc:
+            yield Failed(exc)
+            return
+        yield Accepted(call.request_id, call.created, call.model, ())
+        subscription = Subscription(call.request_id, call.model)
+        translation = _Translation(stream, None)
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + min(call.deadline + 5 - time.time(), self._timeout(caller.timeout))
+        async with self._log.watching(request_id):
+            reader = asyncio.create_task(self._read_log(call, subscription, follow))
+            try:
+                while not translation.finished:
+                    async with asyncio.timeout_at(ends_at):
+                        event = await subscription.next()
+                    for item in translation.items(event, subscription.position):
+                        if not isinstance(item, Started | Text | Finished) or item.seq > starting_after:
+                            yield item
+            except _EndOfLog:
+                return
+            except TimeoutError:
+                yield Failed(DeadlineExceeded("deadline passed before the completion finished"))
+            except ServiceError as exc:
+                yield Failed(exc)
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_log(self, call: CallRecord, subscription: Subscription, follow: bool) -> None:
+        """Hands the log's events to the subscription, as the reply reader does for a live call."""
+        assert self._log is not None
+        after = b"0-0"
+        try:
+            while not subscription.done:
+                entries = await self._log.read(call.request_id, after, block=follow)
+                for entry_id, fields in entries:
+                    after = entry_id
+                    parsed = parse_entry(call.request_id, fields)
+                    if isinstance(parsed, ServiceError):
+                        subscription.fail(parsed)
+                    elif parsed is not None:
+                        subscription.deliver(parsed)
+                if not follow:
+                    subscription.fail(_EndOfLog("the end of what the log holds"))
+                elif not entries and not await self._log.exists(call.request_id):
+                    subscription.fail(CompletionNotFound(call.request_id))
+        except RedisError as exc:
+            subscription.fail(Unavailable.hiding("cannot read the completion", exc, call.request_id))
 
     def _timeout(self, remaining: float | None) -> float:
         default = self._settings.default_timeout_seconds
@@ -397,9 +593,9 @@ class Relay:
 class _Translation:
     """Turns one job's queue events into items: taken-over jobs resumed without a gap, unary text joined."""
 
-    def __init__(self, stream: bool, recorder: CallRecorder) -> None:
+    def __init__(self, stream: bool, recorder: CallRecorder | None) -> None:
         self._stream = stream
-        self._recorder = recorder
+        self._recorder = recorder  # None: a resumed call, whose job the metrics counted already
         self._reply = ReplyProgress(stream)
         self._fingerprint = ""
         self._attempt = 0
@@ -417,65 +613,56 @@ class _Translation:
         """Tokens behind the deltas received (of the attempt the reply comes from)."""
         return self._reply.completion_tokens
 
-    def items(self, event: codec.Event) -> list[Item]:
+    def items(self, event: codec.Event, seq: int) -> list[Item]:
+        """The items of the job's next event, whose position (Subscription.position) is seq."""
         kind = event.WhichOneof("kind")
         if kind == "failed":
             self.finished = True  # the worker has already let go of the job
             raise from_failed_event(event.failed)
         if kind == "started":
-            return self._on_started(event)
+            return self._on_started(event, seq)
         if kind == "delta":
-            self._recorder.delta()
+            if self._recorder is not None:
+                self._recorder.delta()
             text = self._reply.add(event.delta)
-            return [Text(text)] if text else []
+            return [Text(text, seq)] if text else []
         if kind == "finished":
-            return self._on_finished(event.finished)
+            return self._on_finished(event.finished, seq)
         return []
 
-    def _on_started(self, event: codec.Event) -> list[Item]:
+    def _on_started(self, event: codec.Event, seq: int) -> list[Item]:
         self._fingerprint = event.started.system_fingerprint
         first = not self._attempt
         self._attempt = max(event.attempt, 1)
         if first:
-            return [Started(self._fingerprint)]
+            return [Started(self._fingerprint, seq)]
         outcome = self._reply.take_over(event.started)  # raises Aborted when it cannot go on
-        metrics.RESUMED_STREAMS.labels(self._recorder.model, outcome).inc()
+        if self._recorder is not None:
+            metrics.RESUMED_STREAMS.labels(self._recorder.model, outcome).inc()
         return []
 
-    def _on_finished(self, f: codec.Finished) -> list[Item]:
+    def _on_finished(self, f: codec.Finished, seq: int) -> list[Item]:
         self.finished = self.answered = True
         self.completion_tokens = f.completion_tokens
-        self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
+        if self._recorder is not None:
+            self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
-        finished: Item = Finished(f.finish_reason, usage, self._fingerprint)
+        finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq)
         text = "".join(self._reply.pieces)
-        return [finished] if self._stream or not text else [Text(text), finished]
+        return [finished] if self._stream or not text else [Text(text, seq), finished]
 
 
-def _answer(call: Accepted, text: str, finished: Finished) -> Answer:
-    u = finished.usage
-    return Answer(
-        call.request_id, call.created, call.model, text, finished.finish_reason, finished.system_fingerprint,
-        u.prompt_tokens, u.completion_tokens, u.queue_time, u.prompt_time, u.completion_time,
-    )  # fmt: skip
+def _owner(record: KeyRecord | None) -> str:
+    """Whose calls are these: the API key's digest; all callers alike while auth is off."""
+    return record.digest if record is not None else "anonymous"
 
 
-def _replay(answer: Answer, stream: bool) -> list[Item]:
-    """A finished call's answer again, for a retry: the same items, the text in one piece."""
-    usage = Usage(
-        answer.prompt_tokens,
-        answer.completion_tokens,
-        answer.queue_time,
-        answer.prompt_time,
-        answer.completion_time,
-    )
-    items: list[Item] = [
-        Accepted(answer.request_id, answer.created, answer.model, ()),
-        Started(answer.system_fingerprint),
-    ]
-    if answer.text:
-        items.append(Text(answer.text))
-    return [*items, Finished(answer.finish_reason, usage, answer.system_fingerprint)]
+def _request_id(completion_id: str) -> str:
+    """The request id inside a completion id ("chatcmpl-" and 32 hex digits)."""
+    request_id = completion_id.removeprefix("chatcmpl-")
+    if len(request_id) != 32 or not all(c in "0123456789abcdef" for c in request_id):
+        raise CompletionNotFound(request_id[:64])
+    return request_id
 
 
 def _default_fits_budget(record: KeyRecord, valid: ValidRequest) -> ValidRequest:
@@ -518,5 +705,6 @@ def _rejection_reason(error: ServiceError) -> str:
         (RedisOutOfMemory, "redis_full"),
         (RequestTooLarge, "too_large"),
         (IdempotencyConflict, "idempotency_conflict"),
+        (CompletionNotFound, "not_found"),
     ]
     return next((reason for kind, reason in reasons if isinstance(error, kind)), "other")

@@ -18,6 +18,7 @@ from gateway import metrics
 from gateway.access import ModelDirectory, ReflectionKeyCheck
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
+from gateway.completion_log import CompletionLog
 from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
 from gateway.http import HttpApi
@@ -45,8 +46,9 @@ def server_options(settings: GatewaySettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_ping_strikes", 2),
-        # The server checks idle connections every 60 s and drops those that do not answer in 20 s.
-        ("grpc.keepalive_time_ms", 60_000),
+        # The server pings connections idle for GATEWAY_GRPC_KEEPALIVE_SECONDS (which keeps proxies
+        # that honour HTTP/2 PINGs from timing them out) and drops those that do not answer in 20 s.
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
 
@@ -80,10 +82,18 @@ class Gateway:
             socket_timeout=timeout + 1,
         )
         Overloaded.retry_after_seconds = settings.retry_after_seconds
-        self.queue = JobQueue(self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs)
+        # A finished completion stays readable for the resume window, and at least as long as its
+        # idempotency key may attach a retry to it.
+        window = max(settings.resume_window_seconds, settings.idempotency_window_seconds)
+        completions = CompletionLog(self._redis, window, settings.resume_grace_seconds)
+        self.queue = JobQueue(
+            self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs, window
+        )
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
         idempotency = IdempotencyKeys(self._redis, settings.idempotency_window_seconds, settings.gateway_id)
-        self.relay = Relay(settings, catalog, self.queue, auth, RateLimiter(self._redis), idempotency, tracer)
+        self.relay = Relay(
+            settings, catalog, self.queue, auth, RateLimiter(self._redis), idempotency, tracer, completions
+        )
         directory = ModelDirectory(catalog, auth)
         self.servicer = ChatServicer(self.relay, directory)
         self.serving = False  # what the health service says; /readyz mirrors it

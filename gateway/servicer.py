@@ -1,11 +1,12 @@
 """chat.v1.ChatService: the gRPC adapter over gateway/relay.py.
 
-Each RPC hands the request to Relay.run and turns its items into protobuf responses,
-and a Failed item into a gRPC status with rich details (gateway/errors.py).
+Each RPC hands the request to Relay.run (Relay.resume for ResumeChatCompletion and
+GetChatCompletion) and turns its items into protobuf responses, and a Failed item into a
+gRPC status with rich details (gateway/errors.py).
 """
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import grpc
@@ -14,8 +15,8 @@ from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from gateway.access import ModelDirectory
-from gateway.errors import ServiceError
-from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
+from gateway.errors import MalformedRequest, ServiceError
+from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Started, Text, Usage
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -31,46 +32,37 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatCompletionResponse:
-        call: Accepted | None = None
-        pieces: list[str] = []
-        async with aclosing(self._relay.run(request, _caller(context), stream=False)) as items:
-            async for item in items:
-                if isinstance(item, Accepted):
-                    call = item
-                    await _send_budget(context, item)
-                elif isinstance(item, Text):
-                    pieces.append(item.text)
-                elif isinstance(item, Finished) and call is not None:
-                    return _response(call, "".join(pieces), item)
-                elif isinstance(item, Failed):
-                    await _abort(context, item.error)
-        await _abort(context, ServiceError(_NO_RESULT))
-        raise AssertionError("unreachable")  # abort always raises
+        items = self._relay.run(request, _caller(context), stream=False)
+        response = await _response(items, context, whole=True)
+        assert response is not None
+        return response
 
     async def StreamChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
-        call: Accepted | None = None
-        fingerprint = ""
-        async with aclosing(self._relay.run(request, _caller(context), stream=True)) as items:
-            async for item in items:
-                if isinstance(item, Accepted):
-                    call = item
-                    await _send_budget(context, item)
-                elif isinstance(item, Failed):
-                    await _abort(context, item.error)
-                elif call is None:
-                    break
-                elif isinstance(item, Started):
-                    fingerprint = item.system_fingerprint
-                    yield _chunk(call, fingerprint, chat_pb2.Delta(role="assistant"))
-                elif isinstance(item, Text):
-                    yield _chunk(call, fingerprint, chat_pb2.Delta(content=item.text))
-                elif isinstance(item, Finished):
-                    fingerprint = item.system_fingerprint
-                    yield _chunk(call, fingerprint, chat_pb2.Delta(), item.finish_reason, _usage(item.usage))
-                    return
-        await _abort(context, ServiceError(_NO_RESULT))
+        async for chunk in _chunks(self._relay.run(request, _caller(context), stream=True), context):
+            yield chunk
+
+    async def ResumeChatCompletion(
+        self, request: chat_pb2.ResumeChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        if isinstance(request, Undecodable):
+            await _abort(context, MalformedRequest(f"the request is not a valid {request.message_type}"))
+            return
+        after = request.starting_after if request.HasField("starting_after") else -1
+        async for chunk in _chunks(self._relay.resume(request.id, _caller(context), after), context):
+            yield chunk
+
+    async def GetChatCompletion(
+        self, request: chat_pb2.GetChatCompletionRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ChatCompletionResponse:
+        if isinstance(request, Undecodable):
+            await _abort(context, MalformedRequest(f"the request is not a valid {request.message_type}"))
+            raise AssertionError("unreachable")  # abort always raises
+        items = self._relay.resume(request.id, _caller(context), follow=False)
+        response = await _response(items, context, whole=False)
+        assert response is not None
+        return response
 
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -102,11 +94,68 @@ async def _send_budget(context: grpc.aio.ServicerContext, call: Accepted) -> Non
         await context.send_initial_metadata(call.ratelimit)
 
 
-def _response(call: Accepted, content: str, finished: Finished) -> chat_pb2.ChatCompletionResponse:
+async def _response(
+    items: AsyncGenerator[Item], context: grpc.aio.ServicerContext, whole: bool
+) -> chat_pb2.ChatCompletionResponse | None:
+    """The items of a call as one response. whole: the completion must have finished; else what
+    came so far will do (finish_reason empty, no usage)."""
+    call: Accepted | None = None
+    pieces: list[str] = []
+    fingerprint = ""
+    async with aclosing(items):
+        async for item in items:
+            if isinstance(item, Accepted):
+                call = item
+                await _send_budget(context, item)
+            elif isinstance(item, Started):
+                fingerprint = item.system_fingerprint
+            elif isinstance(item, Text):
+                pieces.append(item.text)
+            elif isinstance(item, Finished) and call is not None:
+                return _completion(call, "".join(pieces), item.system_fingerprint, item)
+            elif isinstance(item, Failed):
+                await _abort(context, item.error)
+    if call is not None and not whole:
+        return _completion(call, "".join(pieces), fingerprint, None)
+    await _abort(context, ServiceError(_NO_RESULT))
+    raise AssertionError("unreachable")  # abort always raises
+
+
+async def _chunks(
+    items: AsyncGenerator[Item], context: grpc.aio.ServicerContext
+) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+    """The items of a call as stream chunks, each with the sequence number to resume after it."""
+    call: Accepted | None = None
+    fingerprint = ""
+    async with aclosing(items):
+        async for item in items:
+            if isinstance(item, Accepted):
+                call = item
+                await _send_budget(context, item)
+            elif isinstance(item, Failed):
+                await _abort(context, item.error)
+            elif call is None:
+                break
+            elif isinstance(item, Started):
+                fingerprint = item.system_fingerprint
+                yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(role="assistant"))
+            elif isinstance(item, Text):
+                yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(content=item.text))
+            elif isinstance(item, Finished):
+                fingerprint = item.system_fingerprint
+                delta = chat_pb2.Delta()
+                yield _chunk(call, fingerprint, item.seq, delta, item.finish_reason, _usage(item.usage))
+                return
+    await _abort(context, ServiceError(_NO_RESULT))
+
+
+def _completion(
+    call: Accepted, content: str, fingerprint: str, finished: Finished | None
+) -> chat_pb2.ChatCompletionResponse:
     choice = chat_pb2.Choice(
         index=0,
         message=chat_pb2.AssistantMessage(role="assistant", content=content),
-        finish_reason=finished.finish_reason,
+        finish_reason=finished.finish_reason if finished is not None else "",
     )
     return chat_pb2.ChatCompletionResponse(
         id=call.completion_id,
@@ -114,14 +163,15 @@ def _response(call: Accepted, content: str, finished: Finished) -> chat_pb2.Chat
         created=call.created,
         model=call.model,
         choices=[choice],
-        usage=_usage(finished.usage),
-        system_fingerprint=finished.system_fingerprint,
+        usage=_usage(finished.usage) if finished is not None else None,
+        system_fingerprint=fingerprint,
     )
 
 
 def _chunk(
     call: Accepted,
     fingerprint: str,
+    seq: int,
     delta: chat_pb2.Delta,
     finish_reason: str = "",
     usage: chat_pb2.Usage | None = None,
@@ -134,6 +184,7 @@ def _chunk(
         choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
         usage=usage,
         system_fingerprint=fingerprint,
+        sequence_number=seq,
     )
 
 

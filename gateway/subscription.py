@@ -15,6 +15,11 @@ class Subscription:
 
     Merging keeps the backlog of a slow caller at a few events, whatever the engine's pace;
     its text is bounded by the job's max_tokens.
+
+    Each event has a position: its seq, plus the positions used by attempts that started over
+    before it, so positions only grow across the job. A merged delta takes the position of the
+    last event merged into it. Calls number their chunks with it (`position` after next()), and
+    a resumed stream (gateway/completion_log.py) skips what lies at or before its cursor.
     """
 
     def __init__(self, request_id: str, model: str, max_tokens: int = 0) -> None:
@@ -23,7 +28,12 @@ class Subscription:
         self.max_tokens = max_tokens
         self.entry_id = b""  # the job's entry in the job stream, once queued
         self.deadline = 0.0  # unix seconds: workers drop the job after it
+        self.created = 0  # unix seconds: when the job was queued
         self._events: deque[codec.Event] = deque()
+        self._positions: deque[int] = deque()  # of the events queued
+        self._offset = 0  # added to seq: an attempt that starts over numbers on after the one before
+        self._last_position = -1  # of the last event queued
+        self.position = -1  # of the last event next() returned
         self._arrived = asyncio.Event()
         self._attempt = 1
         self._next_seq = 0
@@ -52,7 +62,9 @@ class Subscription:
                 # It starts over from Started; keeping any event of the old one (a Finished without
                 # the deltas before it) would hand the caller a truncated reply.
                 self._next_seq = 0
+                self._offset = self._last_position + 1
                 self._events.clear()
+                self._positions.clear()
         if event.seq < self._next_seq:
             return  # a duplicate
         if event.seq > self._next_seq:
@@ -62,12 +74,15 @@ class Subscription:
             return
         self._next_seq += 1
         self._ended = event.WhichOneof("kind") in ("finished", "failed")
+        self._last_position = self._offset + event.seq
         last = self._events[-1] if self._events else None
         if last is not None and last.HasField("delta") and event.HasField("delta"):
             last.delta.text += event.delta.text
             last.delta.completion_tokens = event.delta.completion_tokens
+            self._positions[-1] = self._last_position
         else:
             self._events.append(event)
+            self._positions.append(self._last_position)
         self._arrived.set()
 
     @property
@@ -87,4 +102,5 @@ class Subscription:
                 raise self._error
             self._arrived.clear()
             await self._arrived.wait()
+        self.position = self._positions.popleft()
         return self._events.popleft()

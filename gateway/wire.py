@@ -54,6 +54,16 @@ def add_chat_service(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_lenient(chat_pb2.ListModelsRequest),
             response_serializer=chat_pb2.ListModelsResponse.SerializeToString,
         ),
+        "ResumeChatCompletion": grpc.unary_stream_rpc_method_handler(
+            servicer.ResumeChatCompletion,
+            request_deserializer=_lenient(chat_pb2.ResumeChatCompletionRequest),
+            response_serializer=chat_pb2.ChatCompletionChunk.SerializeToString,
+        ),
+        "GetChatCompletion": grpc.unary_unary_rpc_method_handler(
+            servicer.GetChatCompletion,
+            request_deserializer=_lenient(chat_pb2.GetChatCompletionRequest),
+            response_serializer=chat_pb2.ChatCompletionResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -6,7 +6,8 @@ produces a token for each of 100 jobs costs one round trip, not 100. Events keep
 their order because batches are written one after another.
 
 Each event updates its job's progress record (common/keys.py progress(), format in
-common/codec.py) in the same atomic step, so what a gateway can have read is exactly
+common/codec.py) and is added to its completion log (keys.completion_log(), which resumed
+streams read) in the same atomic step, so what a gateway can have read is exactly
 what the record says: a worker that takes the job over continues from there. The
 script also fences stale writers: an event whose attempt is no longer the job's
 current one (a worker that froze and woke up after another took over) is dropped.
@@ -24,7 +25,7 @@ from common import codec, keys
 
 log = logging.getLogger(__name__)
 
-# KEYS: reply stream and progress record of each event. ARGV[1]: width of the record's attempt
+# KEYS: reply stream, progress record and completion log of each event. ARGV[1]: width of the record's attempt
 # field; ARGV[2], ARGV[3]: the entry's field names; then 7 per event: request id, payload,
 # attempt, record header, token ids to append, fresh, the record's time to live in ms (0:
 # none). A fresh event (the first of an attempt that starts over) replaces the record, which
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 _PUBLISH = """
 local width = tonumber(ARGV[1])
 local dropped = 0
-for i = 0, #KEYS / 2 - 1 do
-  local reply_to, record = KEYS[2 * i + 1], KEYS[2 * i + 2]
+for i = 0, #KEYS / 3 - 1 do
+  local reply_to, record, log = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local a = 4 + 7 * i
   local attempt, fresh = tonumber(ARGV[a + 2]), ARGV[a + 5] == '1'
   local current = tonumber(redis.call('GETRANGE', record, 0, width - 1))
@@ -61,6 +62,7 @@ for i = 0, #KEYS / 2 - 1 do
       if ARGV[a + 4] ~= '' then redis.call('APPEND', record, ARGV[a + 4]) end
     end
     redis.call('XADD', reply_to, 'NOMKSTREAM', '*', ARGV[2], ARGV[a], ARGV[3], ARGV[a + 1])
+    redis.call('XADD', log, 'NOMKSTREAM', '*', ARGV[2], ARGV[a], ARGV[3], ARGV[a + 1])
   end
 end
 return dropped
@@ -147,7 +149,7 @@ class EventPublisher:
         ]
         for e in batch:
             p = e.progress
-            script_keys += [e.reply_to, keys.progress(e.request_id)]
+            script_keys += [e.reply_to, keys.progress(e.request_id), keys.completion_log(e.request_id)]
             header = codec.encode_progress_header(p.attempt, p.seq, p.released_chars)
             args += [
                 e.request_id,
@@ -158,7 +160,8 @@ class EventPublisher:
                 int(p.fresh),
                 _time_to_live_ms(p.deadline) if p.fresh else 0,  # only a fresh event sets it
             ]
-        # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire; don't recreate it.
+        # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire, and a
+        # completion log past its retention window is gone for good; neither is made anew.
         if dropped := await self._script(keys=script_keys, args=args):
             log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
 

@@ -57,6 +57,9 @@ class Stack:
             # Tests start workers after the gateway (vLLM takes longer than the refusal grace to
             # start) or queue jobs with no worker on purpose; tests of the refusal set `refuse`.
             "GATEWAY_NO_WORKER": "queue",
+            # A dropped stream's job waits this long for a resume before it is cancelled: short,
+            # so that tests of cancellation on disconnect see it within their bounds.
+            "GATEWAY_RESUME_GRACE_SECONDS": "2",
             **self.gateway_env,
         }
         self.gateway = processes.launch("gateway", env, self.log_dir / "gateway.log")
@@ -132,10 +135,14 @@ def leaks(client: redis.Redis) -> list[str]:
     for key in client.scan_iter(f"{keys.PREFIX}:*"):
         name = key.decode()
         # Job streams, reply streams and the engine registry live as long as their processes;
-        # the answers kept for idempotency keys (chat_client sends one per call), for their window.
+        # idempotency keys of finished calls (chat_client sends one per call) and completion logs
+        # for their windows; a completion's lease for a moment. Each of those must expire.
         if name.startswith(f"{keys.PREFIX}:idempotency:"):
-            if not client.hexists(key, "answer"):
-                problems.append(f"idempotency key neither answered nor given up: {name}")
+            if not client.hexists(key, "kept"):
+                problems.append(f"idempotency key neither kept nor given up: {name}")
+        elif name.startswith((f"{keys.PREFIX}:completion:", f"{keys.PREFIX}:watched:")):
+            if client.pttl(key) < 0:
+                problems.append(f"completion log or lease that never expires: {name}")
         elif not name.startswith(tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines"))):
             problems.append(f"stray key {name}")
     return problems

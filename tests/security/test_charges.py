@@ -33,7 +33,14 @@ PROMPT = "Count for me."
 def gateways(secure_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Stack]]:
     """Two gateways (auth on, one waiting job per model at most) and one worker behind both."""
     log_dir = Path(tmp_path_factory.mktemp("charges-logs"))
-    env = {"GATEWAY_AUTH": "on", "GATEWAY_AUTH_CACHE_SECONDS": "0", "GATEWAY_MAX_QUEUED_JOBS": "1"}
+    # No resume grace: a stream whose caller leaves has its job cancelled at once, so a cut is
+    # charged what was generated up to it (tests/security/test_resume_access.py charges resumes).
+    env = {
+        "GATEWAY_AUTH": "on",
+        "GATEWAY_AUTH_CACHE_SECONDS": "0",
+        "GATEWAY_MAX_QUEUED_JOBS": "1",
+        "GATEWAY_RESUME_GRACE_SECONDS": "0",
+    }
     worker_env = {
         "WORKER_ENGINE": "bench",
         "WORKER_BENCH_TOKENS_PER_SECOND": str(TOKENS_PER_SECOND),

@@ -1,4 +1,4 @@
-"""Idempotency keys (gateway/idempotency.py) against a real redis-server: claim, answer, conflict, give up."""
+"""Idempotency keys (gateway/idempotency.py) against a real redis-server: claim, attach, conflict, give up."""
 
 import asyncio
 import uuid
@@ -11,10 +11,10 @@ from common import keys
 from common.redis_client import connect
 from devstack.redis_server import RedisServer
 from gateway.errors import IdempotencyConflict, InvalidField
-from gateway.idempotency import Answer, Claim, IdempotencyKeys, idempotency_key
+from gateway.idempotency import Attach, Claim, IdempotencyKeys, idempotency_key
 
 GATEWAY = "idempotency-test"  # its reply stream is made by the `alive` fixture
-ANSWER = Answer("req1", 1700000000, "m", "t1 t2 ", "length", "fp", 5, 2, 0.1, 0.2, 0.3)
+JOB = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture
@@ -37,25 +37,29 @@ def key() -> str:
     return f"k-{uuid.uuid4()}"
 
 
-async def test_the_first_call_claims_and_a_retry_gets_its_answer(client: Redis, key: str) -> None:
+async def test_the_first_call_claims_and_a_retry_attaches_to_its_job(client: Redis, key: str) -> None:
     store = IdempotencyKeys(client, 600, GATEWAY)
     claim = await store.claim_or_wait(key, "scope", b"request", running_seconds=30)
     assert isinstance(claim, Claim)
-    assert 0 < await client.pttl(claim.record) <= 35_000  # unanswered: held for the call's deadline only
-    assert await store.answer(claim, ANSWER)
-    assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == ANSWER
-    assert 590_000 < await client.pttl(claim.record) <= 600_000  # answered: kept for the window
+    assert 0 < await client.pttl(claim.record) <= 35_000  # running: held for the call's deadline only
+    await store.bind(claim, JOB)
+    assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == Attach(JOB)
+    assert await store.keep(claim)
+    assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == Attach(JOB)
+    assert 590_000 < await client.pttl(claim.record) <= 600_000  # finished: kept for the window
+    await store.give_up(claim)  # too late: a finished call's key stays
+    assert await client.exists(claim.record)
 
 
-async def test_a_retry_waits_for_the_running_call(client: Redis, key: str) -> None:
+async def test_a_retry_waits_until_the_first_call_has_queued_its_job(client: Redis, key: str) -> None:
     store = IdempotencyKeys(client, 600, GATEWAY)
     claim = await store.claim_or_wait(key, "scope", b"request", running_seconds=30)
     assert isinstance(claim, Claim)
     retry = asyncio.create_task(store.claim_or_wait(key, "scope", b"request", running_seconds=30))
     await asyncio.sleep(0.3)
     assert not retry.done()
-    await store.answer(claim, ANSWER)
-    assert await asyncio.wait_for(retry, 1) == ANSWER
+    await store.bind(claim, JOB)
+    assert await asyncio.wait_for(retry, 1) == Attach(JOB)
 
 
 async def test_a_key_given_up_is_claimed_by_the_waiting_retry(client: Redis, key: str) -> None:

@@ -65,7 +65,7 @@ class FakeQueue:
     async def generated_tokens(self, request_id: str) -> int:
         return self.in_record
 
-    async def submit(self, request: ValidRequest, deadline: float) -> Subscription:
+    async def submit(self, request: ValidRequest, deadline: float, owner: str = "anonymous") -> Subscription:
         self.submitted.append(request)
         await asyncio.sleep(self.submit_seconds)
         if self.error is not None:
