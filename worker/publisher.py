@@ -25,15 +25,15 @@ from common import codec, keys
 
 log = logging.getLogger(__name__)
 
-# KEYS: reply stream, progress record and completion log of each event. ARGV[1]: width of the record's attempt
-# field; ARGV[2], ARGV[3]: the entry's field names; then 7 per event: request id, payload,
+# KEYS: reply stream, progress record and completion log of each event. ARGV[1]: width of the
+# record's attempt field; ARGV[2], ARGV[3]: the entry's field names; then 7 per event: request id, payload,
 # attempt, record header, token ids to append, fresh, the record's time to live in ms (0:
 # none). A fresh event (the first of an attempt that starts over) replaces the record, which
 # then expires after the job's deadline, unless a newer attempt owns it; any other event
 # updates it only while its attempt owns it, and only once: an event whose seq the record
 # already has was written by this same call before its reply was lost (redis-py retries a
-# command once), and appending its tokens again would corrupt the record. Returns the
-# number of events dropped.
+# command once), and appending its tokens again would corrupt the record. Log entries hold
+# the payload alone (the log's key names the job). Returns the number of events dropped.
 _PUBLISH = """
 local width = tonumber(ARGV[1])
 local dropped = 0
@@ -62,7 +62,7 @@ for i = 0, #KEYS / 3 - 1 do
       if ARGV[a + 4] ~= '' then redis.call('APPEND', record, ARGV[a + 4]) end
     end
     redis.call('XADD', reply_to, 'NOMKSTREAM', '*', ARGV[2], ARGV[a], ARGV[3], ARGV[a + 1])
-    redis.call('XADD', log, 'NOMKSTREAM', '*', ARGV[2], ARGV[a], ARGV[3], ARGV[a + 1])
+    redis.call('XADD', log, 'NOMKSTREAM', '*', ARGV[3], ARGV[a + 1])
   end
 end
 return dropped
