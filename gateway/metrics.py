@@ -65,6 +65,12 @@ RESUMED_STREAMS = Counter(
     " yet) or aborted (text was streamed and the job could not continue)",
     ["model", "outcome"],
 )
+DETACHED_JOBS = Counter(
+    "chat_gateway_detached_jobs_total",
+    "Jobs whose caller left while they ran and that ran on for a resume, by how they ended:"
+    " finished (to the end), cancelled (nobody came back within the grace) or failed",
+    ["model", "outcome"],
+)
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
 
 
@@ -90,6 +96,8 @@ def initialize(models: list[str]) -> None:
             REJECTIONS.labels(model, reason)
         for outcome in ("continued", "restarted", "aborted"):
             RESUMED_STREAMS.labels(model, outcome)
+        for outcome in ("finished", "cancelled", "failed"):
+            DETACHED_JOBS.labels(model, outcome)
         PROMPT_TOKENS.labels(model)
         COMPLETION_TOKENS.labels(model)
 

@@ -380,6 +380,8 @@ class Relay:
         except ServiceError as exc:
             error = exc
         finally:
+            outcome = "finished" if call.translation.answered else "failed" if error else "cancelled"
+            metrics.DETACHED_JOBS.labels(call.subscription.model, outcome).inc()
             try:
                 await self._end(call, error)
             except Exception:
@@ -541,7 +543,7 @@ class Relay:
             yield Failed(exc)
             return
         yield Accepted(call.request_id, call.created, call.model, ())
-        subscription = Subscription(call.request_id, call.model)
+        subscription = Subscription(call.request_id, call.model, cursor=starting_after)
         translation = _Translation(stream, None)
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + min(call.deadline + 5 - time.time(), self._timeout(caller.timeout))
