@@ -22,10 +22,13 @@ class Subscription:
     a resumed stream (gateway/completion_log.py) skips what lies at or before its cursor.
     """
 
-    def __init__(self, request_id: str, model: str, max_tokens: int = 0) -> None:
+    def __init__(self, request_id: str, model: str, max_tokens: int = 0, cursor: int = -1) -> None:
         self.request_id = request_id
         self.model = model
         self.max_tokens = max_tokens
+        # A resume's starting_after: deltas at or before it are never merged with later ones, or
+        # the merged delta (numbered after the cursor) would send the caller's text again.
+        self.cursor = cursor
         self.entry_id = b""  # the job's entry in the job stream, once queued
         self.deadline = 0.0  # unix seconds: workers drop the job after it
         self.created = 0  # unix seconds: when the job was queued
@@ -76,7 +79,8 @@ class Subscription:
         self._ended = event.WhichOneof("kind") in ("finished", "failed")
         self._last_position = self._offset + event.seq
         last = self._events[-1] if self._events else None
-        if last is not None and last.HasField("delta") and event.HasField("delta"):
+        across_cursor = bool(self._positions) and self._positions[-1] <= self.cursor < self._last_position
+        if last is not None and last.HasField("delta") and event.HasField("delta") and not across_cursor:
             last.delta.text += event.delta.text
             last.delta.completion_tokens = event.delta.completion_tokens
             self._positions[-1] = self._last_position
