@@ -83,6 +83,8 @@ class ChatCompletionChunk:
     choices: list[ChunkChoice]
     usage: Usage | None  # on the last chunk only
     system_fingerprint: str
+    # Grows along the stream (not by one); the clients resume a dropped stream after the last one seen.
+    sequence_number: int = 0
 
     @classmethod
     def from_proto(cls, c: chat_pb2.ChatCompletionChunk) -> "ChatCompletionChunk":
@@ -95,7 +97,9 @@ class ChatCompletionChunk:
             for ch in c.choices
         ]
         usage = Usage.from_proto(c.usage) if c.HasField("usage") else None
-        return cls(c.id, c.object, c.created, c.model, choices, usage, c.system_fingerprint)
+        return cls(
+            c.id, c.object, c.created, c.model, choices, usage, c.system_fingerprint, c.sequence_number
+        )
 
 
 @dataclass(frozen=True)

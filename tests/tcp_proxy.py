@@ -8,6 +8,8 @@ tests alike can put it between a process (or a client) and Redis:
   a command is made to look failed although it ran (the retry path).
 - blackhole(): every open connection stops forwarding in both directions without closing,
   like a peer lost without a FIN (failover, partition). New connections work normally.
+- cut(): every open connection is closed at once, both ways, as when a link or a load
+  balancer in between fails. New connections work normally.
 """
 
 import asyncio
@@ -68,6 +70,14 @@ class TcpProxy:
     def blackhole(self) -> None:
         """Open connections go silent both ways; they stay open, as after a lost peer."""
         self._loop.call_soon_threadsafe(lambda: self._blackholed.update(self._open))
+
+    def cut(self) -> None:
+        """Closes every open connection now, without flushing what is in flight; returns once closed."""
+        self._call(self._cut())
+
+    async def _cut(self) -> None:
+        for writer in list(self._open):
+            writer.transport.abort()  # the client's side; _serve then closes the upstream side
 
     def _call(self, coroutine):  # type: ignore[no-untyped-def]
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=5)

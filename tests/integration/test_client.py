@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from chat_client import AsyncClient, BadRequestError, Client, NotFoundError
-from tests.integration.stack import MODEL, Stack
+from chat_client import AsyncClient, BadRequestError, ChatCompletionChunk, Client, NotFoundError
+from tests.integration.stack import MODEL, Stack, scrape
+from tests.tcp_proxy import TcpProxy
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -86,3 +87,62 @@ def test_json_mode_through_the_client(stack: Stack) -> None:
             response_format={"type": "json_object"},
         )
         assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+# Long enough that a cut after a few chunks lands mid-generation; short for 2 cores.
+STORY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell a short story about a lighthouse."}],
+    "max_tokens": 48,
+    "temperature": 0,
+    "seed": 7,
+}
+
+
+def text_of(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content for c in chunks)
+
+
+def assert_one_whole_stream(chunks: list[ChatCompletionChunk], expected: str) -> None:
+    assert text_of(chunks) == expected  # nothing lost, nothing twice
+    assert [c.choices[0].delta.role for c in chunks].count("assistant") == 1
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is not None
+    numbers = [c.sequence_number for c in chunks]
+    assert numbers == sorted(set(numbers))
+    assert len({c.id for c in chunks}) == 1
+
+
+def resumes_answered(stack: Stack) -> float:
+    """ResumeChatCompletion calls the gateway answered in full: each proves a stream was resumed."""
+    key = 'chat_gateway_requests_total{code="OK",model="",rpc="ResumeChatCompletion",transport="grpc"}'
+    return scrape(stack.gateway_metrics_port).get(key, 0.0)
+
+
+def test_a_stream_cut_mid_way_resumes_and_delivers_the_whole_text_once(stack: Stack) -> None:
+    with Client(stack.address) as direct:
+        uncut = text_of(list(direct.chat.completions.create(stream=True, **STORY)))
+    resumed_before = resumes_answered(stack)
+    with TcpProxy(stack.port) as proxy, Client(f"127.0.0.1:{proxy.port}") as client:
+        chunks: list[ChatCompletionChunk] = []
+        for chunk in client.chat.completions.create(stream=True, **STORY):
+            chunks.append(chunk)
+            if len(chunks) == 4:  # the role and three pieces of text
+                proxy.cut()
+        assert_one_whole_stream(chunks, uncut)
+        assert resumes_answered(stack) == resumed_before + 1
+        # The completion stays readable by id, whole.
+        assert client.chat.completions.retrieve(chunks[0].id).choices[0].message.content == uncut
+
+
+async def test_an_async_stream_cut_mid_way_resumes_too(stack: Stack) -> None:
+    resumed_before = resumes_answered(stack)
+    with TcpProxy(stack.port) as proxy:
+        async with AsyncClient(stack.address) as direct, AsyncClient(f"127.0.0.1:{proxy.port}") as client:
+            uncut = (await direct.chat.completions.create(**STORY)).choices[0].message.content
+            chunks: list[ChatCompletionChunk] = []
+            async for chunk in await client.chat.completions.create(stream=True, **STORY):
+                chunks.append(chunk)
+                if len(chunks) == 4:
+                    proxy.cut()
+            assert_one_whole_stream(chunks, uncut)
+    assert resumes_answered(stack) == resumed_before + 1
