@@ -29,7 +29,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common import codec, keys, streams
-from gateway.errors import STATUSES, CompletionNotFound, JobFailed, ServiceError, Status, Unavailable
+from gateway.errors import (
+    JOB_FAILURES,
+    STATUSES,
+    CompletionNotFound,
+    JobFailed,
+    ServiceError,
+    Status,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,8 @@ def _typed(reply: Any) -> list[streams.Entry]:
 
 def ended_with(code: int, message: str) -> ServiceError:
     """The error a call ended with, as its log tells it to a reader (the same code and message)."""
-    status = next((s for s in STATUSES.values() if s.grpc == code), None)
+    # The jobs' table first: it has CANCELLED (499), which no gateway error has.
+    status = next((s for s in (*JOB_FAILURES.values(), *STATUSES.values()) if s.grpc == code), None)
     return JobFailed(status or Status(code, 500, "api_error"), message)
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -482,10 +482,18 @@ async def _stream(
 ) -> web.StreamResponse:
     """Server-sent events: a role chunk, text chunks, the chunk with finish_reason, [DONE]. Each
     chunk has an `id` to resume after; silent waits send a keepalive comment."""
+    # aclosing: a write that fails mid-keepalive must still close the wrapper (and the call).
+    async with aclosing(_with_keepalives(items, keepalive_seconds)) as paced:
+        return await _write_stream(request, paced, options)
+
+
+async def _write_stream(
+    request: web.Request, items: AsyncIterator[Any], options: Options
+) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     call: Accepted | None = None
     fingerprint = ""
-    async for item in _with_keepalives(items, keepalive_seconds):
+    async for item in items:
         if item is None:
             if response is not None:
                 await response.write(_KEEPALIVE)
@@ -510,7 +518,12 @@ async def _stream(
             await response.write(_sse(first, item.seq))
         elif isinstance(item, Text):
             await response.write(_sse(_chunk(call, fingerprint, {"content": item.text}), item.seq))
+        elif isinstance(item, Finished) and item.replayed:
+            await response.write(b"data: [DONE]\n\n")  # a resume after the last chunk: nothing left
+            await response.write_eof()
+            return response
         elif isinstance(item, Finished):
+            fingerprint = item.system_fingerprint  # a resume that skipped the role chunk has it here
             last = _chunk(call, fingerprint, {}, item.finish_reason)
             last["x_groq"] = {"id": f"req_{call.request_id}", "usage": _usage(item.usage)}
             await response.write(_sse(last, item.seq))
@@ -525,7 +538,7 @@ async def _stream(
     return response
 
 
-async def _with_keepalives(items: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
+async def _with_keepalives(items: AsyncIterator[Any], seconds: float) -> AsyncGenerator[Any]:
     """The items, with None after every `seconds` of silence between them. The pending item is
     awaited across the silences, never cancelled: cancelling it would end the call."""
     pending: asyncio.Future[Any] | None = None

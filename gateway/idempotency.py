@@ -40,9 +40,10 @@ _POLL_SECONDS = 0.1  # how often a retry looks for the job of a call still being
 
 # KEYS: the key's record. ARGV: request hash, owner token, time to live (ms) while unanswered,
 # the owner's gateway's reply stream. Claims an unknown key for the owner; returns nil then,
-# else {request hash, the request id of its job (nil until queued), the owning gateway's reply stream}.
+# else {request hash, the request id of its job (nil until queued), the owning gateway's reply
+# stream, whether the job finished}.
 _CLAIM = """
-local found = redis.call('HMGET', KEYS[1], 'body', 'job', 'gateway')
+local found = redis.call('HMGET', KEYS[1], 'body', 'job', 'gateway', 'kept')
 if found[1] then return found end
 redis.call('HSET', KEYS[1], 'body', ARGV[1], 'owner', ARGV[2], 'gateway', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -50,12 +51,14 @@ return nil
 """
 # KEYS: the record, the reply stream of the gateway that owns it. Frees a key whose call has not
 # finished and whose gateway is gone: a reply stream expires 10 s after its gateway stopped
-# (gateway/queue.py), and workers drop its jobs then, so a retry need not wait for the dead call.
+# (gateway/queue.py), and workers drop its jobs then: a retry runs anew rather than attach to a
+# job that ends failed. Returns 1 when it freed the key.
 _FREE_ORPHAN = """
 if redis.call('HGET', KEYS[1], 'gateway') == KEYS[2] and redis.call('HEXISTS', KEYS[1], 'kept') == 0
     and redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1])
+  return redis.call('DEL', KEYS[1])
 end
+return 0
 """
 # KEYS: the record. ARGV: owner token, the job's request id. Points the key at the owner's job.
 _BIND = """
@@ -63,10 +66,11 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[2])
 return 1
 """
-# KEYS: the record. ARGV: owner token, window (ms). The owner's job finished: keep the key.
+# KEYS: the record. ARGV: owner token, window (ms), the job's request id. The owner's job finished:
+# keep the key, pointing at the job (again: a bind whose reply was lost must not leave it blind).
 _KEEP = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'kept', '1')
+redis.call('HSET', KEYS[1], 'kept', '1', 'job', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -145,13 +149,16 @@ class IdempotencyKeys:
                     raise
                 if found is None:
                     return claim
-                stored_body, job, gateway = found
+                stored_body, job, gateway, kept = found
                 if bytes(stored_body).decode() != body:
                     raise IdempotencyConflict(key)
+                # The first call is being admitted or runs, unless its gateway died: then its key
+                # is freed and this call claims it on the next round.
+                orphan = gateway is not None and kept is None
+                if orphan and await self._free_orphan(keys=[record, bytes(gateway).decode()]):
+                    continue
                 if job is not None:
                     return Attach(bytes(job).decode())
-                if gateway is not None:  # the first call is being admitted, unless its gateway died
-                    await self._free_orphan(keys=[record, bytes(gateway).decode()])
             except OutOfMemoryError as exc:
                 raise RedisOutOfMemory("cannot record the idempotency key") from exc
             except RedisError as exc:
@@ -166,10 +173,11 @@ class IdempotencyKeys:
         except RedisError as exc:  # a retry then waits for the call (or its deadline) instead
             log.warning("cannot point idempotency record %s at job %s: %s", claim.record, request_id, exc)
 
-    async def keep(self, claim: Claim) -> bool:
+    async def keep(self, claim: Claim, request_id: str) -> bool:
         """The call's job finished: retries within the window attach to it. False when it could not."""
         try:
-            return bool(await self._keep(keys=[claim.record], args=[claim.owner, self._window_ms]))
+            args: list[str | int] = [claim.owner, self._window_ms, request_id]
+            return bool(await self._keep(keys=[claim.record], args=args))
         except RedisError as exc:
             log.warning("cannot keep idempotency record %s for retries: %s", claim.record, exc)
             return False

@@ -147,6 +147,7 @@ class Finished:
     usage: Usage
     system_fingerprint: str
     seq: int = 0
+    replayed: bool = False  # a resume's caller had this chunk already: end without sending it
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,9 @@ class Relay:
         error: ServiceError | None = None
         left = False
         try:
+            if claim is not None and self._idempotency is not None:
+                # Inside the try: a caller that leaves meanwhile still ends (or detaches) the job.
+                await self._idempotency.bind(claim, subscription.request_id)
             created = subscription.created or int(time.time())
             accepted = Accepted(subscription.request_id, created, subscription.model, ratelimit)
             recorder.span.accepted(accepted.request_id)
@@ -343,7 +347,7 @@ class Relay:
         await self._settle(call.subscription, call.budget, call.translation)
         claim, idempotency = call.claim, self._idempotency
         if claim is not None and idempotency is not None:
-            kept = call.translation.answered and await idempotency.keep(claim)
+            kept = call.translation.answered and await idempotency.keep(claim, request_id)
             if not kept:
                 await idempotency.give_up(claim)
         if self._log is not None:
@@ -450,8 +454,6 @@ class Relay:
                     valid = _default_fits_budget(record, valid)
                 valid = _traced(valid, recorder.span)
                 subscription, budget = await self._submit(valid, record, deadline)
-                if claim is not None and self._idempotency is not None:
-                    await self._idempotency.bind(claim, subscription.request_id)
             except BaseException:
                 if claim is not None and self._idempotency is not None:
                     await asyncio.shield(self._idempotency.give_up(claim))
@@ -500,12 +502,14 @@ class Relay:
             await asyncio.shield(self._rate_limiter.refund(budget, tokens, requests=1))
             raise
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Releases what the relay holds besides calls: the tokenizer threads, and jobs whose
-        callers left (cancelled and charged as their tasks end)."""
+        callers left (cancelled and charged now, while Redis is still there to be told)."""
         self._validator.close()
-        for task in self._detached:
+        detached = list(self._detached)
+        for task in detached:
             task.cancel()
+        await asyncio.gather(*detached, return_exceptions=True)
 
     async def _resume(
         self, completion_id: str, caller: Caller, starting_after: int, follow: bool
@@ -554,7 +558,12 @@ class Relay:
                     async with asyncio.timeout_at(ends_at):
                         event = await subscription.next()
                     for item in translation.items(event, subscription.position):
-                        if not isinstance(item, Started | Text | Finished) or item.seq > starting_after:
+                        if isinstance(item, Finished) and item.seq <= starting_after:
+                            # The caller has the end already: the transport ends cleanly, sending nothing.
+                            yield dataclasses.replace(item, replayed=True)
+                        elif isinstance(item, Started) and starting_after >= 0:
+                            continue  # the caller had the role chunk (a job started over has another)
+                        elif not isinstance(item, Text | Finished) or item.seq > starting_after:
                             yield item
             except _EndOfLog:
                 return

@@ -65,6 +65,10 @@ def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | No
     )
 
 
+# Resumed streams and attached retries reading their logs at once; more wait for a connection.
+LOG_READERS = 256
+
+
 class Gateway:
     """One gateway process: gRPC server + its side of the job queue."""
 
@@ -85,7 +89,16 @@ class Gateway:
         # A finished completion stays readable for the resume window, and at least as long as its
         # idempotency key may attach a retry to it.
         window = max(settings.resume_window_seconds, settings.idempotency_window_seconds)
-        completions = CompletionLog(self._redis, window, settings.resume_grace_seconds)
+        # Resumed streams and attached retries block on their log (XREAD, 1 s): their own pool,
+        # so a burst of them cannot take the connections that submits and the reply stream need.
+        self._log_redis = connect(
+            settings.redis_url,
+            ca,
+            max_connections=LOG_READERS,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout + 1,
+        )
+        completions = CompletionLog(self._log_redis, window, settings.resume_grace_seconds)
         self.queue = JobQueue(
             self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs, window
         )
@@ -154,9 +167,10 @@ class Gateway:
         self.serving = False
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(self.settings.shutdown_grace_seconds), self.http.stop())
-        self.relay.close()
+        await self.relay.close()
         await self.queue.stop()
         await self._redis.aclose()
+        await self._log_redis.aclose()
         await self._reader_redis.aclose()
 
     async def _refresh_models(self) -> None:

@@ -141,6 +141,8 @@ async def _chunks(
                 yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(role="assistant"))
             elif isinstance(item, Text):
                 yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(content=item.text))
+            elif isinstance(item, Finished) and item.replayed:
+                return  # a resume after the last chunk: nothing left to send
             elif isinstance(item, Finished):
                 fingerprint = item.system_fingerprint
                 delta = chat_pb2.Delta()

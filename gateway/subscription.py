@@ -4,7 +4,7 @@ import asyncio
 from collections import deque
 
 from common import codec
-from gateway.errors import ServiceError, Unavailable
+from gateway.errors import Aborted, ServiceError, Unavailable
 
 
 class Subscription:
@@ -64,6 +64,16 @@ class Subscription:
             else:
                 # It starts over from Started; keeping any event of the old one (a Finished without
                 # the deltas before it) would hand the caller a truncated reply.
+                if 0 < self.cursor <= self._last_position:
+                    # A resume whose caller has text of the old attempt: as on the live path, that
+                    # text cannot be continued (gateway/resume.py).
+                    self.fail(
+                        Aborted(
+                            "the worker running this job was lost after text was sent, and the job had"
+                            " to start over; retry the request"
+                        )
+                    )
+                    return
                 self._next_seq = 0
                 self._offset = self._last_position + 1
                 self._events.clear()

@@ -227,6 +227,19 @@ def test_http_resume_after_the_end_replays_the_whole_stream(stack: Stack, uncut_
     assert events[-1].data == "[DONE]"
 
 
+def test_http_resume_after_the_last_chunk_ends_at_once_with_done(stack: Stack, uncut_http: list[Sse]) -> None:
+    # The connection broke after the last chunk but before [DONE]: there is nothing left to send,
+    # and the stream must end as a finished one does, not as an error or an empty 200.
+    completion_id, last = uncut_http[0].chunk["id"], ids(uncut_http)[-1]
+    rest = httpx.get(
+        f"{stack.http_url}/openai/v1/chat/completions/{completion_id}",
+        params={"stream": "true", "starting_after": str(last)},
+        timeout=30,
+    )
+    assert rest.status_code == 200
+    assert [e.data for e in sse_sync(rest)] == ["[DONE]"]
+
+
 def test_http_get_returns_the_finished_completion(
     stack: Stack, uncut_http: list[Sse], openai_client: openai.OpenAI
 ) -> None:
@@ -263,6 +276,17 @@ async def test_grpc_resume_after_the_end_replays_the_whole_stream(
     assert replay[-1].sequence_number == last.sequence_number
     assert replay[-1].choices[0].finish_reason == last.choices[0].finish_reason
     assert replay[-1].usage == last.usage
+
+
+async def test_grpc_resume_after_the_last_chunk_ends_ok_with_nothing(
+    uncut_grpc: list[chat_pb2.ChatCompletionChunk], aio_stub: chat_pb2_grpc.ChatServiceStub
+) -> None:
+    request = chat_pb2.ResumeChatCompletionRequest(
+        id=uncut_grpc[0].id, starting_after=uncut_grpc[-1].sequence_number
+    )
+    call = aio_stub.ResumeChatCompletion(request, timeout=30)
+    assert [chunk async for chunk in call] == []
+    assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_grpc_get_returns_the_finished_completion(

@@ -44,7 +44,7 @@ async def test_the_first_call_claims_and_a_retry_attaches_to_its_job(client: Red
     assert 0 < await client.pttl(claim.record) <= 35_000  # running: held for the call's deadline only
     await store.bind(claim, JOB)
     assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == Attach(JOB)
-    assert await store.keep(claim)
+    assert await store.keep(claim, JOB)
     assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == Attach(JOB)
     assert 590_000 < await client.pttl(claim.record) <= 600_000  # finished: kept for the window
     await store.give_up(claim)  # too late: a finished call's key stays
@@ -109,3 +109,25 @@ def test_a_malformed_key_is_refused(bad: str) -> None:
     with pytest.raises(InvalidField) as caught:
         idempotency_key((("idempotency-key", bad),))
     assert caught.value.field == "idempotency-key"
+
+
+async def test_a_bound_key_of_a_gateway_that_died_is_freed_for_the_retry(client: Redis, key: str) -> None:
+    # Its job is dropped by the workers (reply stream gone): the retry must run anew, not attach
+    # to a job that ends failed.
+    dead = IdempotencyKeys(client, 600, "gone-gateway")
+    first = await dead.claim_or_wait(key, "scope", b"request", running_seconds=300)
+    assert isinstance(first, Claim)
+    await dead.bind(first, JOB)
+    store = IdempotencyKeys(client, 600, GATEWAY)
+    retry = await asyncio.wait_for(store.claim_or_wait(key, "scope", b"request", running_seconds=30), 1)
+    assert isinstance(retry, Claim) and retry.owner != first.owner
+
+
+async def test_a_finished_call_whose_bind_was_lost_still_points_retries_at_its_job(
+    client: Redis, key: str
+) -> None:
+    store = IdempotencyKeys(client, 600, GATEWAY)
+    claim = await store.claim_or_wait(key, "scope", b"request", running_seconds=30)
+    assert isinstance(claim, Claim)
+    assert await store.keep(claim, JOB)  # no bind before it
+    assert await store.claim_or_wait(key, "scope", b"request", running_seconds=30) == Attach(JOB)

@@ -7,7 +7,10 @@ the position of the last delta in it: resuming after it must not send that text 
 
 import asyncio
 
+import pytest
+
 from common import codec
+from gateway.errors import Aborted
 from gateway.subscription import Subscription
 
 
@@ -107,3 +110,25 @@ async def test_deltas_on_either_side_of_a_resumes_cursor_are_not_merged() -> Non
         subscription.deliver(event)
     read_back = [await read(subscription) for _ in range(4)]
     assert read_back == [("started", 0), ("a", 1), ("bc", 3), ("finished", 4)]
+
+
+async def test_a_resume_into_text_of_an_attempt_that_started_over_is_aborted() -> None:
+    # The caller read up to the delta at 2 of attempt 1; the log then holds attempt 2 from its
+    # start. Its text cannot continue the caller's: ABORTED, as on the live path, not a reply
+    # that repeats (or contradicts) what the caller has.
+    subscription = Subscription("r", "m", cursor=2)
+    for event in (started(1), delta(1, 1, "a"), delta(1, 2, "b"), started(2), delta(2, 1, "x")):
+        subscription.deliver(event)
+    with pytest.raises(Aborted):
+        for _ in range(4):
+            await read(subscription)
+
+
+async def test_a_resume_past_an_attempt_that_started_over_goes_on() -> None:
+    # The caller's cursor (3) lies in attempt 2 already: nothing of attempt 1 is its text.
+    subscription = Subscription("r", "m", cursor=3)
+    events = (started(1), delta(1, 1, "a"), started(2), delta(2, 1, "x"), delta(2, 2, "y"))
+    for event in events:
+        subscription.deliver(event)
+    assert [await read(subscription) for _ in range(2)] == [("started", 2), ("x", 3)]
+    assert await read(subscription) == ("y", 4)
