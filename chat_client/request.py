@@ -20,6 +20,8 @@ def build_request(
     stop: str | list[str] | None = None,
     response_format: Mapping[str, Any] | None = None,
     user: str | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
     for m in messages:
@@ -34,6 +36,10 @@ def build_request(
         request.top_p = top_p
     if seed is not None:
         request.seed = seed
+    if frequency_penalty is not None:
+        request.frequency_penalty = frequency_penalty
+    if presence_penalty is not None:
+        request.presence_penalty = presence_penalty
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else stop)
     if response_format is not None:

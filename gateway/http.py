@@ -52,8 +52,6 @@ _INT64 = 1 << 63
 _NO_OP_VALUES: dict[str, object] = {
     "n": 1,
     "logprobs": False,
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
 }
 _UNSUPPORTED = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
@@ -82,7 +80,7 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     body = {k: v for k, v in body.items() if v is not None}  # null means "not set", as the SDKs send it
     request.model = _typed(body.pop("model", ""), "model", str)
     request.messages.extend(_messages(body.pop("messages", [])))
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
         if name in body:
             setattr(request, name, _number(body.pop(name), name))
     _set_max_tokens(request, body, options)

@@ -208,6 +208,8 @@ class JobQueue:
                 stop=request.stop,
                 json_mode=request.json_mode,
                 json_schema=request.json_schema,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
             ),
             enqueued_at=time.time(),
             deadline=deadline,

@@ -36,6 +36,8 @@ class ValidRequest:
     json_mode: bool  # also set with json_schema: the reply is a JSON object either way
     user: str
     json_schema: str = ""  # JSON text of the schema the reply must follow; empty = none
+    frequency_penalty: float = 0.0  # in [-2, 2]; 0 = none
+    presence_penalty: float = 0.0  # in [-2, 2]; 0 = none
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -76,6 +78,8 @@ def validate(
     messages = _check_messages(request.messages, limits)
     temperature = _check_range(request, "temperature", 1.0, low=0.0, high=2.0, low_open=False)
     top_p = _check_range(request, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    frequency_penalty = _check_range(request, "frequency_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
+    presence_penalty = _check_range(request, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     stop = _check_stop(list(request.stop), limits)
     _check_length("user", request.user, limits.max_user_chars)
     json_mode = _check_response_format(request)
@@ -113,6 +117,8 @@ def validate(
         json_mode=json_mode,
         user=request.user,
         json_schema=json_schema,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
 
 

@@ -140,6 +140,8 @@ def sampling_params(job: codec.Job) -> SamplingParams:
         stop=tuple(s.stop),
         json_mode=s.json_mode,
         json_schema=s.json_schema,
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
     )
 
 
@@ -251,7 +253,11 @@ async def run_job(
 
 
 def continued_params(params: SamplingParams, num_generated: int) -> SamplingParams:
-    """The sampling of a continuation: what is left of max_tokens, its own seed."""
+    """The sampling of a continuation: what is left of max_tokens, its own seed.
+
+    The rest is kept, penalties included; the engine counts them over the tokens the
+    continuation generates, not those it continues (worker/engine/vllm.py).
+    """
     if not num_generated:
         return params
     seed = None if params.seed is None else (params.seed + num_generated * _SEED_STRIDE) % 2**63

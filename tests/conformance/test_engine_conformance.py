@@ -119,6 +119,22 @@ async def test_tiny_temperatures_decode_greedily(engine_and_renderer: Pair, temp
     assert deltas[-1].finish_reason in ("length", "stop")
 
 
+async def test_penalties_count_generated_tokens_only(engine_and_renderer: Pair) -> None:
+    # docs/api.md: the prompt's tokens never count (so a continuation's earlier tokens do not
+    # either), and the first token cannot be penalized: with the real model it is "1", which
+    # the prompt holds several times.
+    engine = engine_and_renderer[0]
+    ids = prompt(engine_and_renderer, 'Count to 10.  Your response must begin with "1, ".  example: 1, 2, 3')
+    first_tokens = []
+    for penalty in (0.0, 2.0):
+        params = SamplingParams(
+            temperature=0, max_tokens=1, frequency_penalty=penalty, presence_penalty=penalty
+        )
+        _, deltas = await run(engine, ids, params)
+        first_tokens.append([t for d in deltas for t in d.token_ids])
+    assert first_tokens[0] == first_tokens[1] and len(first_tokens[0]) == 1
+
+
 async def test_a_prompt_that_fills_the_context_window_is_an_engine_error(engine_and_renderer: Pair) -> None:
     # The worker refuses these before the engine (runner.py); the engine must fail loudly, not hang.
     engine = engine_and_renderer[0]

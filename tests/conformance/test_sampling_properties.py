@@ -28,6 +28,7 @@ top_ps = st.one_of(
     st.sampled_from([5e-324, 1e-300, 1e-8, 1.0]),
     st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False),
 )
+penalties = st.one_of(st.sampled_from([-2.0, 0.0, 2.0]), st.floats(min_value=-2.0, max_value=2.0))
 seeds = st.one_of(
     st.none(), st.sampled_from([0, 1, 2**63 - 1, 2**63, _UINT64_MAX]), st.integers(0, _UINT64_MAX)
 )
@@ -45,6 +46,8 @@ def sampling_params(draw: st.DrawFn) -> SamplingParams:
         # The gateway refuses stop sequences together with JSON mode.
         stop=() if json_mode else tuple(draw(st.lists(stop_strings, max_size=4))),
         json_mode=json_mode,
+        frequency_penalty=draw(penalties),
+        presence_penalty=draw(penalties),
     )
 
 
@@ -52,6 +55,8 @@ def sampling_params(draw: st.DrawFn) -> SamplingParams:
 @example(SamplingParams(temperature=1e-300, max_tokens=8))
 @example(SamplingParams(temperature=2.0, top_p=5e-324, max_tokens=8, seed=_UINT64_MAX))
 @example(SamplingParams(temperature=1.0, max_tokens=8, stop=("<|im_end|>", "\x00", "🦙", "\u202e")))
+@example(SamplingParams(temperature=0, max_tokens=8, frequency_penalty=-2.0, presence_penalty=-2.0))
+@example(SamplingParams(temperature=2.0, max_tokens=8, frequency_penalty=2.0, presence_penalty=2.0))
 @given(params=sampling_params())
 async def test_any_valid_parameters_end_normally_and_leave_the_batch_alone(
     engine_and_renderer: Pair, params: SamplingParams

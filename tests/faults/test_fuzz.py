@@ -37,6 +37,10 @@ def requests(draw: st.DrawFn) -> chat_pb2.ChatCompletionRequest:
     if draw(st.booleans()):
         request.top_p = draw(floats)
     if draw(st.booleans()):
+        request.frequency_penalty = draw(floats | st.floats(-2, 2))
+    if draw(st.booleans()):
+        request.presence_penalty = draw(floats | st.floats(-2, 2))
+    if draw(st.booleans()):
         request.max_tokens = draw(st.integers(-(2**31), 2**31 - 1) | st.integers(1, 8))
     if draw(st.booleans()):
         request.seed = draw(st.integers(-(2**63), 2**63 - 1))

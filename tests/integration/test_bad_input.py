@@ -43,6 +43,24 @@ CASES = {
     ),
     "top_p zero": (dict(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
     "top_p above one": (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
+    "frequency_penalty too high": (
+        dict(frequency_penalty=2.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "frequency_penalty",
+        "[-2, 2], got 2.5",
+    ),
+    "presence_penalty too low": (
+        dict(presence_penalty=-2.01),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "presence_penalty",
+        "[-2, 2], got -2.01",
+    ),
+    "presence_penalty infinite": (
+        dict(presence_penalty=float("inf")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "presence_penalty",
+        "got inf",
+    ),
     "max_tokens zero": (dict(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens", "at least 1"),
     "max_tokens negative": (
         dict(max_tokens=-5),

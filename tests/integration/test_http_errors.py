@@ -31,8 +31,8 @@ ESSAY = [{"role": "user", "content": "Write a long essay about mountains."}]
         ({"logprobs": True}, "logprobs", "unsupported_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
         ({"logit_bias": {"1": 2}}, "logit_bias", "unsupported_parameter"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", None),
+        ({"presence_penalty": -3}, "presence_penalty", None),
         ({"parallel_tool_calls": True}, "parallel_tool_calls", "unsupported_parameter"),
         ({"response_format": {"type": "xml"}}, "response_format.type", None),
         (

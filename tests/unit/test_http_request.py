@@ -20,11 +20,13 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
             **BASE,
             "temperature": 0.5, "top_p": 1, "max_completion_tokens": 9, "seed": -3, "stop": ", 6",
             "user": "u", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
-            "response_format": {"type": "json_object"}, "frequency_penalty": 0, "logprobs": False,
+            "response_format": {"type": "json_object"}, "frequency_penalty": 1, "presence_penalty": -0.5,
+            "logprobs": False,
         }
     )  # fmt: skip
     assert request.model == "m" and request.messages[0].content == "hi"
     assert request.temperature == 0.5 and request.top_p == 1.0 and request.max_tokens == 9
+    assert request.frequency_penalty == 1.0 and request.presence_penalty == -0.5
     assert request.seed == -3 and list(request.stop) == [", 6"] and request.user == "u"
     assert request.response_format.type == "json_object"
     assert (
@@ -36,9 +38,10 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
 
 def test_nulls_mean_unset_and_max_tokens_is_the_older_alias() -> None:
     request, options = parse_request(
-        {**BASE, "stop": None, "temperature": None, "max_tokens": 5, "tools": None}
+        {**BASE, "stop": None, "temperature": None, "max_tokens": 5, "tools": None, "presence_penalty": None}
     )
     assert not request.HasField("temperature") and list(request.stop) == [] and request.max_tokens == 5
+    assert not request.HasField("presence_penalty")
     assert not options.stream and options.renamed == {}
 
 
@@ -63,7 +66,10 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
     [
         ({"tools": []}, UnsupportedParameter, "tools"),
         ({"n": 2}, UnsupportedParameter, "n"),
-        ({"presence_penalty": 1}, UnsupportedParameter, "presence_penalty"),
+        ({"presence_penalty": "high"}, InvalidField, "presence_penalty"),
+        ({"presence_penalty": [1]}, InvalidField, "presence_penalty"),
+        ({"frequency_penalty": False}, InvalidField, "frequency_penalty"),
+        ({"frequency_penalty": {"value": 1}}, InvalidField, "frequency_penalty"),
         ({"logprobs": True}, UnsupportedParameter, "logprobs"),
         ({"unknown": 1}, UnsupportedParameter, "unknown"),
         ({"temperature": "hot"}, InvalidField, "temperature"),

@@ -201,6 +201,13 @@ async def test_json_schema_travels_to_the_engine_and_checks_the_reply() -> None:
     assert failed.reason == "json_validate_failed" and "'n' is a required" in failed.message
 
 
+async def test_penalties_travel_to_the_engine() -> None:
+    engine = ScriptedFakeEngine([Delta("a", 1, "stop")])
+    await run(engine, job(frequency_penalty=1.5, presence_penalty=-0.5))
+    params = engine.requests[0].params
+    assert (params.frequency_penalty, params.presence_penalty) == (1.5, -0.5)
+
+
 async def test_a_job_past_its_deadline_ends_deadline_exceeded() -> None:
     class SlowFakeEngine(ScriptedFakeEngine):
         async def _replay(self) -> AsyncIterator[Delta]:
@@ -240,6 +247,18 @@ async def test_a_taken_over_job_continues_after_the_tokens_already_published() -
     assert request.prompt_token_ids == [0, 1, 2, 3, 4, 1, 2, 3]  # prompt + the tokens generated
     assert (request.params.max_tokens, request.num_generated) == (7, 3)
     assert request.params.seed == continued_params(sampling_params(the_job), 3).seed != 7
+
+
+async def test_a_continuation_keeps_the_penalties_and_the_benchmark_engine_ignores_them() -> None:
+    engine = bench_engine()
+    generating = engine.generate
+    requests: list[GenerationRequest] = []
+    engine.generate = lambda r: requests.append(r) or generating(r)  # type: ignore[method-assign]
+    the_job = job(max_tokens=6, frequency_penalty=2.0, presence_penalty=-2.0)
+    events = await run(engine, the_job, progress_after(3, len("t1 t2 t3 "), last_seq=3))
+    assert texts(events) == "t4 t5 t6 "
+    [request] = requests
+    assert (request.params.frequency_penalty, request.params.presence_penalty) == (2.0, -2.0)
 
 
 async def test_held_back_text_is_sent_first_when_the_continuation_starts() -> None:

@@ -1,5 +1,7 @@
 """Request validation rules (gateway/validation.py), one case per rule."""
 
+import json
+
 import pytest
 
 from chat.v1 import chat_pb2
@@ -7,6 +9,7 @@ from common.models import ModelSpec
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidField, ModelNotFound
+from gateway.http import parse_request
 from gateway.validation import Limits, validate
 from tests.integration.stack import chat_request
 
@@ -26,11 +29,22 @@ def test_defaults(catalog: ModelCatalog) -> None:
     valid = validate(request(), catalog, default_max_tokens=100)
     assert valid.temperature == 1.0 and valid.top_p == 1.0 and valid.max_tokens == 100
     assert valid.seed is None and valid.stop == () and not valid.json_mode
+    assert valid.frequency_penalty == 0.0 and valid.presence_penalty == 0.0
     assert len(valid.prompt_token_ids) > 5
 
 
 def test_temperature_zero_is_kept_not_defaulted(catalog: ModelCatalog) -> None:
     assert validate(request(temperature=0.0), catalog, 100).temperature == 0.0
+
+
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [-2.0, -0.5, 0.0, 2.0])
+def test_penalties_anywhere_in_their_range_reach_the_valid_request(
+    catalog: ModelCatalog, field: str, value: float
+) -> None:
+    valid = validate(request(**{field: value}), catalog, 100)
+    other = "presence_penalty" if field == "frequency_penalty" else "frequency_penalty"
+    assert (getattr(valid, field), getattr(valid, other)) == (value, 0.0)  # unset: 0
 
 
 def test_default_max_tokens_is_capped_by_the_context_window(catalog: ModelCatalog) -> None:
@@ -49,6 +63,14 @@ def test_negative_seed_becomes_uint64(catalog: ModelCatalog) -> None:
         (dict(temperature=float("inf")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=-1.0), "top_p"),
+        (dict(frequency_penalty=2.01), "frequency_penalty"),
+        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(frequency_penalty=float("-inf")), "frequency_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(presence_penalty=-3.0), "presence_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
+        (dict(presence_penalty=float("inf")), "presence_penalty"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=8192), "max_tokens"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
@@ -67,6 +89,27 @@ def test_each_rule_names_its_field(catalog: ModelCatalog, fields: dict[str, obje
         validate(request(**fields), catalog, 10)
     assert caught.value.field == field
     assert caught.value.message.startswith(f"`{field}` ")
+
+
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+@pytest.mark.parametrize(("value", "shown"), [(2.5, "2.5"), (float("nan"), "nan"), (float("-inf"), "-inf")])
+def test_a_penalty_out_of_range_names_the_range_and_the_value(
+    catalog: ModelCatalog, field: str, value: float, shown: str
+) -> None:
+    with pytest.raises(InvalidField) as caught:
+        validate(request(**{field: value}), catalog, 10)
+    assert caught.value.message == f"`{field}` must be in [-2, 2], got {shown}"
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_non_finite_penalty_in_an_http_body_is_refused(catalog: ModelCatalog, literal: str) -> None:
+    # Python's JSON parser takes these literals (1e400 overflows to inf); validation refuses them.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    body = body.removesuffix("}") + f', "frequency_penalty": {literal}}}'
+    parsed, _ = parse_request(json.loads(body))
+    with pytest.raises(InvalidField) as caught:
+        validate(parsed, catalog, 10)
+    assert caught.value.field == "frequency_penalty"
 
 
 def test_unknown_model(catalog: ModelCatalog) -> None:

@@ -25,6 +25,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     json_mode: bool = False  # the reply must be a JSON object
     json_schema: str = ""  # JSON Schema text the reply must conform to ("" = none)
+    # In [-2, 2], as in the OpenAI API: minus frequency_penalty on a token's logit for every
+    # time this generation has produced it, and minus presence_penalty once if it has at all.
+    # Prompt tokens do not count, so neither do the num_generated tokens a continuation continues.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,12 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         top_p=p.top_p,
         max_tokens=p.max_tokens,
         seed=p.seed,
+        # vLLM counts only the request's output tokens (the prompt feeds only repetition_penalty),
+        # as the OpenAI API does. A continuation's earlier tokens are in its prompt, so their
+        # counts start over at the takeover and a penalized greedy reply can differ from an
+        # uninterrupted one (docs/api.md says so).
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
         stop=list(p.stop) or None,
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,

@@ -1,0 +1,12 @@
+"""chat_client's keyword arguments become a chat.v1 request (chat_client/request.py)."""
+
+from chat_client.request import build_request
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_penalties_are_sent_and_none_leaves_them_unset() -> None:
+    request = build_request(model="m", messages=HI, frequency_penalty=0.5, presence_penalty=-1.0)
+    assert (request.frequency_penalty, request.presence_penalty) == (0.5, -1.0)
+    request = build_request(model="m", messages=HI, frequency_penalty=0.0, presence_penalty=None)
+    assert request.HasField("frequency_penalty") and not request.HasField("presence_penalty")
