@@ -1,11 +1,34 @@
-"""Redis connections for gateway and worker, with TLS when the URL says rediss://."""
+"""Redis connections for gateway and worker: one Redis, or the primary that Redis Sentinel names.
 
+REDIS_URL picks the topology; nothing outside this module knows which one runs:
+
+    redis://[[user]:password@]host[:port][/db]      one Redis; rediss:// with TLS
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]
+        [?sentinel_password=...&sentinel_username=...]
+                                                    the primary of service_name as the sentinels
+                                                    at those addresses (port 26379 unless given) name
+                                                    it; rediss+sentinel:// with TLS to both
+
+The user and password in front are the data nodes'; sentinel_password (and sentinel_username)
+the sentinels' own, when they require one. Percent-encode reserved characters in either.
+"""
+
+import logging
+import re
 import socket
+import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+
+log = logging.getLogger(__name__)
 
 # Connections one process opens at most. Callers beyond it wait for a free one (up to
 # POOL_TIMEOUT_SECONDS) instead of failing: redis-py's default pool raises "Too many
@@ -29,24 +52,221 @@ _KEEPALIVE_OPTIONS = {
     if (option := getattr(socket, name, None)) is not None
 }
 
+DEFAULT_SENTINEL_PORT = 26379
+# How often a pool in use asks the sentinels which node is primary. Sentinel demotes an old
+# primary that is still up (a manual failover, a healed partition) only some 10 s after it has
+# named the new one, and until then the old one accepts writes that the new one never sees:
+# connections must leave it as soon as the sentinels name another.
+PRIMARY_CHECK_SECONDS = 1.0
+
+URL_FORMS = (
+    "redis://[[user]:password@]host[:port][/db] (rediss:// for TLS) or "
+    "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]"
+    "[?sentinel_password=...] (rediss+sentinel:// for TLS)"
+)
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+_SENTINEL_QUERY = ("sentinel_password", "sentinel_username")
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A REDIS_URL that names sentinels and the service whose primary they find."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+
+
+def check_url(url: str) -> str:
+    """Returns url if it is a REDIS_URL connect() takes; else ValueError naming REDIS_URL and the forms."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return url
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise _bad_url(url, str(exc)) from None
+    return url
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """redis+sentinel://... as its parts; ValueError (naming REDIS_URL) when malformed."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    sentinels = tuple(_host_port(url, part) for part in hosts.split(","))
+    segments = [unquote(s) for s in path.split("/")]
+    if segments and segments[-1] == "" and len(segments) > 1:
+        segments.pop()  # a trailing slash
+    if not segments[0] or len(segments) > 2:
+        raise _bad_url(url, "it must name the service after the sentinels: .../service_name[/db]")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise _bad_url(url, f"the database must be a number, got {segments[1]!r}")
+        db = int(segments[1])
+    params = parse_qs(query, keep_blank_values=True)
+    if unknown := sorted(set(params) - set(_SENTINEL_QUERY)):
+        raise _bad_url(url, f"unknown parameters {unknown}; it takes {list(_SENTINEL_QUERY)}")
+    return SentinelUrl(
+        sentinels=sentinels,
+        service_name=segments[0],
+        db=db,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinel_username=params.get("sentinel_username", [""])[-1] or None,
+        sentinel_password=params.get("sentinel_password", [""])[-1] or None,
+        tls=_SENTINEL_SCHEMES[scheme.lower()],
+    )
+
+
+def _host_port(url: str, text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6]:port
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host:
+        raise _bad_url(url, "every sentinel needs a host: host[:port],host[:port],...")
+    if not port:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad_url(url, f"sentinel port must be a number from 1 to 65535, got {port!r}")
+    return host, int(port)
+
+
+def _bad_url(url: str, problem: str) -> ValueError:
+    return ValueError(f"REDIS_URL must be {URL_FORMS}: {problem} (got {redacted(url)!r})")
+
+
+def redacted(url: str) -> str:
+    """url with its passwords replaced by ***, fit for logs and error messages."""
+    url = re.sub(r"(://[^:@/]*:)[^/]*@", r"\1***@", url)
+    return re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
+
 
 def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
-    """A client for url (redis:// or rediss://, password in the URL); tls_ca_file verifies the server.
+    """A client for url (any form above); tls_ca_file verifies the server.
 
     Options are redis-py's; socket timeouts and TCP keepalive default to the values above.
     """
-    if url.startswith("rediss://") and tls_ca_file:
-        options["ssl_ca_certs"] = tls_ca_file
     # One immediate retry on a connection error or timeout: a pooled connection gone stale across a
-    # Redis restart reconnects instead of failing the command; a Redis that is down still fails at
-    # once. A retried command may have run already: what is not idempotent (queueing a job, rate
-    # limits) carries its own marker, see common/keys.py.
+    # Redis restart or a failover reconnects instead of failing the command; a Redis that is down
+    # still fails at once. A retried command may have run already: what is not idempotent
+    # (queueing a job, rate limits) carries its own marker, see common/keys.py.
     options.setdefault("retry", Retry(NoBackoff(), 1))
     options.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_SECONDS)
     options.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_SECONDS)
     options.setdefault("socket_keepalive", True)
     options.setdefault("socket_keepalive_options", _KEEPALIVE_OPTIONS)
+    if is_sentinel_url(url):
+        return _connect_sentinel(parse_sentinel_url(url), tls_ca_file, max_connections, options)
+    if url.startswith("rediss://") and tls_ca_file:
+        options["ssl_ca_certs"] = tls_ca_file
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=POOL_TIMEOUT_SECONDS, **options
+        check_url(url), max_connections=max_connections, timeout=POOL_TIMEOUT_SECONDS, **options
     )
     return Redis(connection_pool=pool)
+
+
+def _connect_sentinel(
+    target: SentinelUrl, tls_ca_file: str, max_connections: int, options: dict[str, Any]
+) -> Redis:
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {"ssl": True, "ssl_ca_certs": tls_ca_file} if tls_ca_file else {"ssl": True}
+    # Sentinel queries get the same timeouts, keepalive and retry as commands to the primary.
+    sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+    sentinel = Sentinel(
+        target.sentinels,
+        sentinel_kwargs={
+            **sentinel_options,
+            **tls,
+            "username": target.sentinel_username,
+            "password": target.sentinel_password,
+        },
+    )
+    client: Redis = sentinel.master_for(
+        target.service_name,
+        connection_pool_class=PrimaryPool,
+        connection_class=PrimarySSLConnection if target.tls else PrimaryConnection,
+        max_connections=max_connections,
+        timeout=POOL_TIMEOUT_SECONDS,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        **tls,
+        **options,
+    )
+    return client
+
+
+class PrimaryPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections to the primary the sentinels name, blocking when all are in use like the
+    single-node pool, and moved to a new primary within PRIMARY_CHECK_SECONDS of a failover.
+
+    redis-py resolves the primary only when it opens a connection, and drops a connection whose
+    node answers READONLY (it was demoted under it) so that the command's retry reconnects. The
+    check here also moves connections off an old primary that has not been demoted yet.
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        self._next_check = 0.0
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        await self._follow_primary()
+        address = (getattr(connection, "host", None), getattr(connection, "port", None))
+        if connection.is_connected and self.master_address not in (None, address):
+            await connection.disconnect()  # to the old primary: reconnects to the new one below
+        await super().ensure_connection(connection)
+
+    async def _follow_primary(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + PRIMARY_CHECK_SECONDS
+        try:
+            await self.get_master_address()  # drops idle connections when the primary moved
+        except (ConnectionError, TimeoutError) as exc:
+            # No sentinel answers, or none names a primary it sees up: the connection in hand
+            # decides whether the command fails.
+            log.debug("cannot ask the sentinels for the primary of %s: %s", self.service_name, exc)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()  # each client has its own Sentinel (connect())
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection that opens every socket to the primary the sentinels name at that moment.
+
+    redis-py resolves the primary in connect() only, but a command's retry reopens a dropped
+    connection through connect_check_health(), at the address it had (redis-py issue #3874): after
+    a demoted primary answered READONLY, the retry went straight back to it and failed again.
+    """
+
+    async def _connect(self) -> None:
+        self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
+
+    async def _connect_retry(self) -> None:
+        if not self.is_connected:  # _connect() above finds the primary
+            await self.connect_check_health(
+                check_health=self.connection_pool.check_connection, retry_socket_connect=False
+            )
+
+
+class PrimarySSLConnection(PrimaryConnection, SSLConnection):
+    pass

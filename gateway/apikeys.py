@@ -22,6 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common import keys
+from common.redis_client import connect
 
 KEY_PREFIX = "sk-chat-"
 
@@ -91,7 +92,10 @@ async def revoke(redis: Redis, name: str) -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    redis = Redis.from_url(os.environ.get("REDIS_URL") or "redis://localhost:6379/0")
+    # connect(): any REDIS_URL the gateway takes, a Sentinel one included.
+    redis = connect(
+        os.environ.get("REDIS_URL") or "redis://localhost:6379/0", os.environ.get("REDIS_TLS_CA_FILE", "")
+    )
     try:
         if args.command == "create":
             models = [m for m in args.models.split(",") if m]

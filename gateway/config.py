@@ -5,7 +5,7 @@
 | GATEWAY_ADDRESS | [::]:50051 | address the gRPC server listens on |
 | GATEWAY_HTTP_ADDRESS | :8080 | address of the Groq/OpenAI-compatible HTTP API (`HOST:PORT`; no host = all) |
 | GATEWAY_MODEL_ALIASES | | comma-separated `ALIAS=MODEL`: requests naming ALIAS run on the served MODEL |
-| REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
+| REDIS_URL | redis://localhost:6379/0 | the job queue's Redis, or `redis+sentinel://` (docs/operating.md) |
 | GATEWAY_MODELS | SmolLM2-135M-Instruct | comma-separated `NAME=DIR` models; `NAME` alone: bundled model |
 | GATEWAY_DEFAULT_MAX_TOKENS | 1024 | max_tokens when a request sets none (capped: context, key's tpm) |
 | GATEWAY_DEFAULT_TIMEOUT_SECONDS | 300 | deadline when the caller sets none; also the longest honoured |
@@ -35,7 +35,7 @@
 | GATEWAY_TLS_CERT_FILE | | server certificate chain (PEM); with the key file, the port serves TLS |
 | GATEWAY_TLS_KEY_FILE | | server private key (PEM) |
 | GATEWAY_TLS_CLIENT_CA_FILE | | CA bundle (PEM); when set, clients need a certificate it signed (mTLS) |
-| REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
+| REDIS_TLS_CA_FILE | | CA bundle to verify Redis (and sentinels) with, for rediss:// (+sentinel) URLs |
 | GATEWAY_METRICS_PORT | 9100 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | GATEWAY_REDIS_TIMEOUT_SECONDS | 2 | connect/command timeout towards Redis; then a call fails UNAVAILABLE |
 | OTEL_EXPORTER_OTLP_ENDPOINT | | traces to OTLP (common/tracing.py; other OTEL_* too); unset = off |
@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.models import ModelSpec, parse_model_specs
+from common.redis_client import check_url
 from common.settings import env_float, env_int, env_str
 from gateway.presence import POLICIES
 
@@ -127,7 +128,7 @@ class GatewaySettings:
         auth = _on_off(env, "GATEWAY_AUTH")
         return cls(
             address=env_str(env, "GATEWAY_ADDRESS", "[::]:50051"),
-            redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
+            redis_url=check_url(env_str(env, "REDIS_URL", "redis://localhost:6379/0")),
             models=parse_model_specs(env_str(env, "GATEWAY_MODELS", "SmolLM2-135M-Instruct")),
             http_address=env_str(env, "GATEWAY_HTTP_ADDRESS", ":8080"),
             model_aliases=_aliases(env_str(env, "GATEWAY_MODEL_ALIASES", "")),

@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| REDIS_URL | redis://localhost:6379/0 | Redis holding the job queue |
+| REDIS_URL | redis://localhost:6379/0 | the job queue's Redis, or `redis+sentinel://` (docs/operating.md) |
 | WORKER_MODEL | SmolLM2-135M-Instruct | `NAME=DIR` of the model to serve; `NAME` alone is the bundled model |
 | WORKER_ENGINE | vllm | inference engine: `vllm`, or `bench` (no model: tokens at a set rate) |
 | WORKER_ID | host-pid-random | consumer name in the job stream's consumer group |
@@ -13,7 +13,7 @@
 | WORKER_MAX_DELIVERIES | 3 | a job delivered more often than this (its workers keep dying) is dead-lettered |
 | WORKER_DRAIN_SECONDS | 20 | on SIGTERM, time running jobs get to finish before they are handed back |
 | WORKER_IDLE_LINGER_MS | 3 | an idle worker that takes one job waits this long for the rest of a burst |
-| REDIS_TLS_CA_FILE | | CA bundle to verify Redis with, for rediss:// URLs |
+| REDIS_TLS_CA_FILE | | CA bundle to verify Redis (and sentinels) with, for rediss:// (+sentinel) URLs |
 | WORKER_METRICS_PORT | 9101 | HTTP port of this process's Prometheus /metrics (0 = any free port) |
 | WORKER_VLLM_TENSOR_PARALLEL_SIZE | 1 | vLLM engine: GPUs per worker |
 | WORKER_VLLM_GPU_MEMORY_UTILIZATION | 0.9 | vLLM engine: fraction of GPU memory for weights + KV cache |
@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.models import ModelSpec
+from common.redis_client import check_url
 from common.settings import env_float, env_int, env_str
 
 ENGINES = ("vllm", "bench")
@@ -83,7 +84,7 @@ class WorkerSettings:
         if claim_idle < 2 * heartbeat:
             raise ValueError("WORKER_CLAIM_IDLE_SECONDS must be at least twice WORKER_HEARTBEAT_SECONDS")
         return cls(
-            redis_url=env_str(env, "REDIS_URL", "redis://localhost:6379/0"),
+            redis_url=check_url(env_str(env, "REDIS_URL", "redis://localhost:6379/0")),
             model=ModelSpec.parse(env_str(env, "WORKER_MODEL", "SmolLM2-135M-Instruct")),
             engine=engine,
             worker_id=env_str(env, "WORKER_ID", _default_worker_id()),

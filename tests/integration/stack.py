@@ -5,6 +5,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
+from typing import Protocol
 
 import grpc
 import redis
@@ -13,16 +14,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import keys
 from devstack import processes
-from devstack.redis_server import RedisServer, free_port
+from devstack.redis_server import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 # The reference's examples name these models; the gateway maps them onto the served one.
 REFERENCE_ALIASES = f"mixtral-8x7b-32768={MODEL},llama3-8b-8192={MODEL},llama3-70b-8192={MODEL}"
 
 
+class RedisEndpoint(Protocol):
+    """What the stack needs of its Redis: the REDIS_URL that reaches it (a RedisServer, a
+    RedisSentinel topology)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @dataclass
 class Stack:
-    redis_server: RedisServer
+    redis_server: RedisEndpoint
     log_dir: Path
     gateway_env: dict[str, str] = field(default_factory=dict)
     worker_env: dict[str, str] = field(default_factory=dict)

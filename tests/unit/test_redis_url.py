@@ -1,0 +1,136 @@
+"""REDIS_URL picks one Redis or Sentinel (common/redis_client.py); a malformed one fails at start-up."""
+
+import pytest
+
+from common.redis_client import (
+    POOL_TIMEOUT_SECONDS,
+    PrimaryConnection,
+    PrimaryPool,
+    PrimarySSLConnection,
+    SentinelUrl,
+    check_url,
+    connect,
+    parse_sentinel_url,
+    redacted,
+)
+from gateway.config import GatewaySettings
+from worker.config import WorkerSettings
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26380,sentinel-3/chat",
+            SentinelUrl((("10.0.0.1", 26379), ("10.0.0.2", 26380), ("sentinel-3", 26379)), "chat"),
+        ),
+        (
+            "redis+sentinel://:s%40cret@[::1]:5000,h/queue/2/",
+            SentinelUrl((("::1", 5000), ("h", 26379)), "queue", db=2, password="s@cret"),
+        ),
+        (
+            "rediss+sentinel://app:pw@h:1/chat/0?sentinel_password=sp%26x&sentinel_username=watcher",
+            SentinelUrl(
+                (("h", 1),),
+                "chat",
+                username="app",
+                password="pw",
+                sentinel_username="watcher",
+                sentinel_password="sp&x",
+                tls=True,
+            ),
+        ),
+    ],
+)
+def test_sentinel_urls_are_parsed(url: str, expected: SentinelUrl) -> None:
+    assert parse_sentinel_url(url) == expected
+    assert check_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://h1:26379,h2:26379", "it must name the service"),
+        ("redis+sentinel://h1:26379/", "it must name the service"),
+        ("redis+sentinel://h1/chat/0/extra", "it must name the service"),
+        ("redis+sentinel://h1/chat/zero", "the database must be a number, got 'zero'"),
+        ("redis+sentinel://h1,,h2/chat", "every sentinel needs a host"),
+        ("redis+sentinel://:pw@/chat", "every sentinel needs a host"),
+        ("redis+sentinel://h1:port/chat", "sentinel port must be a number from 1 to 65535, got 'port'"),
+        ("redis+sentinel://h1:70000/chat", "got '70000'"),
+        ("redis+sentinel://h1/chat?password=x", "unknown parameters ['password']"),
+        ("redis+sentinel://h1/chat?sentinel_pasword=x", "unknown parameters ['sentinel_pasword']"),
+        ("sentinel://h1:26379/chat", "must specify one of the following schemes"),
+        ("localhost:6379", "must specify one of the following schemes"),
+    ],
+)
+def test_malformed_urls_name_redis_url_and_the_forms_it_takes(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=r"^REDIS_URL must be redis://") as caught:
+        check_url(url)
+    assert problem in str(caught.value)
+    assert "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]" in str(
+        caught.value
+    )
+
+
+def test_errors_and_logs_never_show_a_password() -> None:
+    url = "redis+sentinel://app:hunter2@h1,h2/chat/0?sentinel_password=swordfish&sentinel_username=w"
+    assert redacted(url) == "redis+sentinel://app:***@h1,h2/chat/0?sentinel_password=***&sentinel_username=w"
+    assert redacted("rediss://:hunter2@host:6380/0") == "rediss://:***@host:6380/0"
+    assert redacted("redis://host:6379/0") == "redis://host:6379/0"
+    with pytest.raises(ValueError) as caught:
+        check_url("redis+sentinel://:hunter2@h1/chat?sentinel_password=swordfish&bad=1")
+    assert "hunter2" not in str(caught.value)
+    assert "swordfish" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://:pw@redis:6380/1", "unix:///tmp/r.sock"]
+)
+def test_single_redis_urls_are_accepted_as_before(url: str) -> None:
+    assert check_url(url) == url
+
+
+@pytest.mark.parametrize("settings", [GatewaySettings, WorkerSettings])
+def test_a_malformed_redis_url_is_a_bad_setting(settings: type[GatewaySettings | WorkerSettings]) -> None:
+    with pytest.raises(ValueError, match="REDIS_URL must be"):
+        settings.from_env({"REDIS_URL": "redis+sentinel://h1:26379"})
+    good = "redis+sentinel://h1,h2,h3/chat"
+    assert settings.from_env({"REDIS_URL": good}).redis_url == good
+
+
+async def test_a_sentinel_client_keeps_the_single_node_options() -> None:
+    # Nothing connects until the first command: the pool and its options can be looked at offline.
+    client = connect(
+        "redis+sentinel://:pw@h1:1,h2:2/chat/3?sentinel_password=sp",
+        max_connections=7,
+        socket_timeout=2.5,
+    )
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, PrimaryPool)
+        assert (pool.max_connections, pool.timeout) == (7, POOL_TIMEOUT_SECONDS)
+        assert pool.connection_class is PrimaryConnection
+        options = pool.connection_kwargs
+        assert (options["db"], options["password"], options["socket_timeout"]) == (3, "pw", 2.5)
+        assert options["socket_keepalive"] is True
+        assert options["retry"].get_retries() == 1
+        sentinels = pool.sentinel_manager.sentinels
+        assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [1, 2]
+        sentinel_options = sentinels[0].connection_pool.connection_kwargs
+        assert (sentinel_options["password"], sentinel_options["socket_timeout"]) == ("sp", 2.5)
+    finally:
+        await client.aclose()
+
+
+async def test_rediss_sentinel_uses_tls_to_sentinels_and_data_nodes() -> None:
+    client = connect("rediss+sentinel://h1/chat", tls_ca_file="/etc/ca.pem")
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, PrimaryPool)
+        assert pool.connection_class is PrimarySSLConnection
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+        [sentinel] = pool.sentinel_manager.sentinels
+        assert sentinel.connection_pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    finally:
+        await client.aclose()
