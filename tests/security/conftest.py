@@ -1,15 +1,17 @@
 """A stack with GATEWAY_AUTH=on: its own redis-server, a gateway, a benchmark-engine worker."""
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from common import keys
 from devstack.redis_server import RedisServer
 from gateway import apikeys
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, leaks
 
 SECRET_CONTENT = "SECRET-CONTENT-7f3a"  # must never appear in any log
 
@@ -64,3 +66,22 @@ def new_key(server: RedisServer, name: str, models: str = "*", rpm: int = 0, tpm
 
 def logs(stack: Stack) -> str:
     return "".join(p.read_text() for p in Path(stack.log_dir).glob("*.log"))
+
+
+def assert_only_accounting_left(client: redis.Redis, timeout: float = 10.0) -> None:
+    """No job, cancel flag, progress record or unfinished idempotency key left, once the calls
+    ended (keys, their rate-limit windows and retry markers are the limiter's, and stay)."""
+    kinds = ("apikey", "ratelimit", "applied")
+    accounting = (f"stray key {keys.API_KEY_NAMES}", *(f"stray key {keys.PREFIX}:{k}:" for k in kinds))
+    end = time.monotonic() + timeout
+    while (problems := [p for p in leaks(client) if not p.startswith(accounting)]) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not problems
+
+
+@pytest.fixture
+def fresh_minute() -> None:
+    """Refunds land only in the minute their call was admitted: start well inside one."""
+    left = 60 - time.time() % 60
+    if left < 20:
+        time.sleep(left + 0.5)

@@ -22,8 +22,8 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import keys
 from devstack.redis_server import RedisServer
 from gateway import apikeys
-from tests.integration.stack import MODEL, Stack, chat_request, jobs_ever_queued, leaks
-from tests.security.conftest import new_key
+from tests.integration.stack import MODEL, Stack, chat_request, jobs_ever_queued
+from tests.security.conftest import assert_only_accounting_left, new_key
 
 TOKENS_PER_SECOND = 20
 PROMPT = "Count for me."
@@ -63,25 +63,9 @@ def gateways(secure_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(autouse=True)
 def nothing_leaked(gateways: list[Stack], redis_admin: redis.Redis) -> Iterator[None]:
-    """Each test ends with no job, cancel flag, progress record or unanswered idempotency key left
-    (keys, their rate-limit windows and retry markers are the limiter's, and stay)."""
+    """Each test ends with no job, cancel flag, progress record or unfinished idempotency key left."""
     yield
-    kinds = ("apikey", "ratelimit", "applied")
-    accounting = (f"stray key {keys.API_KEY_NAMES}", *(f"stray key {keys.PREFIX}:{k}:" for k in kinds))
-    end = time.monotonic() + 10
-    while (
-        problems := [p for p in leaks(redis_admin) if not p.startswith(accounting)]
-    ) and time.monotonic() < end:
-        time.sleep(0.1)
-    assert not problems
-
-
-@pytest.fixture
-def fresh_minute() -> None:
-    """Refunds land only in the minute their call was admitted: start well inside one."""
-    left = 60 - time.time() % 60
-    if left < 20:
-        time.sleep(left + 0.5)
+    assert_only_accounting_left(redis_admin)
 
 
 def used(client: redis.Redis, key: str) -> tuple[int, int]:

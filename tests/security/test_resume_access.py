@@ -8,7 +8,6 @@ Its own stack: auth on, the resume grace of test stacks (2 s), and one benchmark
 at 20 tokens per second, so a stream can be cut after a known number of tokens ("t1 t2 ...").
 """
 
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 
@@ -18,10 +17,9 @@ import pytest
 import redis
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
-from common import keys
 from devstack.redis_server import RedisServer
-from tests.integration.stack import Stack, chat_request, leaks, stream_text
-from tests.security.conftest import new_key
+from tests.integration.stack import Stack, chat_request, stream_text
+from tests.security.conftest import assert_only_accounting_left, new_key
 from tests.security.test_charges import metadata, settled
 
 TOKENS_PER_SECOND = 20
@@ -52,22 +50,7 @@ def resume_stack(secure_redis: RedisServer, tmp_path_factory: pytest.TempPathFac
 def nothing_leaked(resume_stack: Stack, redis_admin: redis.Redis) -> Iterator[None]:
     """No job, cancel flag or lease-less log left (keys and their rate-limit windows stay)."""
     yield
-    kinds = ("apikey", "ratelimit", "applied")
-    accounting = (f"stray key {keys.API_KEY_NAMES}", *(f"stray key {keys.PREFIX}:{k}:" for k in kinds))
-    end = time.monotonic() + 10
-    while (problems := [p for p in leaks(redis_admin) if not p.startswith(accounting)]) and (
-        time.monotonic() < end
-    ):
-        time.sleep(0.1)
-    assert not problems
-
-
-@pytest.fixture
-def fresh_minute() -> None:
-    """Refunds land only in the minute their call was admitted: start well inside one."""
-    left = 60 - time.time() % 60
-    if left < 20:
-        time.sleep(left + 0.5)
+    assert_only_accounting_left(redis_admin)
 
 
 @pytest.fixture(scope="module")
