@@ -30,6 +30,8 @@
 | GATEWAY_IDEMPOTENCY_WINDOW_SECONDS | 600 | a retry with the same Idempotency-Key attaches to the first job |
 | GATEWAY_RESUME_WINDOW_SECONDS | 600 | a completion stays resumable and readable so long after its end |
 | GATEWAY_SSE_KEEPALIVE_SECONDS | 15 | an HTTP stream silent so long gets a `: keepalive` SSE comment |
+| GATEWAY_SUBMIT_REPLICAS | 0 | after queueing a job, WAIT until this many replicas have it (0: no wait) |
+| GATEWAY_SUBMIT_WAIT_MS | 50 | the longest that WAIT takes; a job not replicated by then is queued anyway |
 | GATEWAY_GRPC_KEEPALIVE_SECONDS | 60 | the gRPC server pings connections idle this long (HTTP/2 PING) |
 | GATEWAY_RESUME_GRACE_SECONDS | 10 | a dropped stream's job runs on so long for a resume, then is cancelled |
 | GATEWAY_TLS_CERT_FILE | | server certificate chain (PEM); with the key file, the port serves TLS |
@@ -91,6 +93,8 @@ class GatewaySettings:
     resume_grace_seconds: float = 10.0
     sse_keepalive_seconds: float = 15.0
     grpc_keepalive_seconds: float = 60.0
+    submit_replicas: int = 0
+    submit_wait_ms: int = 50
 
     def __post_init__(self) -> None:
         served = {m.name for m in self.models}
@@ -169,6 +173,8 @@ class GatewaySettings:
             resume_grace_seconds=env_float(env, "GATEWAY_RESUME_GRACE_SECONDS", 10.0, minimum=0.0),
             sse_keepalive_seconds=env_float(env, "GATEWAY_SSE_KEEPALIVE_SECONDS", 15.0, minimum=0.1),
             grpc_keepalive_seconds=env_float(env, "GATEWAY_GRPC_KEEPALIVE_SECONDS", 60.0, minimum=10.0),
+            submit_replicas=env_int(env, "GATEWAY_SUBMIT_REPLICAS", 0, minimum=0),
+            submit_wait_ms=env_int(env, "GATEWAY_SUBMIT_WAIT_MS", 50, minimum=1),
         )
 
 

@@ -71,6 +71,11 @@ DETACHED_JOBS = Counter(
     " finished (to the end), cancelled (nobody came back within the grace) or failed",
     ["model", "outcome"],
 )
+UNREPLICATED_SUBMITS = Counter(
+    "chat_gateway_unreplicated_submits_total",
+    "Jobs queued that fewer than GATEWAY_SUBMIT_REPLICAS replicas had within GATEWAY_SUBMIT_WAIT_MS"
+    " (a failover then may lose them; the lost-job check ends their calls UNAVAILABLE)",
+)
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
 
 

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
+from gateway import metrics
 from gateway.completion_log import CallRecord
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.presence import WorkerPresence
@@ -93,12 +94,16 @@ class JobQueue:
         gateway_id: str,
         max_queued_jobs: int,
         log_window_seconds: float = 600.0,
+        submit_replicas: int = 0,
+        submit_wait_ms: int = 50,
     ) -> None:
         self._redis = redis
         self._log_window_seconds = log_window_seconds  # a completion log outlives its deadline so long
         self._reader = reader  # its own connection: the blocking XREAD holds it
         self._gateway_id = gateway_id
         self._max_queued_jobs = max_queued_jobs
+        self._submit_replicas = submit_replicas  # GATEWAY_SUBMIT_REPLICAS: 0 waits for none
+        self._submit_wait_ms = submit_wait_ms
         self._reply_stream = keys.reply_stream(gateway_id)
         self._submit = redis.register_script(_SUBMIT)
         self._waiting = redis.register_script(_WAITING + "return waiting")
@@ -229,7 +234,7 @@ class JobQueue:
             keys.PAYLOAD_FIELD, codec.encode(job),
         )  # fmt: skip
         submitting = asyncio.ensure_future(
-            self._submit(
+            self._queue_job(
                 keys=[
                     keys.job_stream(request.model),
                     keys.submitted(request_id),
@@ -264,6 +269,22 @@ class JobQueue:
         subscription.entry_id = added
         self._reply_stream_ok = True  # the script found the reply stream there
         return subscription
+
+    async def _queue_job(self, keys: list[str], args: list[Any]) -> Any:
+        """Runs the submit script; with GATEWAY_SUBMIT_REPLICAS, then waits (up to
+        GATEWAY_SUBMIT_WAIT_MS) until that many replicas have the job, so that a failover right
+        after the caller was told "queued" does not lose it. WAIT covers the writes of its own
+        connection, so both go down one pipeline. A job not replicated in time is queued all
+        the same (counted): the lost-job check still ends its call if the primary loses it."""
+        if not self._submit_replicas:
+            return await self._submit(keys=keys, args=args)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._submit(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self._submit_replicas, self._submit_wait_ms)
+            added, replicated = await pipe.execute()
+        if isinstance(added, bytes) and int(replicated) < self._submit_replicas:
+            metrics.UNREPLICATED_SUBMITS.inc()
+        return added
 
     @property
     def num_subscriptions(self) -> int:

@@ -100,7 +100,13 @@ class Gateway:
         )
         completions = CompletionLog(self._log_redis, window, settings.resume_grace_seconds)
         self.queue = JobQueue(
-            self._redis, self._reader_redis, settings.gateway_id, settings.max_queued_jobs, window
+            self._redis,
+            self._reader_redis,
+            settings.gateway_id,
+            settings.max_queued_jobs,
+            window,
+            settings.submit_replicas,
+            settings.submit_wait_ms,
         )
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
         idempotency = IdempotencyKeys(self._redis, settings.idempotency_window_seconds, settings.gateway_id)
