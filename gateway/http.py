@@ -511,6 +511,8 @@ async def _write_stream(
             break
         elif isinstance(item, Started):
             fingerprint = item.system_fingerprint
+            if item.replayed:
+                continue
             first = _chunk(call, fingerprint, {"role": "assistant", "content": ""})
             first["x_groq"] = {"id": f"req_{call.request_id}"}
             await response.write(_sse(first, item.seq))

@@ -131,6 +131,7 @@ class Started:
 
     system_fingerprint: str
     seq: int = 0
+    replayed: bool = False  # a resume's caller had the role chunk: only its fingerprint is news
 
 
 @dataclass(frozen=True)
@@ -562,7 +563,8 @@ class Relay:
                             # The caller has the end already: the transport ends cleanly, sending nothing.
                             yield dataclasses.replace(item, replayed=True)
                         elif isinstance(item, Started) and starting_after >= 0:
-                            continue  # the caller had the role chunk (a job started over has another)
+                            # The caller had the role chunk (a job started over has another).
+                            yield dataclasses.replace(item, replayed=True)
                         elif not isinstance(item, Text | Finished) or item.seq > starting_after:
                             yield item
             except _EndOfLog:

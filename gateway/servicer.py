@@ -138,6 +138,8 @@ async def _chunks(
                 break
             elif isinstance(item, Started):
                 fingerprint = item.system_fingerprint
+                if item.replayed:
+                    continue
                 yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(role="assistant"))
             elif isinstance(item, Text):
                 yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(content=item.text))

@@ -173,6 +173,8 @@ async def test_an_http_stream_cut_mid_way_resumes_with_exactly_the_rest(
     assert all(event_id > last for event_id in ids(rest)), "a chunk at or before the cursor came again"
     assert strictly_increasing(ids(rest))
     assert {e.chunk["id"] for e in rest[:-1]} == {completion_id}
+    # Every resumed chunk says which engine wrote it, though the role chunk is not sent again.
+    assert {e.chunk["system_fingerprint"] for e in rest[:-1]} == {seen[0].chunk["system_fingerprint"]}
     assert text(seen) + text(rest) == uncut_text(uncut_http)
     assert (
         rest[-2].chunk["choices"][0]["finish_reason"] == uncut_http[-2].chunk["choices"][0]["finish_reason"]
