@@ -13,13 +13,14 @@ The user and password in front are the data nodes'; sentinel_password (and senti
 the sentinels' own, when they require one. Percent-encode reserved characters in either.
 """
 
+import asyncio
 import logging
 import re
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
@@ -58,6 +59,8 @@ DEFAULT_SENTINEL_PORT = 26379
 # named the new one, and until then the old one accepts writes that the new one never sees:
 # connections must leave it as soon as the sentinels name another.
 PRIMARY_CHECK_SECONDS = 1.0
+SENTINEL_TIMEOUT_SECONDS = 1.0  # connect and reply timeouts of a query to one sentinel
+_LOOKUP_REUSE_SECONDS = 0.1  # a primary the sentinels named this recently is not asked again
 
 URL_FORMS = (
     "redis://[[user]:password@]host[:port][/db] (rediss:// for TLS) or "
@@ -116,9 +119,14 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         if not segments[1].isdigit():
             raise _bad_url(url, f"the database must be a number, got {segments[1]!r}")
         db = int(segments[1])
-    params = parse_qs(query, keep_blank_values=True)
-    if unknown := sorted(set(params) - set(_SENTINEL_QUERY)):
-        raise _bad_url(url, f"unknown parameters {unknown}; it takes {list(_SENTINEL_QUERY)}")
+    # Split by hand, not parse_qs: that decodes "+" as a space, which the userinfo password does not.
+    params: dict[str, list[str]] = {}
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        params.setdefault(unquote(name), []).append(unquote(value))
+    if set(params) - set(_SENTINEL_QUERY):
+        # Not echoed: a password with an unencoded & would show its tail as a parameter name.
+        raise _bad_url(url, f"its only parameters are {list(_SENTINEL_QUERY)} (percent-encode & in values)")
     return SentinelUrl(
         sentinels=sentinels,
         service_name=segments[0],
@@ -152,8 +160,12 @@ def _bad_url(url: str, problem: str) -> ValueError:
 
 def redacted(url: str) -> str:
     """url with its passwords replaced by ***, fit for logs and error messages."""
-    url = re.sub(r"(://[^:@/]*:)[^/]*@", r"\1***@", url)
-    return re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
+    # Everything between :// and the last @ may be a password (one with an unencoded / or @ too).
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    url = scheme + sep + rest
+    return re.sub(r"(sentinel_password=).*?(&sentinel_username=|$)", r"\1***\2", url)
 
 
 def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
@@ -174,6 +186,9 @@ def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTI
         return _connect_sentinel(parse_sentinel_url(url), tls_ca_file, max_connections, options)
     if url.startswith("rediss://") and tls_ca_file:
         options["ssl_ca_certs"] = tls_ca_file
+    if url.startswith("unix://"):  # no TCP under it: its connections take no keepalive options
+        options.pop("socket_keepalive")
+        options.pop("socket_keepalive_options")
     pool = BlockingConnectionPool.from_url(
         check_url(url), max_connections=max_connections, timeout=POOL_TIMEOUT_SECONDS, **options
     )
@@ -186,8 +201,15 @@ def _connect_sentinel(
     tls: dict[str, Any] = {}
     if target.tls:
         tls = {"ssl": True, "ssl_ca_certs": tls_ca_file} if tls_ca_file else {"ssl": True}
-    # Sentinel queries get the same timeouts, keepalive and retry as commands to the primary.
-    sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+    # Sentinel queries get the keepalive of commands to the primary, but no retry (redis-py asks the
+    # next sentinel instead) and short timeouts (a sentinel answers at once or is gone): a lost
+    # sentinel must not hold a reconnect for the command timeouts of every sentinel in the list.
+    sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_keepalive")}
+    sentinel_options |= {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": min(options["socket_timeout"], SENTINEL_TIMEOUT_SECONDS),
+        "socket_connect_timeout": min(options["socket_connect_timeout"], SENTINEL_TIMEOUT_SECONDS),
+    }
     sentinel = Sentinel(
         target.sentinels,
         sentinel_kwargs={
@@ -224,29 +246,50 @@ class PrimaryPool(SentinelConnectionPool, BlockingConnectionPool):
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)
         self._next_check = 0.0
+        self._check: asyncio.Task[None] | None = None
+        self._lookup: asyncio.Future[Any] | None = None  # the sentinels' answer, shared
+        self._looked_up_at = 0.0
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
-        await self._follow_primary()
+        self._follow_primary()
         address = (getattr(connection, "host", None), getattr(connection, "port", None))
         if connection.is_connected and self.master_address not in (None, address):
             await connection.disconnect()  # to the old primary: reconnects to the new one below
         await super().ensure_connection(connection)
 
-    async def _follow_primary(self) -> None:
+    def _follow_primary(self) -> None:
+        """Asks the sentinels, at most once a PRIMARY_CHECK_SECONDS and in the background (no
+        command waits for it), whether the primary moved; connections follow when next used."""
         now = time.monotonic()
-        if now < self._next_check:
+        if now < self._next_check or (self._check is not None and not self._check.done()):
             return
         self._next_check = now + PRIMARY_CHECK_SECONDS
+        self._check = asyncio.create_task(self._check_primary())
+
+    async def _check_primary(self) -> None:
         try:
             await self.get_master_address()  # drops idle connections when the primary moved
         except (ConnectionError, TimeoutError) as exc:
             # No sentinel answers, or none names a primary it sees up: the connection in hand
-            # decides whether the command fails.
+            # decides whether a command fails.
             log.debug("cannot ask the sentinels for the primary of %s: %s", self.service_name, exc)
 
+    async def get_master_address(self) -> Any:
+        """The sentinels' answer, one query for everybody asking at once: after a failover every
+        connection of the pool reconnects, and each would ask every sentinel on its own."""
+        now = time.monotonic()
+        if self._lookup is None or (self._lookup.done() and now - self._looked_up_at > _LOOKUP_REUSE_SECONDS):
+            self._lookup = asyncio.ensure_future(super().get_master_address())
+            self._looked_up_at = now
+        return await asyncio.shield(self._lookup)
+
     async def aclose(self) -> None:
-        await super().aclose()
-        await self.sentinel_manager.aclose()  # each client has its own Sentinel (connect())
+        try:
+            if self._check is not None:
+                self._check.cancel()
+            await super().aclose()
+        finally:
+            await self.sentinel_manager.aclose()  # each client has its own Sentinel (connect())
 
 
 class PrimaryConnection(SentinelManagedConnection):

@@ -104,6 +104,12 @@ class GatewaySettings:
             if alias in served:
                 raise ValueError(f"GATEWAY_MODEL_ALIASES: {alias!r} is already a served model's name")
         self.http_host_port  # noqa: B018 - refuses a malformed address at start-up
+        if self.submit_replicas and self.submit_wait_ms > self.redis_timeout_seconds * 500:
+            # WAIT's reply is read under the command timeout: a longer wait would fail the submit.
+            raise ValueError(
+                "GATEWAY_SUBMIT_WAIT_MS must be at most half of GATEWAY_REDIS_TIMEOUT_SECONDS,"
+                f" got {self.submit_wait_ms} ms against {self.redis_timeout_seconds} s"
+            )
         if self.no_worker_policy not in POLICIES:
             raise ValueError(f"GATEWAY_NO_WORKER must be one of {POLICIES}, got {self.no_worker_policy!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -127,7 +127,10 @@ def _typed(value: Any, name: str, kind: type) -> Any:
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidField(name, f"must be a number, got {_json_type(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal with hundreds of digits
+        raise InvalidField(name, "must be a number of a sensible size") from None
 
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:

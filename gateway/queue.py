@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
 from gateway import metrics
@@ -274,14 +274,24 @@ class JobQueue:
         """Runs the submit script; with GATEWAY_SUBMIT_REPLICAS, then waits (up to
         GATEWAY_SUBMIT_WAIT_MS) until that many replicas have the job, so that a failover right
         after the caller was told "queued" does not lose it. WAIT covers the writes of its own
-        connection, so both go down one pipeline. A job not replicated in time is queued all
-        the same (counted): the lost-job check still ends its call if the primary loses it."""
+        connection, so both go down one pipeline (one round trip). A job not replicated in time
+        is queued all the same (counted): the lost-job check still ends its call if the primary
+        loses it. (A submit run again after a lost reply finds its job queued and writes nothing,
+        so its WAIT says nothing about that job: it counts as replicated.)"""
         if not self._submit_replicas:
             return await self._submit(keys=keys, args=args)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._submit(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self._submit_replicas, self._submit_wait_ms)
-            added, replicated = await pipe.execute()
+        for _ in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._submit.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self._submit_replicas, self._submit_wait_ms)
+                added, replicated = await pipe.execute(raise_on_error=False)
+            if not isinstance(added, NoScriptError):
+                break
+            # A Redis that has not seen the script (restarted, or a replica just promoted): load
+            # it and run again; the submitted marker makes a second run return the same job.
+            await self._redis.script_load(self._submit.script)
+        if isinstance(added, Exception):
+            raise added
         if isinstance(added, bytes) and int(replicated) < self._submit_replicas:
             metrics.UNREPLICATED_SUBMITS.inc()
         return added

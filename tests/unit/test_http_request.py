@@ -70,6 +70,8 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
         ({"presence_penalty": [1]}, InvalidField, "presence_penalty"),
         ({"frequency_penalty": False}, InvalidField, "frequency_penalty"),
         ({"frequency_penalty": {"value": 1}}, InvalidField, "frequency_penalty"),
+        ({"frequency_penalty": 10**400}, InvalidField, "frequency_penalty"),  # float() overflows
+        ({"temperature": -(10**400)}, InvalidField, "temperature"),
         ({"logprobs": True}, UnsupportedParameter, "logprobs"),
         ({"unknown": 1}, UnsupportedParameter, "unknown"),
         ({"temperature": "hot"}, InvalidField, "temperature"),

@@ -111,3 +111,16 @@ def test_the_no_worker_policy_defaults_to_refuse_and_takes_only_refuse_or_queue(
     assert GatewaySettings.from_env({"GATEWAY_NO_WORKER": "queue"}).no_worker_policy == "queue"
     with pytest.raises(ValueError, match="GATEWAY_NO_WORKER"):
         GatewaySettings.from_env({"GATEWAY_NO_WORKER": "wait"})
+
+
+def test_a_submit_wait_longer_than_half_the_redis_timeout_is_refused() -> None:
+    # WAIT's reply is read under the command timeout: a longer wait would fail every submit that
+    # waits it out, instead of queueing the job "anyway" as the setting promises.
+    env = {
+        "GATEWAY_SUBMIT_REPLICAS": "1",
+        "GATEWAY_SUBMIT_WAIT_MS": "1500",
+        "GATEWAY_REDIS_TIMEOUT_SECONDS": "2",
+    }
+    with pytest.raises(ValueError, match="GATEWAY_SUBMIT_WAIT_MS"):
+        GatewaySettings.from_env(env)
+    assert GatewaySettings.from_env({**env, "GATEWAY_SUBMIT_WAIT_MS": "1000"}).submit_wait_ms == 1000

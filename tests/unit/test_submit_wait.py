@@ -88,3 +88,14 @@ async def test_without_its_replica_a_submit_waits_no_longer_than_the_bound(
         assert subscription.request_id in queued_request_ids(on_primary, request.model)
     assert unreplicated() == before + 1
     assert waited < WAIT_MS / 1000 + 5  # bounded by the wait, not by a socket timeout
+
+
+async def test_a_primary_that_lost_its_scripts_still_queues_the_job(
+    queue: JobQueue, primary: RedisServer
+) -> None:
+    # A replica just promoted has an empty script cache: the pipelined EVALSHA gets NOSCRIPT.
+    with redis.Redis(port=primary.port) as on_primary:
+        on_primary.script_flush()
+        request = valid_request()
+        subscription = await queue.submit(request, deadline())
+        assert queued_request_ids(on_primary, request.model) == [subscription.request_id]
