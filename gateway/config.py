@@ -30,6 +30,7 @@
 | GATEWAY_IDEMPOTENCY_WINDOW_SECONDS | 600 | a retry with the same Idempotency-Key attaches to the first job |
 | GATEWAY_RESUME_WINDOW_SECONDS | 600 | a completion stays resumable and readable so long after its end |
 | GATEWAY_SSE_KEEPALIVE_SECONDS | 15 | an HTTP stream silent so long gets a `: keepalive` SSE comment |
+| GATEWAY_LOST_JOB_CHECK_SECONDS | 2 | how often waiting calls' jobs are looked for in Redis (lost: 503) |
 | GATEWAY_SUBMIT_REPLICAS | 0 | after queueing a job, WAIT until this many replicas have it (0: no wait) |
 | GATEWAY_SUBMIT_WAIT_MS | 50 | the longest that WAIT takes; a job not replicated by then is queued anyway |
 | GATEWAY_GRPC_KEEPALIVE_SECONDS | 60 | the gRPC server pings connections idle this long (HTTP/2 PING) |
@@ -95,6 +96,7 @@ class GatewaySettings:
     grpc_keepalive_seconds: float = 60.0
     submit_replicas: int = 0
     submit_wait_ms: int = 50
+    lost_job_check_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         served = {m.name for m in self.models}
@@ -181,6 +183,7 @@ class GatewaySettings:
             grpc_keepalive_seconds=env_float(env, "GATEWAY_GRPC_KEEPALIVE_SECONDS", 60.0, minimum=10.0),
             submit_replicas=env_int(env, "GATEWAY_SUBMIT_REPLICAS", 0, minimum=0),
             submit_wait_ms=env_int(env, "GATEWAY_SUBMIT_WAIT_MS", 50, minimum=1),
+            lost_job_check_seconds=env_float(env, "GATEWAY_LOST_JOB_CHECK_SECONDS", 2.0, minimum=0.1),
         )
 
 

@@ -33,7 +33,7 @@ from gateway.validation import ValidRequest
 log = logging.getLogger(__name__)
 
 REPLY_STREAM_TTL_SECONDS = 10  # workers treat a missing reply stream as a dead gateway
-LOST_JOB_CHECK_SECONDS = 2.0  # how often waiting calls' jobs are looked for in Redis
+LOST_JOB_CHECK_SECONDS = 2.0  # default of how often waiting calls' jobs are looked for in Redis
 _KEEPALIVE_SECONDS = 2
 _TRIM_EVERY_SECONDS = 1.0
 
@@ -104,6 +104,7 @@ class JobQueue:
         self._max_queued_jobs = max_queued_jobs
         self._submit_replicas = submit_replicas  # GATEWAY_SUBMIT_REPLICAS: 0 waits for none
         self._submit_wait_ms = submit_wait_ms
+        self.lost_job_check_seconds = LOST_JOB_CHECK_SECONDS  # GATEWAY_LOST_JOB_CHECK_SECONDS
         self._reply_stream = keys.reply_stream(gateway_id)
         self._submit = redis.register_script(_SUBMIT)
         self._waiting = redis.register_script(_WAITING + "return waiting")
@@ -399,7 +400,7 @@ class JobQueue:
     async def _watch_jobs(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._check_jobs_now.wait(), LOST_JOB_CHECK_SECONDS)
+                await asyncio.wait_for(self._check_jobs_now.wait(), self.lost_job_check_seconds)
             self._check_jobs_now.clear()
             try:
                 await self.fail_lost_jobs()
@@ -429,7 +430,7 @@ class JobQueue:
         if not missing:
             return 0
         written = _stream_id(newest[0][0]) if newest else (0, 0)
-        give_up = time.monotonic() + LOST_JOB_CHECK_SECONDS
+        give_up = time.monotonic() + min(self.lost_job_check_seconds, LOST_JOB_CHECK_SECONDS)
         while _stream_id(self.read_through) < written and generation == self._generation:
             if time.monotonic() > give_up:
                 return 0  # the reader is behind or broken: look again next time

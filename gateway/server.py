@@ -144,6 +144,7 @@ class Gateway:
             self._models, settings.no_worker_policy, settings.no_worker_grace_seconds
         )
         self.queue.presence = self.presence
+        self.queue.lost_job_check_seconds = settings.lost_job_check_seconds
 
     async def start(self) -> None:
         metrics.initialize(self._models)
