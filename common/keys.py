@@ -1,6 +1,51 @@
-"""Every Redis key and consumer-group name the service uses, in one place."""
+"""Every Redis key and consumer-group name the service uses, in one place.
+
+Keys that one script or transaction touches together carry the same hash tag (the part in
+braces), so that Redis Cluster keeps them in one slot; on a single Redis tags mean nothing.
+There are three kinds of slot:
+
+- a job queue's, `{model#shard}`: the job stream with what is written with its entries (the
+  submitted marker, the cancel flag, dead letters). One model's jobs may spread over several
+  streams (`job_stream(model, shard)`), so a hot model does not sit on one shard.
+- a gateway's, `{tag}` with tag = gateway_tag(gateway_id): its reply stream and, for every job
+  it queued, the job's progress record, completion log and watch lease. A job's events update
+  all of them in one atomic step (worker/publisher.py), which is why they share the gateway's
+  slot; a request id starts with its gateway's tag, so any process finds the keys of a job from
+  its id alone (a resume on another gateway, for one). Per-token traffic thus spreads over
+  shards with the gateways.
+- an API key's, `{digest}`: its rate-limit windows and the markers of their updates.
+
+Keys read or written alone (API key records, engines, idempotency records) need no tag.
+"""
+
+import hashlib
+import secrets
 
 PREFIX = "chat"
+
+# Hex digits at the front of a request id that are its gateway's tag (common to its job's keys).
+TAG_CHARS = 4
+
+
+def gateway_tag(gateway_id: str) -> str:
+    """The hash tag of a gateway's slot: a digest of its id, so each process finds it alone."""
+    return hashlib.sha256(gateway_id.encode()).hexdigest()[:TAG_CHARS]
+
+
+def new_request_id(gateway_id: str) -> str:
+    """A new job's id: 32 hex digits, the first TAG_CHARS its gateway's tag, the rest random."""
+    return gateway_tag(gateway_id) + secrets.token_hex(16 - TAG_CHARS // 2)
+
+
+def _request_slot(request_id: str) -> str:
+    return "{" + request_id[:TAG_CHARS] + "}"
+
+
+def slot_of(key: str) -> str:
+    """The hash tag of a key made here, braces included: what a key kept with it must carry."""
+    start = key.index("{")
+    return key[start : key.index("}", start) + 1]
+
 
 # Consumer group on every job stream; all workers of a model share it.
 WORKER_GROUP = "workers"
@@ -13,42 +58,46 @@ REQUEST_ID_FIELD = b"r"
 REPLY_TO_FIELD = b"g"
 
 
-# Stream of jobs given up on (undecodable, or delivered too many times), for people to inspect.
-def dead_letter_stream(model: str) -> str:
-    return f"{PREFIX}:dead:{model}"
+def job_stream(model: str, shard: int = 0) -> str:
+    """One of a model's streams of queued jobs (consumer group WORKER_GROUP), in its own slot."""
+    return f"{PREFIX}:jobs:{{{model}#{shard}}}"
 
 
-def job_stream(model: str) -> str:
-    """Stream of queued jobs for one model (consumer group WORKER_GROUP)."""
-    return f"{PREFIX}:jobs:{model}"
+def dead_letter_stream(job_stream: str) -> str:
+    """Jobs of one job stream given up on (undecodable, or delivered too many times), for people
+    to inspect; in the job stream's slot, since the step that ends a job writes it."""
+    return f"{PREFIX}:dead:{slot_of(job_stream)}"
 
 
 def reply_stream(gateway_id: str) -> str:
     """Stream of events for every job of one gateway process; only that gateway reads it."""
-    return f"{PREFIX}:replies:{gateway_id}"
+    return f"{PREFIX}:replies:{{{gateway_tag(gateway_id)}}}:{gateway_id}"
 
 
-def cancel_flag(request_id: str) -> str:
-    """Set (with a TTL) when the caller of a job has gone; workers abort or skip the job."""
-    return f"{PREFIX}:cancel:{request_id}"
+def cancel_flag(job_stream: str, request_id: str) -> str:
+    """Set (with a TTL) when the caller of a job has gone; workers abort or skip the job. In the
+    job stream's slot: it is set only while the job's entry is there, and deleted with it."""
+    return f"{PREFIX}:cancel:{slot_of(job_stream)}:{request_id}"
 
 
 # How long a retry marker lives: far longer than a command's timeout plus its one retry.
 RETRY_MARKER_TTL_SECONDS = 60
 
 
-def submitted(request_id: str) -> str:
-    """The entry id of a queued job, set by the submit script in the same step as its XADD.
+def submitted(job_stream: str, request_id: str) -> str:
+    """The entry id of a queued job, set by the submit script in the same step as its XADD (so in
+    the job stream's slot).
 
     A submit that is retried after Redis ran it (the reply timed out) finds the marker and
     returns the same entry instead of queueing the job twice. Workers delete it with the job.
     """
-    return f"{PREFIX}:submitted:{request_id}"
+    return f"{PREFIX}:submitted:{slot_of(job_stream)}:{request_id}"
 
 
-def applied(token: str) -> str:
-    """Marks one rate-limit update (admit or refund) as applied, so its retry is not applied twice."""
-    return f"{PREFIX}:applied:{token}"
+def applied(window: str, token: str) -> str:
+    """Marks one update of a rate-limit window (admit or refund) as applied, so its retry is not
+    applied twice; in the window's slot, since the update's script writes both."""
+    return f"{PREFIX}:applied:{slot_of(window)}:{token}"
 
 
 def api_key(digest: str) -> str:
@@ -62,7 +111,7 @@ API_KEY_NAMES = f"{PREFIX}:apikeys"
 
 def rate_window(digest: str, minute: int) -> str:
     """Requests and tokens one API key used in one minute (expires after two)."""
-    return f"{PREFIX}:ratelimit:{digest}:{minute}"
+    return f"{PREFIX}:ratelimit:{{{digest}}}:{minute}"
 
 
 def engines(model: str) -> str:
@@ -74,7 +123,7 @@ def progress(request_id: str) -> str:
     """A running job's progress record (common/codec.py Progress): the tokens generated and the
     text and events published so far, written in the same step as its events, so a worker that
     takes the job over continues where the events stopped. Deleted with the job."""
-    return f"{PREFIX}:progress:{request_id}"
+    return f"{PREFIX}:progress:{_request_slot(request_id)}:{request_id}"
 
 
 def idempotency(scope: str, key_digest: str) -> str:
@@ -95,7 +144,7 @@ def completion_log(request_id: str) -> str:
     that says how. It lives until the job's deadline plus GATEWAY_RESUME_WINDOW_SECONDS, and
     for that window once the call has ended.
     """
-    return f"{PREFIX}:completion:{request_id}"
+    return f"{PREFIX}:completion:{_request_slot(request_id)}:{request_id}"
 
 
 def watched(request_id: str) -> str:
@@ -104,4 +153,4 @@ def watched(request_id: str) -> str:
     A stream whose caller dropped keeps its job running while this lease is held or for
     GATEWAY_RESUME_GRACE_SECONDS after the drop, so that a resume finds the rest of it.
     """
-    return f"{PREFIX}:watched:{request_id}"
+    return f"{PREFIX}:watched:{_request_slot(request_id)}:{request_id}"

@@ -35,3 +35,18 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float 
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+MAX_JOB_STREAMS = 64
+
+
+def job_streams(env: Mapping[str, str]) -> int:
+    """REDIS_JOB_STREAMS: how many job streams each model's jobs spread over (common/keys.py).
+
+    Read by gateways (which queue each job on one of them) and workers (which read them all), so
+    the two must agree: both take it from the one ConfigMap in deploy/. More than one puts a hot
+    model's queue on several Redis Cluster shards; on a single Redis it buys nothing."""
+    value = env_int(env, "REDIS_JOB_STREAMS", 1, minimum=1)
+    if value > MAX_JOB_STREAMS:
+        raise ValueError(f"REDIS_JOB_STREAMS must be at most {MAX_JOB_STREAMS}, got {value}")
+    return value

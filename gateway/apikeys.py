@@ -67,10 +67,10 @@ async def create(redis: Redis, name: str, models: list[str], rpm: int, tpm: int)
     key_digest = digest(api_key)
     record = {"name": name, "models": ",".join(models) or "*", "rpm": rpm, "tpm": tpm, "revoked": 0}
     record["created"] = int(time.time())
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.api_key(key_digest), mapping=record)  # type: ignore[arg-type]
-        pipe.hset(keys.API_KEY_NAMES, name, key_digest)
-        await pipe.execute()
+    # Record first, then its name: two slots on Redis Cluster, so not one transaction. A crash
+    # between leaves a record whose key was never printed (nobody holds it), and the name free.
+    await redis.hset(keys.api_key(key_digest), mapping=record)  # type: ignore[arg-type]
+    await redis.hset(keys.API_KEY_NAMES, name, key_digest)
     return api_key
 
 

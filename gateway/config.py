@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from common.models import ModelSpec, parse_model_specs
 from common.redis_client import check_url
-from common.settings import env_float, env_int, env_str
+from common.settings import env_float, env_int, env_str, job_streams
 from gateway.presence import POLICIES
 
 
@@ -97,6 +97,7 @@ class GatewaySettings:
     submit_replicas: int = 0
     submit_wait_ms: int = 50
     lost_job_check_seconds: float = 2.0
+    job_streams: int = 1  # REDIS_JOB_STREAMS (common/settings.py)
 
     def __post_init__(self) -> None:
         served = {m.name for m in self.models}
@@ -184,6 +185,7 @@ class GatewaySettings:
             submit_replicas=env_int(env, "GATEWAY_SUBMIT_REPLICAS", 0, minimum=0),
             submit_wait_ms=env_int(env, "GATEWAY_SUBMIT_WAIT_MS", 50, minimum=1),
             lost_job_check_seconds=env_float(env, "GATEWAY_LOST_JOB_CHECK_SECONDS", 2.0, minimum=0.1),
+            job_streams=job_streams(env),
         )
 
 

@@ -49,13 +49,13 @@ redis.call('HSET', KEYS[1], 'body', ARGV[1], 'owner', ARGV[2], 'gateway', ARGV[4
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return nil
 """
-# KEYS: the record, the reply stream of the gateway that owns it. Frees a key whose call has not
-# finished and whose gateway is gone: a reply stream expires 10 s after its gateway stopped
-# (gateway/queue.py), and workers drop its jobs then: a retry runs anew rather than attach to a
-# job that ends failed. Returns 1 when it freed the key.
+# KEYS: the record. ARGV: the reply stream of the gateway that owns it, found gone. Frees a key
+# whose call has not finished and whose gateway is gone: a reply stream expires 10 s after its
+# gateway stopped (gateway/queue.py), and workers drop its jobs then: a retry runs anew rather
+# than attach to a job that ends failed. Returns 1 when it freed the key. (The reply stream lives
+# in its gateway's slot, not the record's, so its absence is read before, by the caller.)
 _FREE_ORPHAN = """
-if redis.call('HGET', KEYS[1], 'gateway') == KEYS[2] and redis.call('HEXISTS', KEYS[1], 'kept') == 0
-    and redis.call('EXISTS', KEYS[2]) == 0 then
+if redis.call('HGET', KEYS[1], 'gateway') == ARGV[1] and redis.call('HEXISTS', KEYS[1], 'kept') == 0 then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -113,6 +113,7 @@ def idempotency_key(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
 
 class IdempotencyKeys:
     def __init__(self, redis: Redis, window_seconds: float, gateway_id: str) -> None:
+        self._redis = redis
         self._window_ms = int(window_seconds * 1000)
         # This gateway's reply stream: it lives exactly as long as the gateway can finish calls.
         self._reply_stream = keys.reply_stream(gateway_id)
@@ -154,8 +155,7 @@ class IdempotencyKeys:
                     raise IdempotencyConflict(key)
                 # The first call is being admitted or runs, unless its gateway died: then its key
                 # is freed and this call claims it on the next round.
-                orphan = gateway is not None and kept is None
-                if orphan and await self._free_orphan(keys=[record, bytes(gateway).decode()]):
+                if gateway is not None and kept is None and await self._free_if_orphan(record, gateway):
                     continue
                 if job is not None:
                     return Attach(bytes(job).decode())
@@ -165,6 +165,13 @@ class IdempotencyKeys:
                 log.warning("cannot check idempotency key %s: %s", record, exc)
                 raise Unavailable("cannot check the idempotency key; retry the request") from exc
             await asyncio.sleep(_POLL_SECONDS)
+
+    async def _free_if_orphan(self, record: str, gateway: bytes) -> bool:
+        """Frees the key if the gateway of its unfinished call is gone; returns whether it did."""
+        reply_stream = bytes(gateway).decode()
+        if await self._redis.exists(reply_stream):
+            return False
+        return bool(await self._free_orphan(keys=[record], args=[reply_stream]))
 
     async def bind(self, claim: Claim, request_id: str) -> None:
         """Points the key at the job its call queued, so that retries attach to that job."""

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,6 +31,8 @@ from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
+_ScriptCall = tuple[list[str], list[Any]]  # a script's keys and arguments
+
 REPLY_STREAM_TTL_SECONDS = 10  # workers treat a missing reply stream as a dead gateway
 LOST_JOB_CHECK_SECONDS = 2.0  # default of how often waiting calls' jobs are looked for in Redis
 _KEEPALIVE_SECONDS = 2
@@ -47,27 +48,38 @@ if waiting > 0 then
   if ok then waiting = waiting - pending[1] end
 end
 """
-# KEYS: job stream, the request's submitted marker, reply stream, completion log. ARGV: group,
-# limit, marker TTL, 6 entry fields, the call's record (gateway/completion_log.py), the log's
-# time to live (ms). The log is made with the job, so that every event of it lands there too.
-# Returns the entry id; the number of jobs waiting when the queue is full; or
-# _REPLY_STREAM_GONE: workers would drop the job's events (NOMKSTREAM), so it is not queued.
-# Idempotent per request id: run again (a retry after a reply timeout), it returns the entry it
-# added the first time instead of queueing the job twice.
+# A submit is two steps, because its keys live in two slots on Redis Cluster (common/keys.py):
+# the call's keys in its gateway's slot, the job in its queue's. Each step is atomic and
+# idempotent, and they run in this order, so a crash or lost reply between them loses nothing
+# and repeats nothing: a call opened whose job was never queued has told nobody its id, and its
+# log expires; run again, each step finds its own work done.
+#
+# Step 1, _OPEN_CALL. KEYS: reply stream, completion log. ARGV: the call's record
+# (gateway/completion_log.py), the log's time to live (ms). Returns 1, or _REPLY_STREAM_GONE:
+# workers would drop the job's events (NOMKSTREAM), so nothing may be queued. The log is made
+# before the job, so that every event of the job lands there too.
 _REPLY_STREAM_GONE = -1
-_SUBMIT = (
+_OPEN_CALL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '*', 'call', ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+# Step 2, _QUEUE. KEYS: job stream, the request's submitted marker. ARGV: group, limit, marker
+# TTL, 6 entry fields. Returns the entry id, or the number of jobs waiting when the queue is
+# full. Run again (a retry after a reply timeout), it returns the entry it added the first time.
+_QUEUE = (
     """
 local queued = redis.call('GET', KEYS[2])
 if queued then return queued end
-if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 """
     + _WAITING
     + """
 if waiting >= tonumber(ARGV[2]) then return waiting end
 local id = redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
-redis.call('XADD', KEYS[4], '*', 'call', ARGV[10])
-redis.call('PEXPIRE', KEYS[4], ARGV[11])
 return id
 """
 )
@@ -96,17 +108,22 @@ class JobQueue:
         log_window_seconds: float = 600.0,
         submit_replicas: int = 0,
         submit_wait_ms: int = 50,
+        job_streams: int = 1,
     ) -> None:
         self._redis = redis
         self._log_window_seconds = log_window_seconds  # a completion log outlives its deadline so long
         self._reader = reader  # its own connection: the blocking XREAD holds it
         self._gateway_id = gateway_id
         self._max_queued_jobs = max_queued_jobs
+        self._job_streams = job_streams  # REDIS_JOB_STREAMS: a job goes to one of them at random
+        # Each stream takes its share of the model's limit; jobs spread evenly over them.
+        self._max_queued_per_stream = -(-max_queued_jobs // job_streams)
         self._submit_replicas = submit_replicas  # GATEWAY_SUBMIT_REPLICAS: 0 waits for none
         self._submit_wait_ms = submit_wait_ms
         self.lost_job_check_seconds = LOST_JOB_CHECK_SECONDS  # GATEWAY_LOST_JOB_CHECK_SECONDS
         self._reply_stream = keys.reply_stream(gateway_id)
-        self._submit = redis.register_script(_SUBMIT)
+        self._open_call = redis.register_script(_OPEN_CALL)
+        self._queue = redis.register_script(_QUEUE)
         self._waiting = redis.register_script(_WAITING + "return waiting")
         self._cancel_script = redis.register_script(_CANCEL)
         self._subscriptions: dict[str, Subscription] = {}
@@ -140,8 +157,14 @@ class JobQueue:
             await self._redis.delete(self._reply_stream)
 
     async def waiting_jobs(self, model: str) -> int:
-        """Jobs of the model that no worker has taken yet."""
-        return int(await self._waiting(keys=[keys.job_stream(model)], args=[keys.WORKER_GROUP]))
+        """Jobs of the model that no worker has taken yet, on all its streams."""
+        counts = await asyncio.gather(
+            *(
+                self._waiting(keys=[keys.job_stream(model, shard)], args=[keys.WORKER_GROUP])
+                for shard in range(self._job_streams)
+            )
+        )
+        return sum(int(n) for n in counts)
 
     async def engine_context_window(self, model: str) -> int | None:
         """The context window the model's live workers run with (None: no worker is live)."""
@@ -200,7 +223,7 @@ class JobQueue:
 
     async def _submit_once(self, request: ValidRequest, deadline: float, owner: str) -> Subscription | None:
         """Queues the job, or returns None when the reply stream is gone (nothing queued)."""
-        request_id = uuid.uuid4().hex
+        request_id = keys.new_request_id(self._gateway_id)
         job = codec.Job(
             request_id=request_id,
             model=request.model,
@@ -224,6 +247,7 @@ class JobQueue:
             trace_context=dict(request.trace_context),
         )
         subscription = Subscription(request_id, request.model, request.max_tokens)
+        subscription.job_stream = keys.job_stream(request.model, secrets.randbelow(self._job_streams))
         subscription.deadline = deadline
         subscription.created = int(time.time())
         record = CallRecord(request_id, owner, request.model, subscription.created, deadline)
@@ -236,17 +260,14 @@ class JobQueue:
         )  # fmt: skip
         submitting = asyncio.ensure_future(
             self._queue_job(
-                keys=[
-                    keys.job_stream(request.model),
-                    keys.submitted(request_id),
-                    self._reply_stream,
-                    keys.completion_log(request_id),
-                ],
-                args=[
-                    *(keys.WORKER_GROUP, self._max_queued_jobs, keys.RETRY_MARKER_TTL_SECONDS),
-                    *fields,
-                    *(record.to_json(), max(1000, log_ttl_ms)),
-                ],
+                call=(
+                    [self._reply_stream, keys.completion_log(request_id)],
+                    [record.to_json(), max(1000, log_ttl_ms)],
+                ),
+                job=(
+                    [subscription.job_stream, keys.submitted(subscription.job_stream, request_id)],
+                    [keys.WORKER_GROUP, self._max_queued_per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
+                ),
             )
         )
         try:
@@ -266,31 +287,35 @@ class JobQueue:
             self._subscriptions.pop(request_id, None)
             if added == _REPLY_STREAM_GONE:
                 return None
-            raise QueueFull(request.model, added)
+            raise QueueFull(request.model, added * self._job_streams)  # the model's, as streams are even
         subscription.entry_id = added
         self._reply_stream_ok = True  # the script found the reply stream there
         return subscription
 
-    async def _queue_job(self, keys: list[str], args: list[Any]) -> Any:
-        """Runs the submit script; with GATEWAY_SUBMIT_REPLICAS, then waits (up to
+    async def _queue_job(self, call: _ScriptCall, job: _ScriptCall) -> Any:
+        """Opens the call, then queues its job (see _OPEN_CALL); returns what _QUEUE returns, or
+        _REPLY_STREAM_GONE. With GATEWAY_SUBMIT_REPLICAS, the job's step then waits (up to
         GATEWAY_SUBMIT_WAIT_MS) until that many replicas have the job, so that a failover right
         after the caller was told "queued" does not lose it. WAIT covers the writes of its own
         connection, so both go down one pipeline (one round trip). A job not replicated in time
         is queued all the same (counted): the lost-job check still ends its call if the primary
         loses it. (A submit run again after a lost reply finds its job queued and writes nothing,
         so its WAIT says nothing about that job: it counts as replicated.)"""
+        if await self._open_call(keys=call[0], args=call[1]) == _REPLY_STREAM_GONE:
+            return _REPLY_STREAM_GONE
+        keys, args = job
         if not self._submit_replicas:
-            return await self._submit(keys=keys, args=args)
+            return await self._queue(keys=keys, args=args)
         for _ in range(2):
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._submit.sha, len(keys), *keys, *args)
+                pipe.evalsha(self._queue.sha, len(keys), *keys, *args)
                 pipe.execute_command("WAIT", self._submit_replicas, self._submit_wait_ms)
                 added, replicated = await pipe.execute(raise_on_error=False)
             if not isinstance(added, NoScriptError):
                 break
             # A Redis that has not seen the script (restarted, or a replica just promoted): load
             # it and run again; the submitted marker makes a second run return the same job.
-            await self._redis.script_load(self._submit.script)
+            await self._redis.script_load(self._queue.script)
         if isinstance(added, Exception):
             raise added
         if isinstance(added, bytes) and int(replicated) < self._submit_replicas:
@@ -331,9 +356,9 @@ class JobQueue:
         try:
             await self._cancel_script(
                 keys=[
-                    keys.job_stream(subscription.model),
-                    keys.cancel_flag(request_id),
-                    keys.submitted(request_id),
+                    subscription.job_stream,
+                    keys.cancel_flag(subscription.job_stream, request_id),
+                    keys.submitted(subscription.job_stream, request_id),
                 ],
                 args=[subscription.entry_id, ttl],
             )
@@ -421,14 +446,16 @@ class JobQueue:
         if not waiting:
             return 0
         generation = self._generation
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:  # job streams on any shard
             for s in waiting:
-                pipe.xrange(keys.job_stream(s.model), s.entry_id, s.entry_id, count=1)
-            pipe.xrevrange(self._reply_stream, "+", "-", count=1)
-            *found, newest = await pipe.execute()
+                pipe.xrange(s.job_stream, s.entry_id, s.entry_id, count=1)
+            found = await pipe.execute()
         missing = [s for s, entries in zip(waiting, found, strict=True) if not entries]
         if not missing:
             return 0
+        # Read after the entries were found missing: it covers every event their workers wrote
+        # before deleting them.
+        newest: Any = await self._redis.xrevrange(self._reply_stream, "+", "-", count=1)
         written = _stream_id(newest[0][0]) if newest else (0, 0)
         give_up = time.monotonic() + min(self.lost_job_check_seconds, LOST_JOB_CHECK_SECONDS)
         while _stream_id(self.read_through) < written and generation == self._generation:

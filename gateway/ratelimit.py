@@ -96,9 +96,10 @@ class RateLimiter:
         now = time.time()
         window = int(now // _WINDOW_SECONDS)
         reset = (window + 1) * _WINDOW_SECONDS - now
+        window_key = keys.rate_window(record.digest, window)
         try:
             admitted, used_requests, used_tokens = await self._admit(
-                keys=[keys.rate_window(record.digest, window), keys.applied(uuid.uuid4().hex)],
+                keys=[window_key, keys.applied(window_key, uuid.uuid4().hex)],
                 args=[
                     record.requests_per_minute,
                     record.tokens_per_minute,
@@ -169,6 +170,6 @@ class RateLimiter:
         window = keys.rate_window(budget.record.digest, budget.window)
         with contextlib.suppress(RedisError):  # the window expires anyway
             await self._refund(
-                keys=[window, keys.applied(uuid.uuid4().hex)],
+                keys=[window, keys.applied(window, uuid.uuid4().hex)],
                 args=[max(0, tokens), keys.RETRY_MARKER_TTL_SECONDS, max(0, requests)],
             )

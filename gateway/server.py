@@ -107,6 +107,7 @@ class Gateway:
             window,
             settings.submit_replicas,
             settings.submit_wait_ms,
+            settings.job_streams,
         )
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
         idempotency = IdempotencyKeys(self._redis, settings.idempotency_window_seconds, settings.gateway_id)

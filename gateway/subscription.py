@@ -29,7 +29,8 @@ class Subscription:
         # A resume's starting_after: deltas at or before it are never merged with later ones, or
         # the merged delta (numbered after the cursor) would send the caller's text again.
         self.cursor = cursor
-        self.entry_id = b""  # the job's entry in the job stream, once queued
+        self.job_stream = ""  # the stream its job was queued on (common/keys.py job_stream)
+        self.entry_id = b""  # the job's entry in that stream, once queued
         self.deadline = 0.0  # unix seconds: workers drop the job after it
         self.created = 0  # unix seconds: when the job was queued
         self._events: deque[codec.Event] = deque()

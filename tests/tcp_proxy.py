@@ -28,6 +28,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
         self._server: asyncio.Server | None = None
         self._held = 0  # replies still to hold back
+        self._passed = 0  # replies still to let through before holding any
         self._hold_seconds = 0.0
         self._blackholed: set[asyncio.StreamWriter] = set()
         self._open: set[asyncio.StreamWriter] = set()
@@ -60,9 +61,11 @@ class TcpProxy:
     def num_connections(self) -> int:
         return len(self._open)
 
-    def hold_replies(self, seconds: float, count: int = 1) -> None:
+    def hold_replies(self, seconds: float, count: int = 1, after: int = 0) -> None:
+        """Holds the next `count` replies back for `seconds` each, once `after` replies went through."""
+
         def arm() -> None:
-            self._held, self._hold_seconds = count, seconds
+            self._held, self._hold_seconds, self._passed = count, seconds, after
             self.reply_held.clear()
 
         self._loop.call_soon_threadsafe(arm)
@@ -112,7 +115,9 @@ class TcpProxy:
             while data := await reader.read(_CHUNK):
                 if client in self._blackholed:
                     continue  # swallowed: neither side hears anything more
-                if replies and self._held > 0:
+                if replies and self._passed > 0:
+                    self._passed -= 1
+                elif replies and self._held > 0:
                     self._held -= 1
                     self.reply_held.set()
                     await asyncio.sleep(self._hold_seconds)

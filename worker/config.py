@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from common.models import ModelSpec
 from common.redis_client import check_url
-from common.settings import env_float, env_int, env_str
+from common.settings import env_float, env_int, env_str, job_streams
 
 ENGINES = ("vllm", "bench")
 
@@ -69,6 +69,7 @@ class WorkerSettings:
     metrics_port: int
     redis_tls_ca_file: str
     vllm: VllmSettings
+    job_streams: int = 1  # REDIS_JOB_STREAMS (common/settings.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -110,6 +111,7 @@ class WorkerSettings:
                 enforce_eager=_auto_flag(env, "WORKER_VLLM_ENFORCE_EAGER"),
                 ignore_eos=_flag(env, "WORKER_VLLM_IGNORE_EOS"),
             ),
+            job_streams=job_streams(env),
         )
 
 

@@ -20,7 +20,7 @@ from common import codec, engine_registry, keys, tracing
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
-from worker.jobs import Delivery, JobStream
+from worker.jobs import Delivery, ModelJobs
 from worker.publisher import EventPublisher
 from worker.runner import FailureKind, JobEvents, can_continue, run_job
 
@@ -54,7 +54,7 @@ class JobConsumer:
         self._engine = engine
         self._publisher = publisher
         self._model = settings.model.name
-        self._jobs = JobStream(redis, self._model, settings.worker_id)
+        self._jobs = ModelJobs(redis, self._model, settings.worker_id, settings.job_streams)
         self._running: dict[str, _Running] = {}  # by request_id
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -79,7 +79,7 @@ class JobConsumer:
         ]
         failures = 0
         try:
-            await self._jobs.ensure_group()
+            await self._jobs.ensure_groups()
             await self._advertise()
             while not self._stopping.is_set():
                 free = self._settings.max_concurrency - len(self._running)
@@ -96,7 +96,7 @@ class JobConsumer:
                     failures += 1
                     log.warning("job stream unavailable (%s); retrying in %.1fs", exc, delay)
                     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                        await self._jobs.ensure_group()  # Redis lost its data: start over
+                        await self._jobs.ensure_groups()  # Redis lost its data: start over
                     await asyncio.sleep(delay)
         finally:
             if self.fatal_error is None:
@@ -127,7 +127,7 @@ class JobConsumer:
             running.handed_back = True
             running.events.silenced = True
         try:
-            await self._jobs.hand_back([r.delivery.entry_id for r in left])
+            await self._jobs.hand_back([r.delivery for r in left])
         except RedisError as exc:
             log.error("cannot hand back jobs (%s); they are reclaimed after the claim timeout", exc)
         metrics.HANDED_BACK.labels(self._model).inc(len(left))
@@ -196,7 +196,7 @@ class JobConsumer:
                 events.failed(FailureKind.FAILURE_KIND_INTERNAL, f"job abandoned: {dead_letter_reason}")
             elif job.deadline and job.deadline <= time.time():
                 events.failed(FailureKind.FAILURE_KIND_DEADLINE_EXCEEDED, "deadline passed while queued")
-            elif await self._redis.exists(keys.cancel_flag(job.request_id)):
+            elif await self._redis.exists(keys.cancel_flag(self._jobs.of(delivery).stream, job.request_id)):
                 events.failed(FailureKind.FAILURE_KIND_CANCELLED, "caller left while queued")
             else:
                 if delivery.attempt > 1 and can_continue(job):
@@ -227,10 +227,10 @@ class JobConsumer:
         try:
             await self._publisher.flush()
             if dead_letter_reason:
-                ended = await self._jobs.dead_letter(delivery, dead_letter_reason)
+                ended = await self._jobs.of(delivery).dead_letter(delivery, dead_letter_reason)
                 metrics.DEAD_LETTERS.labels(self._model).inc(ended)
             else:
-                ended = await self._jobs.acknowledge(delivery)
+                ended = await self._jobs.of(delivery).acknowledge(delivery)
             if not ended:
                 # We stalled past the claim timeout and another worker runs the job now (our
                 # events were fenced off): its entry and progress record are that attempt's.
@@ -252,7 +252,7 @@ class JobConsumer:
     async def _continue_from_progress(self, delivery: Delivery, events: JobEvents) -> None:
         """Takes over what earlier attempts published, so this one continues instead of starting over."""
         try:
-            progress = await self._jobs.take_over_progress(delivery.request_id, delivery.attempt)
+            progress = await self._jobs.of(delivery).take_over_progress(delivery.request_id, delivery.attempt)
         except codec.BadPayload as exc:
             log.error("job %s: progress record unreadable (%s); starting over", delivery.request_id, exc)
             return
@@ -283,7 +283,7 @@ class JobConsumer:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for r in running:
-                        pipe.exists(keys.cancel_flag(r.delivery.request_id))
+                        pipe.exists(keys.cancel_flag(self._jobs.of(r.delivery).stream, r.delivery.request_id))
                         pipe.exists(r.delivery.reply_to)
                     replies = await pipe.execute()
             except RedisError as exc:
@@ -331,7 +331,7 @@ class JobConsumer:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             running = [r for r in self._running.values() if not r.handed_back]
             try:
-                owned = await self._jobs.heartbeat([r.delivery.entry_id for r in running])
+                owned = await self._jobs.heartbeat([r.delivery for r in running])
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

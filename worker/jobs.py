@@ -8,6 +8,7 @@ That count is the job's attempt number; past the limit the job is dead-lettered.
 """
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,26 +60,39 @@ if record then redis.call('SETRANGE', KEYS[1], 0, ARGV[1]) end
 return record
 """
 
-# Ends a job this attempt still owns: KEYS: job stream, cancel flag, submitted marker, progress
-# record, dead-letter stream; ARGV: group, consumer, entry id, attempt, width of the record's
-# attempt field, and for a dead letter the fields to record (name, value, ...). The job is ours
-# while its pending entry names this consumer and no later attempt owns its progress record.
-# A worker that froze past the claim timeout and woke after another took the job over must not
-# acknowledge it: that would delete the live attempt's entry and record, fence off all its
-# events and leave its caller waiting to the deadline. Atomic, so ownership cannot change
-# between the check and the removal. Returns 1 if the job was ended, 0 if it was not ours.
+# Ending a job (acknowledge or dead-letter) takes three steps, because its entry lives in its
+# queue's slot and its progress record in its gateway's (common/keys.py). The job is this
+# attempt's while its pending entry names this consumer and no later attempt owns its progress
+# record: a worker that froze past the claim timeout and woke after another took the job over
+# must not acknowledge it, which would delete the live attempt's entry and record, fence off all
+# its events and leave its caller waiting to the deadline.
+#   1. read the record's attempt: a later one owns the job, stop (a takeover claims the entry
+#      before it takes the record, so step 2 sees any takeover that step 1 missed);
+#   2. _END_OWNED, atomic in the queue's slot: if the entry still names this consumer, record a
+#      dead letter (if any), acknowledge and delete the entry, its cancel flag and marker;
+#   3. _DROP_PROGRESS: delete the record unless a later attempt owns it.
+# A crash before step 2 leaves the job pending (another worker reclaims it, as for any death);
+# one between steps 2 and 3 leaves only the record, which expires after the job's deadline.
+#
+# _END_OWNED KEYS: job stream, cancel flag, submitted marker, dead-letter stream; ARGV: group,
+# consumer, entry id, and for a dead letter the MAXLEN and fields to record (name, value, ...).
+# Returns 1 if the job was ended, 0 if it was not ours.
 _END_OWNED = """
 local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
 if not entry or entry[2] ~= ARGV[2] then return 0 end
-local current = tonumber(redis.call('GETRANGE', KEYS[4], 0, tonumber(ARGV[5]) - 1))
-if current and current > tonumber(ARGV[4]) then return 0 end
-if #ARGV > 5 then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+if #ARGV > 3 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
+"""
+# KEYS: progress record. ARGV: attempt, width of the record's attempt field.
+_DROP_PROGRESS = """
+local current = tonumber(redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1))
+if current and current > tonumber(ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1])
 """
 
 # A consumer is forgotten after this many claim timeouts without reading: a live worker reads
@@ -101,28 +115,30 @@ class Delivery:
     job: codec.Job | None  # None when the payload cannot be decoded
     fields: dict[bytes, bytes] = field(repr=False, default_factory=dict)  # the raw stream entry
     error: str = ""  # why job is None
+    stream: str = ""  # the job stream it came from
 
     @classmethod
-    def parse(cls, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> "Delivery":
+    def parse(cls, entry_id: bytes, fields: dict[bytes, bytes], attempt: int, stream: str = "") -> "Delivery":
         request_id = fields.get(keys.REQUEST_ID_FIELD, b"").decode(errors="replace")
         reply_to = fields.get(keys.REPLY_TO_FIELD, b"").decode(errors="replace")
         try:
             job = codec.decode_job(fields.get(keys.PAYLOAD_FIELD, b""))
         except codec.BadPayload as exc:
-            return cls(entry_id, request_id, reply_to, attempt, None, fields, str(exc))
-        return cls(entry_id, job.request_id, job.reply_to, attempt, job, fields)
+            return cls(entry_id, request_id, reply_to, attempt, None, fields, str(exc), stream)
+        return cls(entry_id, job.request_id, job.reply_to, attempt, job, fields, stream=stream)
 
 
 class JobStream:
-    def __init__(self, redis: Redis, model: str, worker_id: str) -> None:
+    def __init__(self, redis: Redis, model: str, worker_id: str, shard: int = 0) -> None:
         self._redis = redis
-        self.stream = keys.job_stream(model)
-        self._dead_letters = keys.dead_letter_stream(model)
+        self.stream = keys.job_stream(model, shard)
+        self._dead_letters = keys.dead_letter_stream(self.stream)
         self._worker_id = worker_id
         self._touch_owned = redis.register_script(_TOUCH_OWNED)
         self._forget_dead_consumers = redis.register_script(_FORGET_DEAD_CONSUMERS)
         self._take_over_progress = redis.register_script(_TAKE_OVER_PROGRESS)
         self._end_owned = redis.register_script(_END_OWNED)
+        self._drop_progress = redis.register_script(_DROP_PROGRESS)
         # Where the next XAUTOCLAIM scan starts. Each call scans a bounded number of entries, so
         # starting over at 0-0 every time would never get past a long run of live pending entries.
         self._reclaim_cursor = b"0-0"
@@ -142,7 +158,9 @@ class JobStream:
         reply = await self._redis.xreadgroup(
             keys.WORKER_GROUP, self._worker_id, {self.stream: ">"}, count=count, block=block_ms
         )
-        return [Delivery.parse(entry_id, fields, 1) for entry_id, fields in streams.entries(reply)]
+        return [
+            Delivery.parse(entry_id, fields, 1, self.stream) for entry_id, fields in streams.entries(reply)
+        ]
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
         """Takes over jobs whose worker has not heartbeated for min_idle_ms.
@@ -169,7 +187,8 @@ class JobStream:
                 # Acknowledged (its job ended) or claimed by another worker since our XAUTOCLAIM.
                 log.info("entry %s changed hands while being reclaimed; leaving it", entry_id)
                 continue
-            deliveries.append(Delivery.parse(entry_id, fields, int(pending[0]["times_delivered"])))
+            attempt = int(pending[0]["times_delivered"])
+            deliveries.append(Delivery.parse(entry_id, fields, attempt, self.stream))
         return deliveries
 
     async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
@@ -233,22 +252,85 @@ class JobStream:
         return await self._end(delivery, [DEAD_LETTER_MAXLEN, *(x for pair in record.items() for x in pair)])
 
     async def _end(self, delivery: Delivery, dead_letter: list[Any]) -> bool:
-        request_id = delivery.request_id
+        """The three steps of ending a job (see _END_OWNED); returns whether it was ours to end."""
+        request_id, progress = delivery.request_id, keys.progress(delivery.request_id)
+        width = codec.PROGRESS_FIELD_WIDTH
+        current = (await self._redis.getrange(progress, 0, width - 1)).strip()
+        if current.isdigit() and int(current) > delivery.attempt:
+            return False
         ended = await self._end_owned(
             keys=[
                 self.stream,
-                keys.cancel_flag(request_id),
-                keys.submitted(request_id),
-                keys.progress(request_id),
+                keys.cancel_flag(self.stream, request_id),
+                keys.submitted(self.stream, request_id),
                 self._dead_letters,
             ],
-            args=[
-                keys.WORKER_GROUP,
-                self._worker_id,
-                delivery.entry_id,
-                delivery.attempt,
-                codec.PROGRESS_FIELD_WIDTH,
-                *dead_letter,
-            ],
+            args=[keys.WORKER_GROUP, self._worker_id, delivery.entry_id, *dead_letter],
         )
+        if ended:
+            await self._drop_progress(keys=[progress], args=[delivery.attempt, width])
         return bool(ended)
+
+
+# How long an idle worker of a model with several job streams blocks on one of them before it
+# looks at the others again: the most a job waits for it when no idle worker blocks on its stream.
+SHARD_BLOCK_MS = 100
+
+
+class ModelJobs:
+    """All job streams of one model (REDIS_JOB_STREAMS of them, common/keys.py job_stream), read
+    fairly: each read starts at the next stream in turn, so none starves while others are busy,
+    and within a stream jobs are taken in order. Deliveries remember their stream, and what is
+    done with a job goes to that stream."""
+
+    def __init__(self, redis: Redis, model: str, worker_id: str, shards: int = 1) -> None:
+        self.shards = [JobStream(redis, model, worker_id, shard) for shard in range(shards)]
+        self._by_name = {s.stream: s for s in self.shards}
+        self._next = secrets.randbelow(shards)  # workers spread their blocking reads over the streams
+
+    def of(self, delivery: Delivery) -> JobStream:
+        return self._by_name.get(delivery.stream, self.shards[0])
+
+    async def ensure_groups(self) -> None:
+        for shard in self.shards:
+            await shard.ensure_group()
+
+    def _in_turn(self) -> list[JobStream]:
+        start, self._next = self._next, (self._next + 1) % len(self.shards)
+        return self.shards[start:] + self.shards[:start]
+
+    async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
+        """Up to count new jobs from the streams in turn; when there are none, waits up to
+        block_ms on one stream (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
+        if len(self.shards) == 1:
+            return await self.shards[0].read_new(count, block_ms)
+        order = self._in_turn()
+        taken: list[Delivery] = []
+        for shard in order:
+            if len(taken) < count:
+                taken += await shard.read_new(count - len(taken), block_ms=None)
+        if taken or block_ms is None:
+            return taken
+        return await order[0].read_new(count, min(block_ms, SHARD_BLOCK_MS))
+
+    async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
+        reclaimed: list[Delivery] = []
+        for shard in self._in_turn():
+            if len(reclaimed) < count:
+                reclaimed += await shard.reclaim(count - len(reclaimed), min_idle_ms)
+        return reclaimed
+
+    async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
+        return [name for shard in self.shards for name in await shard.forget_dead_consumers(claim_idle_ms)]
+
+    async def heartbeat(self, deliveries: list[Delivery]) -> set[bytes]:
+        """Marks our running jobs as alive; returns the entry ids we still own."""
+        owned: set[bytes] = set()
+        for shard in self.shards:
+            mine = [d.entry_id for d in deliveries if self.of(d) is shard]
+            owned |= await shard.heartbeat(mine)
+        return owned
+
+    async def hand_back(self, deliveries: list[Delivery]) -> None:
+        for shard in self.shards:
+            await shard.hand_back([d.entry_id for d in deliveries if self.of(d) is shard])

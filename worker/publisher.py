@@ -1,9 +1,10 @@
 """Writes job events to Redis, many per round trip, each with its job's progress record.
 
 Runners call `publish()` without waiting. One background task writes whatever has
-accumulated since its last round trip in one script call, so an engine step that
-produces a token for each of 100 jobs costs one round trip, not 100. Events keep
-their order because batches are written one after another.
+accumulated since its last round trip in one script call per gateway (whose jobs' keys
+share its slot, common/keys.py), so an engine step that produces a token for each of
+100 jobs costs one round trip per gateway, not 100. Events keep their order because
+batches are written one after another.
 
 Each event updates its job's progress record (common/keys.py progress(), format in
 common/codec.py) and is added to its completion log (keys.completion_log(), which resumed
@@ -141,6 +142,20 @@ class EventPublisher:
                 self._in_flight = None
 
     async def _write(self, batch: list[_Pending]) -> None:
+        by_gateway: dict[str, list[_Pending]] = {}
+        for e in batch:
+            by_gateway.setdefault(e.reply_to, []).append(e)
+        # One script per gateway, all at once: on Redis Cluster each runs in its gateway's slot.
+        results = await asyncio.gather(
+            *(self._write_one_gateway(g) for g in by_gateway.values()), return_exceptions=True
+        )
+        if errors := [r for r in results if isinstance(r, BaseException)]:
+            raise errors[0]
+        if dropped := sum(r for r in results if isinstance(r, int)):
+            log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
+
+    async def _write_one_gateway(self, batch: list[_Pending]) -> int:
+        """Writes events of one gateway's jobs; returns how many the script dropped."""
         script_keys: list[str] = []
         args: list[bytes | str | int] = [
             codec.PROGRESS_FIELD_WIDTH,
@@ -162,8 +177,7 @@ class EventPublisher:
             ]
         # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire, and a
         # completion log past its retention window is gone for good; neither is made anew.
-        if dropped := await self._script(keys=script_keys, args=args):
-            log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
+        return int(await self._script(keys=script_keys, args=args))
 
 
 # How long a progress record outlives its job's deadline. Nobody continues a job after its

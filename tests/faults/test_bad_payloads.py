@@ -39,11 +39,14 @@ def test_a_malformed_job_is_dead_lettered_and_its_caller_answered(
     # The worker writes the Failed event before it moves the job to the dead letters (a job is
     # let go of only once its terminal event is in Redis), so the caller may hear first.
     end = time.monotonic() + 5
-    while not fault_redis_client.exists(keys.dead_letter_stream(MODEL)) and time.monotonic() < end:
+    while (
+        not fault_redis_client.exists(keys.dead_letter_stream(keys.job_stream(MODEL)))
+        and time.monotonic() < end
+    ):
         time.sleep(0.02)
-    [(_id, dead)] = fault_redis_client.xrange(keys.dead_letter_stream(MODEL))
+    [(_id, dead)] = fault_redis_client.xrange(keys.dead_letter_stream(keys.job_stream(MODEL)))
     assert dead[keys.PAYLOAD_FIELD] == GARBAGE and b"undecodable" in dead[b"reason"]
-    fault_redis_client.delete(keys.dead_letter_stream(MODEL))
+    fault_redis_client.delete(keys.dead_letter_stream(keys.job_stream(MODEL)))
     assert stub.ChatCompletion(chat_request(max_tokens=3)).choices[0].message.content == bench_text(3)
     check_clean(fault_stack, fault_redis_client)
 
@@ -58,7 +61,7 @@ def test_an_entry_without_any_fields_we_know_does_not_stop_the_worker(
     stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(fault_stack.address))
     assert stub.ChatCompletion(chat_request(max_tokens=3)).choices[0].message.content == bench_text(3)
     assert fault_stack.workers[0].poll() is None
-    fault_redis_client.delete(keys.dead_letter_stream(MODEL))
+    fault_redis_client.delete(keys.dead_letter_stream(keys.job_stream(MODEL)))
     check_clean(fault_stack, fault_redis_client)
 
 

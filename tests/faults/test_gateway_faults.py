@@ -61,7 +61,9 @@ def test_a_flood_past_the_queue_limit_is_refused_at_once_with_a_retry_delay(
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     queued = [stub.StreamChatCompletion(chat_request(max_tokens=4), timeout=60) for _ in range(3)]
     deadline = time.monotonic() + 10
-    while fault_redis_client.xlen("chat:jobs:SmolLM2-135M-Instruct") < 3 and time.monotonic() < deadline:
+    while (
+        fault_redis_client.xlen(keys.job_stream("SmolLM2-135M-Instruct")) < 3 and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     refused = 0
     for _ in range(20):

@@ -87,9 +87,9 @@ def test_a_job_that_keeps_killing_workers_is_dead_lettered(
         stream.read()
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "abandoned" in caught.value.details()
-    [(_id, fields)] = fault_redis_client.xrange(keys.dead_letter_stream(MODEL))
+    [(_id, fields)] = fault_redis_client.xrange(keys.dead_letter_stream(keys.job_stream(MODEL)))
     assert b"keep dying" in fields[b"reason"]
-    fault_redis_client.delete(keys.dead_letter_stream(MODEL))
+    fault_redis_client.delete(keys.dead_letter_stream(keys.job_stream(MODEL)))
     check_clean(fault_stack, fault_redis_client)
 
 

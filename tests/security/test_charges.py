@@ -72,7 +72,7 @@ def used(client: redis.Redis, key: str) -> tuple[int, int]:
     """(requests, tokens) the key has used, over every window it has."""
     digest = apikeys.digest(key)
     requests = tokens = 0
-    for window in client.scan_iter(f"{keys.PREFIX}:ratelimit:{digest}:*"):
+    for window in client.scan_iter(f"{keys.PREFIX}:ratelimit:{{{digest}}}:*"):
         fields = client.hgetall(window)
         requests += int(fields.get(b"requests", 0))
         tokens += int(fields.get(b"tokens", 0))

@@ -88,12 +88,12 @@ async def test_an_idle_worker_lingers_for_the_rest_of_a_burst(
          "WORKER_IDLE_LINGER_MS": linger_ms}
     )  # fmt: skip
     consumer = JobConsumer(settings, client, ScriptedFakeEngine([]), FlushingFakePublisher())  # type: ignore[arg-type]
-    await consumer._jobs.ensure_group()
+    await consumer._jobs.ensure_groups()
     consumer._next_reclaim = float("inf")  # only new jobs here
     reading = asyncio.create_task(consumer._take(free=4))
     await asyncio.sleep(0.05)  # the read is blocked in Redis
     for n in range(3):
-        await client.xadd(consumer._jobs.stream, {keys.REQUEST_ID_FIELD: f"r{n}".encode()})
+        await client.xadd(consumer._jobs.shards[0].stream, {keys.REQUEST_ID_FIELD: f"r{n}".encode()})
         await asyncio.sleep(0.005)
     assert len(await reading) == taken
     await client.aclose()

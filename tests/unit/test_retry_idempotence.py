@@ -47,13 +47,17 @@ async def test_a_retried_submit_queues_the_job_once(
     proxy: TcpProxy, via_proxy: Redis, direct: redis.Redis
 ) -> None:
     queue = await started_queue(via_proxy)
-    request = valid_request()
-    proxy.hold_replies(LATE)
-    subscription = await queue.submit(request, deadline())
-    assert proxy.reply_held.is_set()  # the first reply was held: the script ran twice
-    assert queued_request_ids(direct, request.model) == [subscription.request_id]
-    [(entry_id, _fields)] = direct.xrange(keys.job_stream(request.model))
-    assert subscription.entry_id == entry_id
+    for held_step in (0, 1):  # the submit's two steps: open the call, queue the job
+        request = valid_request()
+        proxy.hold_replies(LATE, after=held_step)
+        subscription = await queue.submit(request, deadline())
+        assert proxy.reply_held.is_set()  # the step's reply was held: it ran twice
+        assert queued_request_ids(direct, request.model) == [subscription.request_id]
+        [(entry_id, _fields)] = direct.xrange(keys.job_stream(request.model))
+        assert subscription.entry_id == entry_id
+        [(_id, call)] = direct.xrange(keys.completion_log(subscription.request_id))  # one call record
+        assert list(call) == [b"call"]
+        queue.release(subscription)
     await queue.stop()
 
 
@@ -62,12 +66,15 @@ async def test_a_submit_that_never_got_its_reply_cancels_the_job_it_queued(
 ) -> None:
     queue = await started_queue(via_proxy)
     request = valid_request()
-    proxy.hold_replies(LATE, count=2)  # the retry times out too: the caller is told UNAVAILABLE
+    # The job step's reply and its retry's time out: the caller is told UNAVAILABLE.
+    proxy.hold_replies(LATE, count=2, after=1)
     with pytest.raises(Unavailable):
         await queue.submit(request, deadline())
     await queue.stop()  # waits for the background cancel
     [request_id] = queued_request_ids(direct, request.model)
-    assert direct.exists(keys.cancel_flag(request_id))  # no worker runs it for nobody
+    assert direct.exists(
+        keys.cancel_flag(keys.job_stream(request.model), request_id)
+    )  # no worker runs it for nobody
     assert queue.num_subscriptions == 0
 
 

@@ -27,7 +27,7 @@ async def taken_over(client: Redis, publisher: EventPublisher) -> tuple[JobStrea
     a, b = JobStream(client, model, "worker-a"), JobStream(client, model, "worker-b")
     await a.ensure_group()
     await client.xadd(a.stream, {keys.REQUEST_ID_FIELD: request_id.encode()})
-    await client.set(keys.submitted(request_id), b"1")
+    await client.set(keys.submitted(a.stream, request_id), b"1")
     [delivery_a] = await a.read_new(1, block_ms=None)
     events_a = JobEvents(request_id, reply_to, 1, publisher)
     events_a.started("worker-a", "fp")
@@ -51,7 +51,7 @@ async def owned_by_b(client: Redis, b: JobStream, request_id: str) -> None:
     record = await client.get(keys.progress(request_id))
     assert record is not None and codec.decode_progress(record).attempt == 2
     assert codec.decode_progress(record).token_ids == (11, 12)
-    assert await client.exists(keys.submitted(request_id))
+    assert await client.exists(keys.submitted(b.stream, request_id))
 
 
 async def test_a_woken_worker_does_not_acknowledge_a_job_another_worker_took_over(
@@ -68,7 +68,7 @@ async def test_a_woken_worker_does_not_dead_letter_a_job_another_worker_took_ove
     a, delivery_a, b, request_id = await taken_over(client, publisher)
     assert not await a.dead_letter(delivery_a, "test: stale attempt gives up")
     await owned_by_b(client, b, request_id)
-    assert await client.xlen(keys.dead_letter_stream(b.stream.rsplit(":", 1)[1])) == 0
+    assert await client.xlen(keys.dead_letter_stream(b.stream)) == 0
 
 
 async def test_the_attempt_that_owns_the_job_acknowledges_it(
@@ -79,7 +79,8 @@ async def test_the_attempt_that_owns_the_job_acknowledges_it(
     delivery_b = Delivery(pending["message_id"], request_id, "", 2, None)
     assert await b.acknowledge(delivery_b)
     assert await client.xlen(b.stream) == 0
-    assert not await client.exists(keys.progress(request_id), keys.submitted(request_id))
+    assert not await client.exists(keys.progress(request_id))
+    assert not await client.exists(keys.submitted(b.stream, request_id))
     assert not await a.acknowledge(delivery_a)  # and A, waking after that, finds nothing to end
 
 
@@ -90,7 +91,7 @@ async def test_a_dead_letter_by_the_owner_moves_the_job(client: Redis) -> None:
     await client.xadd(jobs.stream, {keys.REQUEST_ID_FIELD: b"r-dl", keys.PAYLOAD_FIELD: b"junk"})
     [delivery] = await jobs.read_new(1, block_ms=None)
     assert await jobs.dead_letter(delivery, "undecodable")
-    [(_id, fields)] = await client.xrange(keys.dead_letter_stream(model))
+    [(_id, fields)] = await client.xrange(keys.dead_letter_stream(jobs.stream))
     assert fields[b"reason"] == b"undecodable" and fields[keys.PAYLOAD_FIELD] == b"junk"
     assert fields[b"attempt"] == b"1"
     assert await client.xlen(jobs.stream) == 0

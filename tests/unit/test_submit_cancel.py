@@ -41,7 +41,9 @@ async def test_a_caller_cancelled_during_submit_leaves_no_subscription_and_a_can
     assert queue.num_subscriptions == 0
     await queue.stop()  # waits for the background cancel
     [request_id] = queued_request_ids(direct, request.model)
-    assert direct.exists(keys.cancel_flag(request_id))  # a worker drops it instead of running it
+    assert direct.exists(
+        keys.cancel_flag(keys.job_stream(request.model), request_id)
+    )  # a worker drops it instead of running it
 
 
 async def test_a_caller_whose_deadline_passes_during_submit_leaves_nothing_behind(
@@ -55,4 +57,4 @@ async def test_a_caller_whose_deadline_passes_during_submit_leaves_nothing_behin
     assert queue.num_subscriptions == 0
     await queue.stop()
     [request_id] = queued_request_ids(direct, request.model)
-    assert direct.exists(keys.cancel_flag(request_id))
+    assert direct.exists(keys.cancel_flag(keys.job_stream(request.model), request_id))
