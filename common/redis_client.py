@@ -1,6 +1,8 @@
-"""Redis connections for gateway and worker: one Redis, or the primary that Redis Sentinel names.
+"""Redis connections for gateway and worker: one Redis, the primary that Redis Sentinel names, or
+a Redis Cluster.
 
-REDIS_URL picks the topology; nothing outside this module knows which one runs:
+REDIS_URL picks the topology; outside this module only is_cluster() tells which one runs (a
+cluster takes only commands whose keys share a slot):
 
     redis://[[user]:password@]host[:port][/db]      one Redis; rediss:// with TLS
     redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]
@@ -8,6 +10,9 @@ REDIS_URL picks the topology; nothing outside this module knows which one runs:
                                                     the primary of service_name as the sentinels
                                                     at those addresses (port 26379 unless given) name
                                                     it; rediss+sentinel:// with TLS to both
+    redis-cluster://[[user]:password@]host[:port][,host[:port]...][/0]
+                                                    Redis Cluster, its nodes found from any of those
+                                                    (port 6379 unless given); rediss-cluster:// with TLS
 
 The user and password in front are the data nodes'; sentinel_password (and sentinel_username)
 the sentinels' own, when they require one. Percent-encode reserved characters in either.
@@ -19,15 +24,16 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, RedisClusterException, SlotNotCoveredError, TimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +68,26 @@ PRIMARY_CHECK_SECONDS = 1.0
 SENTINEL_TIMEOUT_SECONDS = 1.0  # connect and reply timeouts of a query to one sentinel
 _LOOKUP_REUSE_SECONDS = 0.1  # a primary the sentinels named this recently is not asked again
 
+DEFAULT_CLUSTER_PORT = 6379
+# How often a cluster command that met a connection error, a timeout or CLUSTERDOWN is sent again,
+# each time after reloading the slot map from the nodes. redis-py retries at once, whatever the
+# Retry's backoff (it waits 0.25 s after CLUSTERDOWN, and in pipelines, only). A primary that
+# died: the first try fails on it, the reload finds the replica promoted in its place once the
+# cluster has, the retry goes there. The second retry is for a transaction, which reloads the map
+# on every 2nd error only (reinitialize_steps below), and for a reload answered by a node that had
+# not heard of the promotion yet. Not more: a node gone without a trace costs a connect timeout
+# per try.
+CLUSTER_RETRIES = 2
+
 URL_FORMS = (
     "redis://[[user]:password@]host[:port][/db] (rediss:// for TLS) or "
     "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]"
-    "[?sentinel_password=...] (rediss+sentinel:// for TLS)"
+    "[?sentinel_password=...] (rediss+sentinel:// for TLS) or "
+    "redis-cluster://[[user]:password@]host[:port][,host[:port]...] (rediss-cluster:// for TLS)"
 )
 _SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 _SENTINEL_QUERY = ("sentinel_password", "sentinel_username")
+_CLUSTER_SCHEMES = {"redis-cluster": False, "rediss-cluster": True}  # scheme -> TLS
 
 
 @dataclass(frozen=True)
@@ -85,14 +104,48 @@ class SentinelUrl:
     tls: bool = False
 
 
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A REDIS_URL that names nodes of a Redis Cluster (any of them: the client finds the rest)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
 def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in _CLUSTER_SCHEMES
+
+
+def is_cluster(client_or_url: Redis | str) -> bool:
+    """Whether a client from connect(), or the REDIS_URL given it, is of a Redis Cluster: there,
+    the keys of one command, script or transaction must share a slot ({hash tags}), and a
+    keyless command (WAIT, INFO) goes to one node of several."""
+    if isinstance(client_or_url, str):
+        return is_cluster_url(client_or_url)
+    return isinstance(client_or_url, RedisCluster)
+
+
+def on_node_of(client: Redis, key: str) -> dict[str, Any]:
+    """Options that send a keyless command (WAIT) to the node serving key: on a cluster, keyless
+    commands otherwise go to one default node; elsewhere there is one node, and no option."""
+    if not isinstance(client, RedisCluster):
+        return {}
+    return {"target_nodes": client.get_node_from_key(key)}
 
 
 def check_url(url: str) -> str:
     """Returns url if it is a REDIS_URL connect() takes; else ValueError naming REDIS_URL and the forms."""
     if is_sentinel_url(url):
         parse_sentinel_url(url)
+        return url
+    if is_cluster_url(url):
+        parse_cluster_url(url)
         return url
     try:
         parse_url(url)
@@ -103,12 +156,8 @@ def check_url(url: str) -> str:
 
 def parse_sentinel_url(url: str) -> SentinelUrl:
     """redis+sentinel://... as its parts; ValueError (naming REDIS_URL) when malformed."""
-    scheme, _, rest = url.partition("://")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, _, hosts = netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    sentinels = tuple(_host_port(url, part) for part in hosts.split(","))
+    scheme, user, password, hosts, path, query = _split(url)
+    sentinels = _hosts(url, hosts, DEFAULT_SENTINEL_PORT, "sentinel")
     segments = [unquote(s) for s in path.split("/")]
     if segments and segments[-1] == "" and len(segments) > 1:
         segments.pop()  # a trailing slash
@@ -139,18 +188,50 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
-def _host_port(url: str, text: str) -> tuple[str, int]:
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """redis-cluster://... as its parts; ValueError (naming REDIS_URL) when malformed."""
+    scheme, user, password, hosts, path, query = _split(url)
+    nodes = _hosts(url, hosts, DEFAULT_CLUSTER_PORT, "node")
+    if path.strip("/") not in ("", "0"):
+        raise _bad_url(url, "a cluster has database 0 only: no path after the nodes, or /0")
+    if query:
+        raise _bad_url(url, "a cluster URL takes no parameters")
+    return ClusterUrl(
+        nodes=nodes,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        tls=_CLUSTER_SCHEMES[scheme.lower()],
+    )
+
+
+def _split(url: str) -> tuple[str, str, str, str, str, str]:
+    """scheme://[user[:password]@]hosts[/path][?query] as (scheme, user, password, hosts, path,
+    query); user and password still percent-encoded."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return scheme, user, password, hosts, path, query
+
+
+def _hosts(url: str, text: str, default_port: int, role: str) -> tuple[tuple[str, int], ...]:
+    """host[:port],[IPv6]:port,... as (host, port) pairs; role names them in errors."""
+    return tuple(_host_port(url, part, default_port, role) for part in text.split(","))
+
+
+def _host_port(url: str, text: str, default_port: int, role: str) -> tuple[str, int]:
     if text.startswith("["):  # [IPv6]:port
         host, _, port = text[1:].partition("]")
         port = port.removeprefix(":")
     else:
         host, _, port = text.partition(":")
     if not host:
-        raise _bad_url(url, "every sentinel needs a host: host[:port],host[:port],...")
+        raise _bad_url(url, f"every {role} needs a host: host[:port],host[:port],...")
     if not port:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise _bad_url(url, f"sentinel port must be a number from 1 to 65535, got {port!r}")
+        raise _bad_url(url, f"{role} port must be a number from 1 to 65535, got {port!r}")
     return host, int(port)
 
 
@@ -171,17 +252,22 @@ def redacted(url: str) -> str:
 def connect(url: str, tls_ca_file: str = "", max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
     """A client for url (any form above); tls_ca_file verifies the server.
 
-    Options are redis-py's; socket timeouts and TCP keepalive default to the values above.
+    Options are redis-py's; socket timeouts and TCP keepalive default to the values above. For
+    a cluster, max_connections is per node, and a command that finds all of a node's connections
+    in use fails (MaxConnectionsError) instead of waiting for one.
     """
+    options.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_SECONDS)
+    options.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_SECONDS)
+    options.setdefault("socket_keepalive", True)
+    options.setdefault("socket_keepalive_options", _KEEPALIVE_OPTIONS)
+    if is_cluster_url(url):
+        options.setdefault("retry", Retry(NoBackoff(), CLUSTER_RETRIES))
+        return _connect_cluster(parse_cluster_url(url), tls_ca_file, max_connections, options)
     # One immediate retry on a connection error or timeout: a pooled connection gone stale across a
     # Redis restart or a failover reconnects instead of failing the command; a Redis that is down
     # still fails at once. A retried command may have run already: what is not idempotent
     # (queueing a job, rate limits) carries its own marker, see common/keys.py.
     options.setdefault("retry", Retry(NoBackoff(), 1))
-    options.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT_SECONDS)
-    options.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_SECONDS)
-    options.setdefault("socket_keepalive", True)
-    options.setdefault("socket_keepalive_options", _KEEPALIVE_OPTIONS)
     if is_sentinel_url(url):
         return _connect_sentinel(parse_sentinel_url(url), tls_ca_file, max_connections, options)
     if url.startswith("rediss://") and tls_ca_file:
@@ -232,6 +318,98 @@ def _connect_sentinel(
         **options,
     )
     return client
+
+
+def _connect_cluster(
+    target: ClusterUrl, tls_ca_file: str, max_connections: int, options: dict[str, Any]
+) -> Redis:
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {"ssl": True, "ssl_ca_certs": tls_ca_file} if tls_ca_file else {"ssl": True}
+    client = ClusterClient(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        # The nodes in REDIS_URL, not those the cluster announces, are where every reload of the
+        # slot map starts: a DNS name there keeps working when the nodes behind it get new addresses.
+        dynamic_startup_nodes=False,
+        # Of the MOVED replies a client gets (a manual failover, resharding), every 2nd drops all
+        # its connections (blocking reads in flight too: their retry reopens them) and has the
+        # next command reload the slot map; the others update the map from the reply (after a
+        # failover: every slot of that node at once). A transaction, which retries on its own
+        # (CLUSTER_RETRIES times), reloads the map on every 2nd connection error or MOVED: its
+        # 2nd try at the latest reaches the promoted replica. redis-py's 5 failed the first
+        # transaction after a failover; 0, every one until some other command reloaded the map;
+        # 1 never follows a MOVED, and fails the command after 16 of them ("TTL exhausted").
+        reinitialize_steps=2,
+        max_connections=max_connections,
+        username=target.username,
+        password=target.password,
+        **tls,
+        **options,
+    )
+    # RedisCluster is no subclass of Redis, but it has every command used here, with the same
+    # signatures, and the same pipeline(), register_script() and aclose(): the rest of the code
+    # keeps its Redis annotations, and asks is_cluster() where the topology matters.
+    return cast(Redis, client)
+
+
+# XREAD and XREADGROUP options before STREAMS, and how many values each takes.
+_STREAM_READ_OPTIONS = {
+    b"BLOCK": 1,
+    b"COUNT": 1,
+    b"GROUP": 2,
+    b"NOACK": 0,
+    b"MAXCOUNT": 1,
+    b"MAXSIZE": 1,
+    b"CLAIM": 1,
+}
+
+
+# How redis-py's RedisClusterException says that it found no node to load the slot map from.
+_CLUSTER_UNREACHABLE = ("Redis Cluster cannot be connected", "startup_nodes could not agree")
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's RedisCluster, except that it finds the keys of XREAD and XREADGROUP itself.
+
+    redis-py 8.1.0 asks a node for the keys of a command whose key positions vary (COMMAND
+    GETKEYS, twice per command, once in a pipeline), always the node that was its default one
+    when it last loaded the slot map: each blocking read cost two more round trips, all to that
+    node, and once that node died every XREAD failed, without a retry, until some other command
+    made the client reload the map. redis-py routes the slot of the keys found here as before.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            # No node answers, or a slot has no primary (mid-failover): to callers that is Redis
+            # unreachable, which they all handle as a RedisError; redis-py's exception is none. Its
+            # other RedisClusterExceptions are faults of the command (keys in several slots).
+            if isinstance(exc, SlotNotCoveredError) or str(exc).startswith(_CLUSTER_UNREACHABLE):
+                raise ConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+            raise
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if str(command).upper() in ("XREAD", "XREADGROUP"):
+            slots = {self.keyslot(key) for key in _stream_read_keys(args)}
+            if len(slots) == 1:
+                return slots.pop()
+        return await super()._determine_slot(command, *args)  # errors (keys in several slots) included
+
+
+def _stream_read_keys(args: tuple[Any, ...]) -> list[Any]:
+    """The stream names of XREAD or XREADGROUP arguments (those after the command name); none if
+    the arguments are not as expected."""
+    i = 0
+    while i < len(args):
+        word = args[i].upper() if isinstance(args[i], bytes) else str(args[i]).upper().encode()
+        if word == b"STREAMS":
+            rest = args[i + 1 :]
+            return list(rest[: len(rest) // 2]) if rest and len(rest) % 2 == 0 else []
+        if word not in _STREAM_READ_OPTIONS:
+            return []
+        i += 1 + _STREAM_READ_OPTIONS[word]
+    return []
 
 
 class PrimaryPool(SentinelConnectionPool, BlockingConnectionPool):

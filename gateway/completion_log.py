@@ -128,7 +128,9 @@ class CompletionLog:
         its job's own events do not say (a deadline, a lost job, a caller that never came back)."""
         name = keys.completion_log(request_id)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            # Not a transaction (a Redis Cluster client runs those poorly); in order on one
+            # connection, and if the second fails the log still expires with its deadline.
+            async with self._redis.pipeline(transaction=False) as pipe:
                 if error is not None:
                     fields = {END_CODE_FIELD: str(error.code), END_MESSAGE_FIELD: error.message}
                     pipe.xadd(name, fields, nomkstream=True)  # type: ignore[arg-type]

@@ -18,15 +18,16 @@ from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError
+from redis.exceptions import ConnectionError, NoScriptError, OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
+from common.redis_client import on_node_of
 from gateway import metrics
 from gateway.completion_log import CallRecord
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
-from gateway.supervise import supervised
+from gateway.supervise import being_cancelled, supervised
 from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,14 @@ end
 """
 
 
+# Makes the reply stream (a marker entry) with its time to live, in one step: never one that
+# lives for ever. KEYS: reply stream. ARGV: TTL in seconds.
+_CREATE_REPLY_STREAM = """
+redis.call('XADD', KEYS[1], '*', 'created', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
+
 class JobQueue:
     def __init__(
         self,
@@ -126,6 +135,7 @@ class JobQueue:
         self._queue = redis.register_script(_QUEUE)
         self._waiting = redis.register_script(_WAITING + "return waiting")
         self._cancel_script = redis.register_script(_CANCEL)
+        self._create_reply_stream = redis.register_script(_CREATE_REPLY_STREAM)
         self._subscriptions: dict[str, Subscription] = {}
         # Bumped each time the reply stream is found gone and made anew (every call waiting then
         # is failed); a lock makes one caller do it for everybody who noticed.
@@ -306,19 +316,28 @@ class JobQueue:
         keys, args = job
         if not self._submit_replicas:
             return await self._queue(keys=keys, args=args)
-        for _ in range(2):
+        for attempt in range(3):
+            # Down one connection in order (on Redis Cluster: the job stream's node, as WAIT has no
+            # key of its own). Errors come back as results, so a failed WAIT keeps the job's id.
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._queue.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", self._submit_replicas, self._submit_wait_ms)
+                pipe.execute_command("EVALSHA", self._queue.sha, len(keys), *keys, *args)
+                pipe.execute_command(
+                    "WAIT", self._submit_replicas, self._submit_wait_ms, **on_node_of(self._redis, keys[0])
+                )
                 added, replicated = await pipe.execute(raise_on_error=False)
-            if not isinstance(added, NoScriptError):
+            if isinstance(added, NoScriptError):
+                # A Redis that has not seen the script (restarted, or a replica just promoted): load
+                # it and run again; the submitted marker makes a second run return the same job.
+                await self._redis.script_load(self._queue.script)
+            elif not isinstance(added, ConnectionError) or attempt:
                 break
-            # A Redis that has not seen the script (restarted, or a replica just promoted): load
-            # it and run again; the submitted marker makes a second run return the same job.
-            await self._redis.script_load(self._queue.script)
+            # else: a pipeline is not retried by the client itself (on a cluster, after a failover
+            # its slot map is stale): once more, which reconnects; the marker makes it idempotent.
         if isinstance(added, Exception):
             raise added
-        if isinstance(added, bytes) and int(replicated) < self._submit_replicas:
+        if isinstance(added, bytes) and (
+            not isinstance(replicated, int) or replicated < self._submit_replicas
+        ):
             metrics.UNREPLICATED_SUBMITS.inc()
         return added
 
@@ -373,6 +392,8 @@ class JobQueue:
         last_trim = time.monotonic()
         broken = False
         while True:
+            if being_cancelled():  # a cancel that redis-py swallowed during a read: stop all the same
+                raise asyncio.CancelledError
             try:
                 if broken:
                     last_id = await self._recover(last_id, read_generation)
@@ -383,6 +404,8 @@ class JobQueue:
                 reply = await self._reader.xread({self._reply_stream: last_id}, count=1024, block=1000)
                 self._reader_ok = True
             except RedisError as exc:
+                if being_cancelled():
+                    raise
                 if not broken:
                     log.warning("reply stream unreadable: %s", exc)
                 broken = True
@@ -430,6 +453,8 @@ class JobQueue:
             try:
                 await self.fail_lost_jobs()
             except RedisError as exc:
+                if being_cancelled():
+                    raise
                 log.warning("cannot look for lost jobs: %s", exc)
 
     async def fail_lost_jobs(self) -> int:
@@ -495,10 +520,7 @@ class JobQueue:
             log.warning("cannot trim reply stream: %s", exc)
 
     async def _touch_reply_stream(self) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._reply_stream, {b"created": b"1"})
-            pipe.expire(self._reply_stream, REPLY_STREAM_TTL_SECONDS)
-            await pipe.execute()
+        await self._create_reply_stream(keys=[self._reply_stream], args=[REPLY_STREAM_TTL_SECONDS])
         self._reply_stream_ok = True  # any renewal that worked, whoever made it
 
     async def _keep_reply_stream(self) -> None:

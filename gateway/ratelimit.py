@@ -52,6 +52,12 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) and redis.call('EXISTS',
   redis.call('HINCRBY', KEYS[1], 'requests', -tonumber(ARGV[3]))
 end
 """
+# KEYS: window hash. ARGV: its TTL. Counts one request, and the TTL in the same step, so that no
+# window lives for ever.
+_COUNT_REQUEST = """
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
 _WINDOW_SECONDS = 60
 
 
@@ -90,6 +96,7 @@ class RateLimiter:
         self._redis = redis
         self._admit = redis.register_script(_ADMIT)
         self._refund = redis.register_script(_REFUND)
+        self._count_request = redis.register_script(_COUNT_REQUEST)
 
     async def admit(self, record: KeyRecord, tokens: int) -> Budget:
         """Counts a call and reserves its tokens, or raises RateLimited with the time to wait."""
@@ -157,10 +164,7 @@ class RateLimiter:
             return
         window = keys.rate_window(record.digest, int(time.time() // _WINDOW_SECONDS))
         with contextlib.suppress(RedisError):  # the request is refused anyway
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(window, "requests", 1)
-                pipe.expire(window, 2 * _WINDOW_SECONDS)
-                await pipe.execute()
+            await self._count_request(keys=[window], args=[2 * _WINDOW_SECONDS])
 
     async def refund(self, budget: Budget, tokens: int, requests: int = 0) -> None:
         """Gives back reserved tokens a call did not use, and its request when it never reached a

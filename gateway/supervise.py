@@ -35,3 +35,10 @@ async def _keep_running(name: str, loop: Callable[[], Coroutine[Any, Any, None]]
                 raise  # being stopped: a cancel that a library turned into another error ends it too
             log.exception("background task %s failed; restarting it in %.1fs", name, delay)
         await asyncio.sleep(delay)
+
+
+def being_cancelled() -> bool:
+    """Whether the running task is being cancelled: a loop that catches Redis errors must re-raise
+    then, since redis-py can turn a cancel during a read into a ConnectionError."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
 
 from common.redis_client import DEFAULT_SOCKET_TIMEOUT_SECONDS, MAX_BLOCK_SECONDS, connect
-from devstack.redis_server import RedisServer
+from devstack.redis_server import RedisServer, free_port
 from worker.jobs import JobStream
 
 
@@ -38,3 +39,14 @@ async def test_a_long_blocking_read_ends_within_the_socket_timeout(client: Redis
     start = time.monotonic()
     assert await jobs.read_new(count=1, block_ms=60_000) == []  # capped: no timeout, no error
     assert time.monotonic() - start < DEFAULT_SOCKET_TIMEOUT_SECONDS
+
+
+async def test_a_cluster_no_node_of_which_answers_raises_a_redis_error_callers_handle() -> None:
+    # redis-py raises RedisClusterException (no RedisError) when it finds no node to load the slot
+    # map from; every caller here handles Redis being away as a RedisError.
+    client = connect(f"redis-cluster://127.0.0.1:{free_port()}", socket_connect_timeout=0.5)
+    try:
+        with pytest.raises(ConnectionError, match="Redis Cluster unavailable"):
+            await client.get("anything")
+    finally:
+        await client.aclose()
