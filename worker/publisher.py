@@ -70,6 +70,13 @@ return dropped
 """
 
 
+# How long a batch that cannot be written is tried again before its events count as lost (their
+# calls then end UNAVAILABLE at the gap): longer than a failover takes, shorter than the claim
+# timeout would matter for (the heartbeat goes on meanwhile).
+WRITE_RETRY_SECONDS = 5.0
+_FIRST_RETRY_DELAY_SECONDS = 0.1
+
+
 @dataclass(frozen=True)
 class Progress:
     """How one event moves its job's progress record."""
@@ -142,16 +149,34 @@ class EventPublisher:
                 self._in_flight = None
 
     async def _write(self, batch: list[_Pending]) -> None:
+        """Writes the batch, one script per gateway, all at once (on Redis Cluster each runs in its
+        gateway's slot). A gateway's events that cannot be written are tried again for up to
+        WRITE_RETRY_SECONDS, so that a Redis failover (a replica promoted in 1-3 s) stalls its
+        streams instead of breaking them: writing an event twice changes nothing (the script
+        drops what the record has, and a gateway drops an event whose seq it has)."""
         by_gateway: dict[str, list[_Pending]] = {}
         for e in batch:
             by_gateway.setdefault(e.reply_to, []).append(e)
-        # One script per gateway, all at once: on Redis Cluster each runs in its gateway's slot.
-        results = await asyncio.gather(
-            *(self._write_one_gateway(g) for g in by_gateway.values()), return_exceptions=True
-        )
-        if errors := [r for r in results if isinstance(r, BaseException)]:
-            raise errors[0]
-        if dropped := sum(r for r in results if isinstance(r, int)):
+        pending = list(by_gateway.values())
+        give_up = time.monotonic() + WRITE_RETRY_SECONDS
+        delay = _FIRST_RETRY_DELAY_SECONDS
+        dropped = 0
+        while True:
+            results = await asyncio.gather(
+                *(self._write_one_gateway(g) for g in pending), return_exceptions=True
+            )
+            dropped += sum(r for r in results if isinstance(r, int))
+            failed = [(g, r) for g, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            if not failed:
+                break
+            error = failed[0][1]
+            if not isinstance(error, RedisError) or time.monotonic() + delay > give_up:
+                raise error
+            log.warning("cannot write events (%s); trying again in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+            pending = [g for g, _ in failed]
+        if dropped:
             log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
 
     async def _write_one_gateway(self, batch: list[_Pending]) -> int:
