@@ -18,8 +18,12 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import CrossSlotTransactionError, RedisClusterException, RedisError
 
+from common import keys
 from common.redis_client import connect, is_cluster
 from devstack.redis_cluster import LocalRedisCluster
+from gateway import metrics
+from gateway.queue import JobQueue
+from tests.unit.queue_helpers import deadline, valid_request
 
 PASSWORD = "cluster:pw@1"
 
@@ -273,3 +277,30 @@ async def test_a_client_follows_a_failover_within_seconds(replicated: LocalRedis
     finally:
         await writer.aclose()
         await reader.aclose()
+
+
+async def test_a_gateways_submit_waits_for_the_replica_of_its_job_streams_shard(
+    replicated: LocalRedisCluster,
+) -> None:
+    # GATEWAY_SUBMIT_REPLICAS on a cluster: the WAIT must run on the job stream's node, after
+    # the submit's own write there (gateway/queue.py _queue_job).
+    client = connect(replicated.url)
+    queue = JobQueue(client, client, f"gw-{uuid.uuid4().hex[:6]}", 100, submit_replicas=1, submit_wait_ms=300)
+    try:
+        await queue.start()
+        unreplicated = metrics.UNREPLICATED_SUBMITS._value.get()
+        request = valid_request()
+        queue.release(await queue.submit(request, deadline()))
+        assert metrics.UNREPLICATED_SUBMITS._value.get() == unreplicated  # the replica had it
+        stream = keys.job_stream(request.model)
+        replica = replicated.replica_of(replicated.primary_for(stream))
+        freezing = asyncio.create_task(asyncio.to_thread(replicated.freeze, replica, 0.8))
+        await asyncio.sleep(0.1)
+        subscription = await queue.submit(request, deadline())  # queued all the same, and counted
+        queue.release(subscription)
+        await freezing
+        assert metrics.UNREPLICATED_SUBMITS._value.get() == unreplicated + 1
+        assert await client.xlen(stream) == 2
+    finally:
+        await queue.stop()
+        await client.aclose()
