@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,3 +55,18 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def serve_until_interrupted(topology: Any, note: str = "") -> None:
+    """Starts a Redis topology (devstack/redis_sentinel.py, redis_cluster.py), prints the REDIS_URL
+    that reaches it, for `REDIS_URL=<url> make run` in another shell, and stops it on Ctrl-C."""
+    started = time.monotonic()
+    topology.start()
+    print(f"REDIS_URL={topology.url}  (up in {time.monotonic() - started:.1f}s{note})", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        topology.stop()

@@ -317,21 +317,10 @@ def _slot_range(text: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    """Runs a cluster (3 primaries, a replica each) in the foreground until Ctrl-C; point the
-    stack at it with the URL printed: `REDIS_URL=<url> make run` in another shell."""
-    from devstack.processes import REPO
+    """Runs a cluster (3 primaries, a replica each) in the foreground until Ctrl-C."""
+    from devstack.processes import REPO, serve_until_interrupted
 
-    cluster = LocalRedisCluster(REPO / ".run" / f"cluster-{free_port()}", replicas=1)
-    started = time.monotonic()
-    cluster.start()
-    print(f"REDIS_URL={cluster.url}  (up in {time.monotonic() - started:.1f}s)", flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
+    serve_until_interrupted(LocalRedisCluster(REPO / ".run" / f"cluster-{free_port()}", replicas=1))
 
 
 if __name__ == "__main__":

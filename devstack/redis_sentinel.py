@@ -208,21 +208,12 @@ class RedisSentinel:
 
 
 def main() -> None:
-    """Runs a topology in the foreground until Ctrl-C; point the stack at it with the URL printed:
-    `REDIS_URL=<url> make run` in another shell, then `redis-cli -p <sentinel port> sentinel
-    failover chat` to watch a failover."""
-    from devstack.processes import REPO
+    """Runs a topology in the foreground until Ctrl-C; then `redis-cli -p <sentinel port> sentinel
+    failover chat` in another shell shows a failover."""
+    from devstack.processes import REPO, serve_until_interrupted
 
     topology = RedisSentinel(REPO / ".run" / f"sentinel-{free_port()}")
-    topology.start()
-    print(f"REDIS_URL={topology.url}  (sentinel ports {[s.port for s in topology.sentinels]})", flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        topology.stop()
+    serve_until_interrupted(topology, note=f"; sentinels on {[s.port for s in topology.sentinels]}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Rendering the Kustomize overlays and reading what the code expects of them."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,13 +19,27 @@ _READS = re.compile(r'\w+\(\s*env,\s*"([A-Z0-9_]+)"|environ\.get\("([A-Z0-9_]+)"
 
 @cache
 def render(overlay: str) -> list[dict[str, Any]]:
+    return _kustomize(REPO / "deploy" / "overlays" / overlay)
+
+
+def render_with_component(overlay: str, component: Path, scratch: Path) -> list[dict[str, Any]]:
+    """The overlay plus a component after its own, as an operator adds it (in a kustomization
+    written to scratch: kustomize wants relative paths)."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO / "deploy" / "overlays" / overlay, scratch)],
+        "components": [os.path.relpath(component, scratch)],
+    }
+    (scratch / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return _kustomize(scratch)
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     assert kubectl, "kubectl not found (make setup installs it into .venv)"
     out = subprocess.run(
-        [kubectl, "kustomize", str(REPO / "deploy" / "overlays" / overlay)],
-        check=True,
-        capture_output=True,
-        text=True,
+        [kubectl, "kustomize", str(directory)], check=True, capture_output=True, text=True
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 

@@ -3,11 +3,7 @@ Redis, gateway and workers agree on REDIS_JOB_STREAMS=3, and KEDA watches every 
 workers read, on the nodes a REDIS_URL of the documented form names."""
 
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +15,7 @@ from common import keys
 from common.redis_client import parse_cluster_url
 from common.settings import job_streams
 from gateway.config import GatewaySettings
-from tests.deploy.manifests import OVERLAYS, REPO, container_env, find, render
+from tests.deploy.manifests import OVERLAYS, REPO, container_env, find, render, render_with_component
 from tests.deploy.test_manifests import CUSTOM_KINDS, KUBERNETES_VERSION
 from worker.config import WorkerSettings
 
@@ -28,21 +24,7 @@ STREAMS = 3
 
 
 def render_with_cluster(overlay: str, scratch: Path) -> list[dict[str, Any]]:
-    """The overlay (which has the keda component) plus this one after it, as an operator adds it
-    (kustomize wants relative paths)."""
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(REPO / "deploy" / "overlays" / overlay, scratch)],
-        "components": [os.path.relpath(COMPONENT, scratch)],
-    }
-    (scratch / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
-    assert kubectl, "kubectl not found (make setup installs it into .venv)"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(scratch)], check=True, capture_output=True, text=True
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return render_with_component(overlay, COMPONENT, scratch)
 
 
 def env_of(objects: list[dict[str, Any]], deployment: str) -> dict[str, str]:

@@ -2,11 +2,7 @@
 Redis, and KEDA watches the job stream through the same sentinels a REDIS_URL of the documented
 form names."""
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +11,14 @@ import pytest
 import yaml
 
 from common.redis_client import parse_sentinel_url
-from tests.deploy.manifests import OVERLAYS, REPO, find, render
+from tests.deploy.manifests import OVERLAYS, REPO, find, render, render_with_component
 from tests.deploy.test_manifests import CUSTOM_KINDS, KUBERNETES_VERSION
 
 COMPONENT = REPO / "deploy" / "components" / "redis-sentinel"
 
 
 def render_with_sentinel(overlay: str, scratch: Path) -> list[dict[str, Any]]:
-    """The overlay plus the component, as an operator adds it (kustomize wants relative paths)."""
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(REPO / "deploy" / "overlays" / overlay, scratch)],
-        "components": [os.path.relpath(COMPONENT, scratch)],
-    }
-    (scratch / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
-    assert kubectl, "kubectl not found (make setup installs it into .venv)"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(scratch)], check=True, capture_output=True, text=True
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return render_with_component(overlay, COMPONENT, scratch)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,10 +1,6 @@
 """deploy/components/tracing: an overlay with it renders, validates, and points gateway and workers
 at the Collector it ships; Grafana gets a Tempo data source the Prometheus exemplars link to."""
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +9,21 @@ import pytest
 import yaml
 
 from common import tracing
-from tests.deploy.manifests import OVERLAYS, REPO, container_env, find, settings_read_by_code
+from tests.deploy.manifests import (
+    OVERLAYS,
+    REPO,
+    container_env,
+    find,
+    render_with_component,
+    settings_read_by_code,
+)
 from tests.deploy.test_manifests import CUSTOM_KINDS, KUBERNETES_VERSION, containers
 
 COMPONENT = REPO / "deploy" / "components" / "tracing"
 
 
 def render_with_tracing(overlay: str, scratch: Path) -> list[dict[str, Any]]:
-    """The overlay plus the tracing component, as an operator adds it (kustomize wants relative paths)."""
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(REPO / "deploy" / "overlays" / overlay, scratch)],
-        "components": [os.path.relpath(COMPONENT, scratch)],
-    }
-    (scratch / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
-    assert kubectl, "kubectl not found (make setup installs it into .venv)"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(scratch)], check=True, capture_output=True, text=True
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return render_with_component(overlay, COMPONENT, scratch)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

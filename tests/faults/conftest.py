@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from devstack.redis_server import RedisServer
-from tests.integration.stack import Stack, assert_nothing_leaked
+from tests.integration.stack import Stack, assert_nothing_leaked, print_log_tails
 
 BENCH_WORKER_ENV = {
     "WORKER_ENGINE": "bench",
@@ -40,8 +40,7 @@ def fault_stack(fault_redis: RedisServer, tmp_path: Path) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
-        for log in sorted(tmp_path.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-12:]))
+        print_log_tails(tmp_path)
 
 
 @pytest.fixture

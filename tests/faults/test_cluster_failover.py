@@ -21,7 +21,7 @@ from devstack.redis_cluster import LocalRedisCluster
 from devstack.redis_server import RedisServer
 from tests.faults.conftest import BENCH_WORKER_ENV, GATEWAY_ENV
 from tests.faults.test_sentinel_failover import check_clean, under_load
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, print_log_tails
 
 GATEWAY_ID = "cluster-failover-gateway"
 CLUSTER_ENV = {"REDIS_JOB_STREAMS": "3"}
@@ -47,8 +47,7 @@ def cluster_stack(cluster: LocalRedisCluster, tmp_path: Path) -> Iterator[Stack]
         yield stack
     finally:
         stack.stop()
-        for log in sorted(tmp_path.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-12:]))
+        print_log_tails(tmp_path)
 
 
 def gateways_primary(cluster: LocalRedisCluster) -> RedisServer:

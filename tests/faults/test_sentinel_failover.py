@@ -22,7 +22,7 @@ from chat.v1 import chat_pb2_grpc
 from common import keys
 from devstack.redis_sentinel import RedisSentinel
 from tests.faults.conftest import BENCH_WORKER_ENV, GATEWAY_ENV, bench_text
-from tests.integration.stack import Stack, chat_request, leaks, running_requests
+from tests.integration.stack import Stack, chat_request, leaks, print_log_tails, running_requests
 
 STREAMS = 8
 STREAM_TOKENS = 60  # at 20 tokens/s: 3 s each, so the failover lands mid-stream
@@ -61,8 +61,7 @@ def sentinel_stack(topology: RedisSentinel, tmp_path: Path) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
-        for log in sorted(tmp_path.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-12:]))
+        print_log_tails(tmp_path)
 
 
 async def one_stream(stub: chat_pb2_grpc.ChatServiceStub, in_flight: asyncio.Semaphore) -> Outcome:

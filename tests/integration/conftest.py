@@ -15,7 +15,7 @@ import redis
 
 from chat.v1 import chat_pb2_grpc
 from devstack.redis_server import RedisServer
-from tests.integration.stack import Stack, assert_nothing_leaked
+from tests.integration.stack import Stack, assert_nothing_leaked, print_log_tails
 
 # Generations in tests stay short: requests that set no max_tokens get this many.
 TEST_DEFAULT_MAX_TOKENS = "64"
@@ -45,8 +45,7 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         yield stack
     finally:
         stack.stop()
-        for log in sorted(log_dir.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        print_log_tails(log_dir, 15)
 
 
 @pytest.fixture(scope="session")

@@ -114,6 +114,12 @@ class Stack:
                 processes.stop(process)
 
 
+def print_log_tails(log_dir: Path, lines: int = 12) -> None:
+    """The last lines of every process's log, for a failed test's report."""
+    for log in sorted(log_dir.glob("*.log")):
+        print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-lines:]))
+
+
 def assert_nothing_leaked(client: redis.Redis, worker_ports: list[int], timeout: float = 10.0) -> None:
     """No queued or pending jobs, no cancel flags, no active engine requests; waits for jobs ending."""
     end = time.monotonic() + timeout

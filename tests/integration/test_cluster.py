@@ -26,7 +26,15 @@ from devstack.redis_cluster import LocalRedisCluster
 from gateway import apikeys
 from tests.faults.helpers import TimedStream
 from tests.faults.test_worker_faults import continued_tokens, generated_tokens
-from tests.integration.stack import MODEL, Stack, assert_nothing_leaked, chat_request, scrape, stream_text
+from tests.integration.stack import (
+    MODEL,
+    Stack,
+    assert_nothing_leaked,
+    chat_request,
+    print_log_tails,
+    scrape,
+    stream_text,
+)
 
 JOB_STREAMS = "3"
 WORKER_ENV = {
@@ -75,8 +83,7 @@ def stack(cluster: LocalRedisCluster, tmp_path_factory: pytest.TempPathFactory) 
         yield stack
     finally:
         stack.stop()
-        for log in sorted(log_dir.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-12:]))
+        print_log_tails(log_dir)
 
 
 def check_clean(stack: Stack, admin: SyncRedisCluster) -> None:

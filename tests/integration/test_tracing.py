@@ -25,7 +25,7 @@ from common import keys
 from devstack.otlp_receiver import OtlpReceiver, ReceivedSpan
 from devstack.redis_server import RedisServer
 from gateway import apikeys
-from tests.integration.stack import MODEL, Stack, chat_request, leaks, running_requests
+from tests.integration.stack import MODEL, Stack, chat_request, leaks, print_log_tails, running_requests
 
 SERVER, CONSUMER = 2, 5  # opentelemetry.proto.trace.v1.Span.SpanKind
 PROMPT = "The secret prompt text that must never reach a span."
@@ -75,8 +75,7 @@ def traced_stack(tmp_path: Path, receiver: OtlpReceiver) -> Iterator[Stack]:
     finally:
         stack.stop()
         own_redis.stop()
-        for log in sorted(tmp_path.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        print_log_tails(tmp_path, 15)
 
 
 def new_key(stack: Stack, name: str) -> str:
@@ -292,8 +291,7 @@ def test_vllms_llm_request_span_lands_in_the_callers_trace(tmp_path: Path, recei
     finally:
         stack.stop()
         own_redis.stop()
-        for log in sorted(tmp_path.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        print_log_tails(tmp_path, 15)
     gateway = one(spans, trace_id, "chat-gateway")
     # vLLM's span comes from the worker process too (its service name); the names tell them apart.
     [worker] = [s for s in spans if s.trace_id == trace_id and s.name == f"process {MODEL}"]
