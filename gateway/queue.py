@@ -141,8 +141,8 @@ class JobQueue:
         # is failed); a lock makes one caller do it for everybody who noticed.
         self._generation = 0
         self._renewing = asyncio.Lock()
-        self.__reader_ok = True
-        self.__reply_stream_ok = True
+        self._reader_ok = True  # the reply stream can be read (set through _relay_state)
+        self._reply_stream_ok = True  # and kept from expiring
         # Set whenever can_relay changes, so that health follows at once rather than at its next tick.
         self.relay_state_changed = asyncio.Event()
         self.read_through = b"0-0"  # the reply stream's last entry the reader has routed
@@ -192,26 +192,17 @@ class JobQueue:
     @property
     def can_relay(self) -> bool:
         """False while the reply stream cannot be read or kept: events of jobs would not reach calls."""
-        return self.__reader_ok and self.__reply_stream_ok
+        return self._reader_ok and self._reply_stream_ok
 
-    @property
-    def _reader_ok(self) -> bool:
-        return self.__reader_ok
-
-    @_reader_ok.setter
-    def _reader_ok(self, ok: bool) -> None:
-        if ok != self.__reader_ok:
-            self.__reader_ok = ok
-            self.relay_state_changed.set()
-
-    @property
-    def _reply_stream_ok(self) -> bool:
-        return self.__reply_stream_ok
-
-    @_reply_stream_ok.setter
-    def _reply_stream_ok(self, ok: bool) -> None:
-        if ok != self.__reply_stream_ok:
-            self.__reply_stream_ok = ok
+    def _relay_state(self, reader_ok: bool | None = None, reply_stream_ok: bool | None = None) -> None:
+        """Records whether the reply stream can be read and kept; sets relay_state_changed when
+        can_relay changes, so that health follows at once."""
+        before = self.can_relay
+        if reader_ok is not None:
+            self._reader_ok = reader_ok
+        if reply_stream_ok is not None:
+            self._reply_stream_ok = reply_stream_ok
+        if self.can_relay != before:
             self.relay_state_changed.set()
 
     async def submit(self, request: ValidRequest, deadline: float, owner: str = "anonymous") -> Subscription:
@@ -299,7 +290,7 @@ class JobQueue:
                 return None
             raise QueueFull(request.model, added * self._job_streams)  # the model's, as streams are even
         subscription.entry_id = added
-        self._reply_stream_ok = True  # the script found the reply stream there
+        self._relay_state(reply_stream_ok=True)  # the script found the reply stream there
         return subscription
 
     async def _queue_job(self, call: _ScriptCall, job: _ScriptCall) -> Any:
@@ -398,18 +389,18 @@ class JobQueue:
                 if broken:
                     last_id = await self._recover(last_id, read_generation)
                     broken = False
-                    self._reader_ok = True  # answered: no need to wait for the blocking read's end
+                    self._relay_state(reader_ok=True)  # answered: no need to wait for the blocking read's end
                     self._check_jobs_now.set()  # a restart may have lost jobs, not only events
                 generation = self._generation
                 reply = await self._reader.xread({self._reply_stream: last_id}, count=1024, block=1000)
-                self._reader_ok = True
+                self._relay_state(reader_ok=True)
             except RedisError as exc:
                 if being_cancelled():
                     raise
                 if not broken:
                     log.warning("reply stream unreadable: %s", exc)
                 broken = True
-                self._reader_ok = False
+                self._relay_state(reader_ok=False)
                 await asyncio.sleep(0.2)
                 continue
             for entry_id, fields in streams.entries(reply):
@@ -521,7 +512,7 @@ class JobQueue:
 
     async def _touch_reply_stream(self) -> None:
         await self._create_reply_stream(keys=[self._reply_stream], args=[REPLY_STREAM_TTL_SECONDS])
-        self._reply_stream_ok = True  # any renewal that worked, whoever made it
+        self._relay_state(reply_stream_ok=True)  # any renewal that worked, whoever made it
 
     async def _keep_reply_stream(self) -> None:
         while True:
@@ -543,9 +534,9 @@ class JobQueue:
                 await self._renew_reply_stream(
                     generation, "this gateway's reply stream expired while the gateway was unresponsive"
                 )
-            self._reply_stream_ok = True
+            self._relay_state(reply_stream_ok=True)
         except RedisError as exc:
-            self._reply_stream_ok = False
+            self._relay_state(reply_stream_ok=False)
             log.warning("cannot refresh reply stream: %s", exc)
 
 
