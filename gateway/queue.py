@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,7 +33,6 @@ from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
-_ScriptCall = tuple[list[str], list[Any]]  # a script's keys and arguments
 
 REPLY_STREAM_TTL_SECONDS = 10  # workers treat a missing reply stream as a dead gateway
 LOST_JOB_CHECK_SECONDS = 2.0  # default of how often waiting calls' jobs are looked for in Redis
@@ -105,6 +105,11 @@ _CREATE_REPLY_STREAM = """
 redis.call('XADD', KEYS[1], '*', 'created', '1')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
+
+
+@dataclass(frozen=True)
+class _QueueFull:
+    waiting: int  # jobs waiting on all the model's streams
 
 
 class JobQueue:
@@ -248,7 +253,6 @@ class JobQueue:
             trace_context=dict(request.trace_context),
         )
         subscription = Subscription(request_id, request.model, request.max_tokens)
-        subscription.job_stream = keys.job_stream(request.model, secrets.randbelow(self._job_streams))
         subscription.deadline = deadline
         subscription.created = int(time.time())
         record = CallRecord(request_id, owner, request.model, subscription.created, deadline)
@@ -260,16 +264,7 @@ class JobQueue:
             keys.PAYLOAD_FIELD, codec.encode(job),
         )  # fmt: skip
         submitting = asyncio.ensure_future(
-            self._queue_job(
-                call=(
-                    [self._reply_stream, keys.completion_log(request_id)],
-                    [record.to_json(), max(1000, log_ttl_ms)],
-                ),
-                job=(
-                    [subscription.job_stream, keys.submitted(subscription.job_stream, request_id)],
-                    [keys.WORKER_GROUP, self._max_queued_per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
-                ),
-            )
+            self._queue_job(subscription, [record.to_json(), max(1000, log_ttl_ms)], fields)
         )
         try:
             # Shielded: a caller that leaves meanwhile must not hide whether the job was queued.
@@ -284,27 +279,50 @@ class JobQueue:
             if isinstance(exc, RedisError):
                 raise Unavailable.hiding("job queue unreachable", exc, request_id) from exc
             raise
-        if isinstance(added, int):
+        if isinstance(added, _QueueFull):
             self._subscriptions.pop(request_id, None)
-            if added == _REPLY_STREAM_GONE:
-                return None
-            raise QueueFull(request.model, added * self._job_streams)  # the model's, as streams are even
+            raise QueueFull(request.model, added.waiting)
+        if added == _REPLY_STREAM_GONE:
+            self._subscriptions.pop(request_id, None)
+            return None
         subscription.entry_id = added
         self._relay_state(reply_stream_ok=True)  # the script found the reply stream there
         return subscription
 
-    async def _queue_job(self, call: _ScriptCall, job: _ScriptCall) -> Any:
-        """Opens the call, then queues its job (see _OPEN_CALL); returns what _QUEUE returns, or
-        _REPLY_STREAM_GONE. With GATEWAY_SUBMIT_REPLICAS, the job's step then waits (up to
-        GATEWAY_SUBMIT_WAIT_MS) until that many replicas have the job, so that a failover right
-        after the caller was told "queued" does not lose it. WAIT covers the writes of its own
-        connection, so both go down one pipeline (one round trip). A job not replicated in time
-        is queued all the same (counted): the lost-job check still ends its call if the primary
-        loses it. (A submit run again after a lost reply finds its job queued and writes nothing,
-        so its WAIT says nothing about that job: it counts as replicated.)"""
-        if await self._open_call(keys=call[0], args=call[1]) == _REPLY_STREAM_GONE:
+    async def _queue_job(self, subscription: Subscription, call: list[Any], fields: tuple[bytes, ...]) -> Any:
+        """Opens the call, then queues its job (see _OPEN_CALL) on one of the model's streams,
+        drawn at random; one that is full passes the job to the next. Sets the subscription's
+        job_stream to the stream it is queued on (or being tried: the caller may leave meanwhile,
+        and a cancel must go there). Returns the entry id; _REPLY_STREAM_GONE; or, when every
+        stream is full, _QueueFull with the jobs waiting on them all (nothing is left behind)."""
+        request_id, model = subscription.request_id, subscription.model
+        log_key = keys.completion_log(request_id)
+        if await self._open_call(keys=[self._reply_stream, log_key], args=call) == _REPLY_STREAM_GONE:
             return _REPLY_STREAM_GONE
-        keys, args = job
+        first = secrets.randbelow(self._job_streams)
+        waiting = 0
+        for i in range(self._job_streams):
+            stream = subscription.job_stream = keys.job_stream(model, (first + i) % self._job_streams)
+            added = await self._queue_on(
+                [stream, keys.submitted(stream, request_id)],
+                [keys.WORKER_GROUP, self._max_queued_per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
+            )
+            if not isinstance(added, int):
+                return added
+            waiting += added
+        with contextlib.suppress(RedisError):  # refused: the call's log goes (else it expires)
+            await self._redis.delete(log_key)
+        return _QueueFull(waiting)
+
+    async def _queue_on(self, keys: list[str], args: list[Any]) -> Any:
+        """Runs _QUEUE: the entry id, or the number waiting on that stream when it is full. With
+        GATEWAY_SUBMIT_REPLICAS, then waits (up to GATEWAY_SUBMIT_WAIT_MS) until that many
+        replicas have the job, so that a failover right after the caller was told "queued" does
+        not lose it. WAIT covers the writes of its own connection, so both go down one pipeline
+        (one round trip). A job not replicated in time is queued all the same (counted): the
+        lost-job check still ends its call if the primary loses it. (A submit run again after a
+        lost reply finds its job queued and writes nothing, so its WAIT says nothing about that
+        job: it counts as replicated.)"""
         if not self._submit_replicas:
             return await self._queue(keys=keys, args=args)
         for attempt in range(3):

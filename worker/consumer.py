@@ -225,7 +225,7 @@ class JobConsumer:
         if running.handed_back:
             return
         try:
-            await self._publisher.flush()
+            await self._publisher.flush(delivery.reply_to)  # its gateway's writes only
             if dead_letter_reason:
                 ended = await self._jobs.of(delivery).dead_letter(delivery, dead_letter_reason)
                 metrics.DEAD_LETTERS.labels(self._model).inc(ended)
@@ -337,7 +337,7 @@ class JobConsumer:
                 continue
             await self._housekeeping()
             for r in running:
-                if r.delivery.entry_id not in owned and r.delivery.request_id in self._running:
+                if self._jobs.key(r.delivery) not in owned and r.delivery.request_id in self._running:
                     log.warning(
                         "job %s was reclaimed by another worker; stopping our copy", r.delivery.request_id
                     )

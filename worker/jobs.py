@@ -7,13 +7,16 @@ froze) and is reclaimed by another worker with XAUTOCLAIM, which counts deliveri
 That count is the job's attempt number; past the limit the job is dead-lettered.
 """
 
+import asyncio
+import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from common import codec, keys, streams
 from common.redis_client import MAX_BLOCK_SECONDS
@@ -281,7 +284,8 @@ class ModelJobs:
     """All job streams of one model (REDIS_JOB_STREAMS of them, common/keys.py job_stream), read
     fairly: each read starts at the next stream in turn, so none starves while others are busy,
     and within a stream jobs are taken in order. Deliveries remember their stream, and what is
-    done with a job goes to that stream."""
+    done with a job goes to that stream. On Redis Cluster the streams live on several shards: a
+    shard that fails costs only its own streams' jobs, never what the others delivered."""
 
     def __init__(self, redis: Redis, model: str, worker_id: str, shards: int = 1) -> None:
         self.shards = [JobStream(redis, model, worker_id, shard) for shard in range(shards)]
@@ -289,7 +293,13 @@ class ModelJobs:
         self._next = secrets.randbelow(shards)  # workers spread their blocking reads over the streams
 
     def of(self, delivery: Delivery) -> JobStream:
-        return self._by_name.get(delivery.stream, self.shards[0])
+        if not delivery.stream and len(self.shards) == 1:
+            return self.shards[0]  # a delivery made without its stream (tests)
+        return self._by_name[delivery.stream]
+
+    def key(self, delivery: Delivery) -> tuple[str, bytes]:
+        """Entry ids are unique within a stream only: (stream, entry id) names one job."""
+        return self.of(delivery).stream, delivery.entry_id
 
     async def ensure_groups(self) -> None:
         for shard in self.shards:
@@ -305,32 +315,71 @@ class ModelJobs:
         if len(self.shards) == 1:
             return await self.shards[0].read_new(count, block_ms)
         order = self._in_turn()
-        taken: list[Delivery] = []
-        for shard in order:
-            if len(taken) < count:
-                taken += await shard.read_new(count - len(taken), block_ms=None)
+        taken = await self._from_each(order, count, lambda shard, n: shard.read_new(n, block_ms=None))
         if taken or block_ms is None:
             return taken
         return await order[0].read_new(count, min(block_ms, SHARD_BLOCK_MS))
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
-        reclaimed: list[Delivery] = []
-        for shard in self._in_turn():
-            if len(reclaimed) < count:
-                reclaimed += await shard.reclaim(count - len(reclaimed), min_idle_ms)
-        return reclaimed
+        return await self._from_each(self._in_turn(), count, lambda shard, n: shard.reclaim(n, min_idle_ms))
+
+    async def _from_each(
+        self,
+        order: list[JobStream],
+        count: int,
+        take: Callable[[JobStream, int], Awaitable[list[Delivery]]],
+    ) -> list[Delivery]:
+        """Up to count deliveries taken from the streams in order. A stream that fails is skipped
+        (what the others delivered is kept: those jobs are ours now); raises only if all failed."""
+        taken: list[Delivery] = []
+        errors: list[RedisError] = []
+        for shard in order:
+            if len(taken) >= count:
+                break
+            try:
+                taken += await take(shard, count - len(taken))
+            except RedisError as exc:
+                log.warning("job stream %s unavailable: %s", shard.stream, exc)
+                errors.append(exc)
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    with contextlib.suppress(RedisError):
+                        await shard.ensure_group()  # its Redis lost its data: start it over
+        if errors and len(errors) == len(order) and not taken:
+            raise errors[0]
+        return taken
 
     async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
-        return [name for shard in self.shards for name in await shard.forget_dead_consumers(claim_idle_ms)]
-
-    async def heartbeat(self, deliveries: list[Delivery]) -> set[bytes]:
-        """Marks our running jobs as alive; returns the entry ids we still own."""
-        owned: set[bytes] = set()
+        forgotten: list[str] = []
         for shard in self.shards:
+            with contextlib.suppress(RedisError):  # tried again at the next round
+                forgotten += await shard.forget_dead_consumers(claim_idle_ms)
+        return forgotten
+
+    async def heartbeat(self, deliveries: list[Delivery]) -> set[tuple[str, bytes]]:
+        """Marks our running jobs as alive; returns the keys (key()) of those still ours. A job on
+        a stream whose heartbeat failed counts as ours: that cannot be told, and stopping it
+        would throw away work that is most likely still ours."""
+
+        async def beat(shard: JobStream) -> set[tuple[str, bytes]]:
             mine = [d.entry_id for d in deliveries if self.of(d) is shard]
-            owned |= await shard.heartbeat(mine)
-        return owned
+            try:
+                owned = await shard.heartbeat(mine)
+            except RedisError as exc:
+                log.warning("heartbeat on %s failed: %s", shard.stream, exc)
+                owned = set(mine)
+            return {(shard.stream, entry_id) for entry_id in owned}
+
+        beats = await asyncio.gather(*(beat(shard) for shard in self.shards))
+        return set().union(*beats)
 
     async def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Makes our unfinished jobs claimable by other workers at once; raises the first error
+        after trying every stream."""
+        errors: list[RedisError] = []
         for shard in self.shards:
-            await shard.hand_back([d.entry_id for d in deliveries if self.of(d) is shard])
+            try:
+                await shard.hand_back([d.entry_id for d in deliveries if self.of(d) is shard])
+            except RedisError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]

@@ -1,10 +1,10 @@
 """Writes job events to Redis, many per round trip, each with its job's progress record.
 
-Runners call `publish()` without waiting. One background task writes whatever has
-accumulated since its last round trip in one script call per gateway (whose jobs' keys
-share its slot, common/keys.py), so an engine step that produces a token for each of
-100 jobs costs one round trip per gateway, not 100. Events keep their order because
-batches are written one after another.
+Runners call `publish()` without waiting. For each gateway a background task (its lane)
+writes whatever has accumulated since its last round trip in one script call (the keys of
+a gateway's jobs share its slot, common/keys.py), so an engine step that produces a token
+for each of 100 jobs costs one round trip per gateway, not 100. Events keep their order
+because a lane writes its batches one after another.
 
 Each event updates its job's progress record (common/keys.py progress(), format in
 common/codec.py) and is added to its completion log (keys.completion_log(), which resumed
@@ -17,10 +17,18 @@ current one (a worker that froze and woke up after another took over) is dropped
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import codec, keys
 
@@ -70,11 +78,13 @@ return dropped
 """
 
 
-# How long a batch that cannot be written is tried again before its events count as lost (their
-# calls then end UNAVAILABLE at the gap): longer than a failover takes, shorter than the claim
-# timeout would matter for (the heartbeat goes on meanwhile).
+# How long a batch that cannot be written is tried again, in all, before its events count as lost
+# (their calls then end UNAVAILABLE at the gap): longer than a failover takes. Only errors that
+# a failover or restart explains are tried again; others (a wrong key type) fail at once.
 WRITE_RETRY_SECONDS = 5.0
 _FIRST_RETRY_DELAY_SECONDS = 0.1
+_TRANSIENT = (ConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, ReadOnlyError)
+_LANE_IDLE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,89 +108,67 @@ class _Pending:
 
 
 class EventPublisher:
+    """Writes events in batches, one lane per gateway: a lane writes its batches in order, one
+    at a time, and lanes write side by side, so a gateway whose Redis node is slow or failing
+    over (on Redis Cluster each gateway's keys are on one shard) holds back only its own jobs."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._script = redis.register_script(_PUBLISH)
-        self._batch: list[_Pending] = []
-        self._batch_written: asyncio.Future[None] | None = None  # resolves when _batch is in Redis
-        self._in_flight: asyncio.Future[None] | None = None  # the batch being written now
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._lanes: dict[str, _Lane] = {}  # by reply stream
+        self._running = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-publisher")
+        self._running = True
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._running:
             await self.flush()
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._running = False
+            lanes, self._lanes = list(self._lanes.values()), {}
+            for lane in lanes:
+                lane.task.cancel()
+            await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
 
     def publish(self, reply_to: str, event: codec.Event, progress: Progress) -> None:
-        if self._batch_written is None:
-            self._batch_written = asyncio.get_running_loop().create_future()
-            # Nobody may await this batch; mark a failure as seen so asyncio does not warn.
-            self._batch_written.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._batch.append(_Pending(reply_to, event.request_id, codec.encode(event), progress))
-        self._wakeup.set()
+        lane = self._lanes.get(reply_to)
+        if lane is None or lane.task.done():
+            lane = self._lanes[reply_to] = _Lane(self._write_patiently)
+        lane.add(_Pending(reply_to, event.request_id, codec.encode(event), progress))
 
-    async def flush(self) -> None:
-        """Waits until everything published so far is in Redis; raises RedisError if it cannot be."""
-        pending = self._batch_written or self._in_flight
-        if pending is not None:
-            await asyncio.shield(pending)
+    async def flush(self, reply_to: str | None = None) -> None:
+        """Waits until everything published so far (to reply_to's gateway, or to all) is in Redis;
+        raises RedisError if it cannot be."""
+        lanes = list(self._lanes.values()) if reply_to is None else [self._lanes.get(reply_to)]
+        for lane in lanes:
+            if lane is not None:
+                await lane.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, written = self._batch, self._batch_written
-            self._batch, self._batch_written, self._in_flight = [], None, written
-            if written is None:
-                continue
-            try:
-                await self._write(batch)
-            except RedisError as exc:
-                log.error("lost %d events: %s", len(batch), exc)
-                written.set_exception(exc)
-            else:
-                written.set_result(None)
-            finally:
-                self._in_flight = None
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        """Writes the batch, one script per gateway, all at once (on Redis Cluster each runs in its
-        gateway's slot). A gateway's events that cannot be written are tried again for up to
-        WRITE_RETRY_SECONDS, so that a Redis failover (a replica promoted in 1-3 s) stalls its
-        streams instead of breaking them: writing an event twice changes nothing (the script
-        drops what the record has, and a gateway drops an event whose seq it has)."""
-        by_gateway: dict[str, list[_Pending]] = {}
-        for e in batch:
-            by_gateway.setdefault(e.reply_to, []).append(e)
-        pending = list(by_gateway.values())
+    async def _write_patiently(self, batch: list[_Pending]) -> None:
+        """Writes one gateway's batch, trying again for up to WRITE_RETRY_SECONDS in all after an
+        error that a failover or a restart explains (a replica promoted in 1-3 s): its streams
+        stall instead of breaking. Writing an event twice changes nothing (the script drops what
+        the record has, and a gateway drops an event whose seq it has)."""
         give_up = time.monotonic() + WRITE_RETRY_SECONDS
         delay = _FIRST_RETRY_DELAY_SECONDS
-        dropped = 0
         while True:
-            results = await asyncio.gather(
-                *(self._write_one_gateway(g) for g in pending), return_exceptions=True
-            )
-            dropped += sum(r for r in results if isinstance(r, int))
-            failed = [(g, r) for g, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
-            if not failed:
+            try:
+                async with asyncio.timeout(max(0.1, give_up - time.monotonic())):
+                    dropped = await self._write(batch)
                 break
-            error = failed[0][1]
-            if not isinstance(error, RedisError) or time.monotonic() + delay > give_up:
-                raise error
-            log.warning("cannot write events (%s); trying again in %.1fs", error, delay)
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 1.0)
-            pending = [g for g, _ in failed]
+            except (TimeoutError, *_TRANSIENT) as exc:
+                if time.monotonic() + delay > give_up:
+                    if isinstance(exc, RedisError):
+                        raise
+                    raise RedisTimeoutError(f"events not written within {WRITE_RETRY_SECONDS:.0f}s") from exc
+                log.warning("cannot write events (%s); trying again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
         if dropped:
             log.info("dropped %d events: of jobs another worker has taken over, or written already", dropped)
 
-    async def _write_one_gateway(self, batch: list[_Pending]) -> int:
-        """Writes events of one gateway's jobs; returns how many the script dropped."""
+    async def _write(self, batch: list[_Pending]) -> int:
+        """Writes events of one gateway's jobs in one script; returns how many it dropped."""
         script_keys: list[str] = []
         args: list[bytes | str | int] = [
             codec.PROGRESS_FIELD_WIDTH,
@@ -203,6 +191,55 @@ class EventPublisher:
         # NOMKSTREAM (in the script): a gateway that died has let its reply stream expire, and a
         # completion log past its retention window is gone for good; neither is made anew.
         return int(await self._script(keys=script_keys, args=args))
+
+
+class _Lane:
+    """One gateway's events: batches written one after another by a task of its own, which ends
+    after _LANE_IDLE_SECONDS without events (gateways come and go)."""
+
+    def __init__(self, write: Callable[[list[_Pending]], Awaitable[None]]) -> None:
+        self._write = write
+        self._batch: list[_Pending] = []
+        self._batch_written: asyncio.Future[None] | None = None  # resolves when _batch is in Redis
+        self._in_flight: asyncio.Future[None] | None = None  # the batch being written now
+        self._wakeup = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name="event-lane")
+
+    def add(self, event: _Pending) -> None:
+        if self._batch_written is None:
+            self._batch_written = asyncio.get_running_loop().create_future()
+            # Nobody may await this batch; mark a failure as seen so asyncio does not warn.
+            self._batch_written.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._batch.append(event)
+        self._wakeup.set()
+
+    async def flush(self) -> None:
+        pending = self._batch_written or self._in_flight
+        if pending is not None:
+            await asyncio.shield(pending)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(_LANE_IDLE_SECONDS):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                if not self._batch:
+                    return  # publish() starts a new lane for the next event
+            self._wakeup.clear()
+            batch, written = self._batch, self._batch_written
+            self._batch, self._batch_written, self._in_flight = [], None, written
+            if written is None:
+                continue
+            try:
+                await self._write(batch)
+            except RedisError as exc:
+                log.error("lost %d events: %s", len(batch), exc)
+                written.set_exception(exc)
+            else:
+                written.set_result(None)
+            finally:
+                self._in_flight = None
 
 
 # How long a progress record outlives its job's deadline. Nobody continues a job after its

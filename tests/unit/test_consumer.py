@@ -38,7 +38,7 @@ class RedisWithHeldExists(Redis):
 
 
 class FlushingFakePublisher(CollectingFakePublisher):
-    async def flush(self) -> None: ...
+    async def flush(self, reply_to: str | None = None) -> None: ...
 
 
 @pytest.fixture

@@ -4,9 +4,11 @@ worker/jobs.py ModelJobs reads them all), against a real redis-server."""
 import uuid
 from collections import Counter
 
+import pytest
 from redis.asyncio import Redis
 
 from common import keys
+from gateway.errors import QueueFull
 from gateway.queue import JobQueue
 from tests.unit.queue_helpers import deadline, valid_request
 from worker.jobs import SHARD_BLOCK_MS, ModelJobs
@@ -79,18 +81,63 @@ async def test_an_idle_reader_blocks_briefly_and_then_finds_a_job_on_another_str
     assert sorted(d.request_id for d in found) == sorted(s.stream for s in jobs.shards)
 
 
-async def test_a_full_queue_is_refused_with_the_models_backlog(client: Redis) -> None:
+async def test_a_queue_is_full_only_when_all_its_streams_are_and_a_refusal_leaves_nothing(
+    client: Redis,
+) -> None:
     queue = await queue_of(client, max_queued_jobs=STREAMS)  # one job per stream
     request = valid_request()
-    queued = 0
-    refused = None
-    for _ in range(20):
-        try:
-            queue.release(await queue.submit(request, deadline()))
-            queued += 1
-        except Exception as exc:  # QueueFull once the stream drawn is full
-            refused = exc
-            break
-    assert refused is not None and type(refused).__name__ == "QueueFull"
-    assert queued <= STREAMS
+    queued = [await queue.submit(request, deadline()) for _ in range(STREAMS)]  # whichever stream is drawn
+    assert sorted(s.job_stream for s in queued) == [keys.job_stream(request.model, n) for n in range(STREAMS)]
+    logs_before = {k async for k in client.scan_iter(f"{keys.PREFIX}:completion:*")}
+    with pytest.raises(QueueFull, match=f"full \\({STREAMS} jobs waiting\\)"):
+        await queue.submit(request, deadline())
+    # The refused call's completion log is gone with it (under overload, refusals are many).
+    assert {k async for k in client.scan_iter(f"{keys.PREFIX}:completion:*")} == logs_before
+    for subscription in queued:
+        queue.release(subscription)
     await queue.stop()
+
+
+async def test_a_stream_that_fails_costs_only_its_own_jobs(client: Redis) -> None:
+    model = f"broken-{uuid.uuid4().hex[:6]}"
+    jobs = ModelJobs(client, model, "worker-a", STREAMS)
+    await jobs.ensure_groups()
+    for shard in jobs.shards:
+        await client.xadd(shard.stream, {keys.REQUEST_ID_FIELD: shard.stream.encode()})
+    # One stream loses its consumer group (as on a shard that restarted empty): its read fails,
+    # which neither raises nor costs the jobs the other streams delivered in the same read.
+    await client.xgroup_destroy(jobs.shards[1].stream, keys.WORKER_GROUP)
+    taken = await jobs.read_new(STREAMS, block_ms=None)
+    assert sorted(d.stream for d in taken) == sorted([jobs.shards[0].stream, jobs.shards[2].stream])
+    # The failed read made the stream's group anew: its job is served by the next read.
+    [late] = await jobs.read_new(STREAMS, block_ms=None)
+    assert late.stream == jobs.shards[1].stream
+
+
+async def test_a_stream_whose_heartbeat_fails_keeps_its_jobs(client: Redis) -> None:
+    model = f"beat-{uuid.uuid4().hex[:6]}"
+    jobs = ModelJobs(client, model, "worker-a", 2)
+    await jobs.ensure_groups()
+    for shard in jobs.shards:
+        await client.xadd(shard.stream, {keys.REQUEST_ID_FIELD: shard.stream.encode()})
+    taken = await jobs.read_new(2, block_ms=None)
+    await client.delete(jobs.shards[0].stream)  # its heartbeat now fails (no such group)
+    # That stream's jobs count as ours (that cannot be told; stopping them would waste them).
+    assert await jobs.heartbeat(taken) == {jobs.key(d) for d in taken}
+
+
+async def test_the_same_entry_id_on_two_streams_names_two_jobs(client: Redis) -> None:
+    model = f"ids-{uuid.uuid4().hex[:6]}"
+    a, b = ModelJobs(client, model, "worker-a", 2), ModelJobs(client, model, "worker-b", 2)
+    await a.ensure_groups()
+    for shard in a.shards:  # one entry id, on both streams
+        await client.xadd(shard.stream, {keys.REQUEST_ID_FIELD: shard.stream.encode()}, id="5-1")
+    taken = []
+    for _ in range(2):
+        taken += await a.read_new(2, block_ms=None)
+    assert len(taken) == 2
+    # worker-b takes over the job on stream 0 only.
+    [reclaimed] = await b.shards[0].reclaim(count=1, min_idle_ms=0)
+    assert reclaimed.stream == a.shards[0].stream
+    owned = await a.heartbeat(taken)
+    assert owned == {(a.shards[1].stream, b"5-1")}  # the other one is no longer ours
