@@ -375,6 +375,8 @@ class JobQueue:
             if not isinstance(added, bytes):
                 return  # refused: queue full
             subscription.entry_id = added
+        if not subscription.job_stream:
+            return  # the submit failed before it tried any stream: nothing was queued
         await self._cancel(subscription, until)  # no entry id: the submitted marker tells
 
     async def _cancel(self, subscription: Subscription, until: float) -> None:

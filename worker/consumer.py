@@ -10,6 +10,7 @@ drain:     on stop, finish what runs within the grace period, hand the rest back
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -96,7 +97,8 @@ class JobConsumer:
                     failures += 1
                     log.warning("job stream unavailable (%s); retrying in %.1fs", exc, delay)
                     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                        await self._jobs.ensure_groups()  # Redis lost its data: start over
+                        with contextlib.suppress(RedisError):  # tried again at the next failure
+                            await self._jobs.ensure_groups()  # Redis lost its data: start over
                     await asyncio.sleep(delay)
         finally:
             if self.fatal_error is None:
@@ -225,7 +227,7 @@ class JobConsumer:
         if running.handed_back:
             return
         try:
-            await self._publisher.flush(delivery.reply_to)  # its gateway's writes only
+            await events.wait_written()  # its terminal event is in Redis before the job ends
             if dead_letter_reason:
                 ended = await self._jobs.of(delivery).dead_letter(delivery, dead_letter_reason)
                 metrics.DEAD_LETTERS.labels(self._model).inc(ended)

@@ -302,8 +302,16 @@ class ModelJobs:
         return self.of(delivery).stream, delivery.entry_id
 
     async def ensure_groups(self) -> None:
+        """Makes each stream's consumer group where missing; raises only if no stream answered
+        (one that failed gets its group when a read of it finds none, _from_each)."""
+        errors: list[RedisError] = []
         for shard in self.shards:
-            await shard.ensure_group()
+            try:
+                await shard.ensure_group()
+            except RedisError as exc:
+                errors.append(exc)
+        if len(errors) == len(self.shards):
+            raise errors[0]
 
     def _in_turn(self) -> list[JobStream]:
         start, self._next = self._next, (self._next + 1) % len(self.shards)

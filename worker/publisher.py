@@ -123,26 +123,37 @@ class EventPublisher:
 
     async def stop(self) -> None:
         if self._running:
-            await self.flush()
+            try:
+                await self.flush()
+            except RedisError as exc:
+                log.error("events not written at stop: %s", exc)
             self._running = False
             lanes, self._lanes = list(self._lanes.values()), {}
             for lane in lanes:
                 lane.task.cancel()
             await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
 
-    def publish(self, reply_to: str, event: codec.Event, progress: Progress) -> None:
+    def publish(self, reply_to: str, event: codec.Event, progress: Progress) -> asyncio.Future[None]:
+        """Queues the event; returns the future of its batch: done once the batch is in Redis,
+        with a RedisError if it could not be written."""
         lane = self._lanes.get(reply_to)
         if lane is None or lane.task.done():
-            lane = self._lanes[reply_to] = _Lane(self._write_patiently)
-        lane.add(_Pending(reply_to, event.request_id, codec.encode(event), progress))
+            lane = self._lanes[reply_to] = _Lane(self._write_patiently, on_idle=self._forget_lane)
+        return lane.add(_Pending(reply_to, event.request_id, codec.encode(event), progress))
 
-    async def flush(self, reply_to: str | None = None) -> None:
-        """Waits until everything published so far (to reply_to's gateway, or to all) is in Redis;
-        raises RedisError if it cannot be."""
-        lanes = list(self._lanes.values()) if reply_to is None else [self._lanes.get(reply_to)]
-        for lane in lanes:
-            if lane is not None:
-                await lane.flush()
+    def _forget_lane(self, lane: "_Lane") -> None:
+        for reply_to, known in list(self._lanes.items()):
+            if known is lane:
+                del self._lanes[reply_to]  # a gateway long gone (new ids on restart) leaves nothing
+
+    async def flush(self) -> None:
+        """Waits until everything published so far is in Redis, or known lost; raises the first
+        RedisError of a batch that could not be written."""
+        results = await asyncio.gather(
+            *(lane.flush() for lane in list(self._lanes.values())), return_exceptions=True
+        )
+        if errors := [r for r in results if isinstance(r, BaseException)]:
+            raise errors[0]
 
     async def _write_patiently(self, batch: list[_Pending]) -> None:
         """Writes one gateway's batch, trying again for up to WRITE_RETRY_SECONDS in all after an
@@ -197,26 +208,32 @@ class _Lane:
     """One gateway's events: batches written one after another by a task of its own, which ends
     after _LANE_IDLE_SECONDS without events (gateways come and go)."""
 
-    def __init__(self, write: Callable[[list[_Pending]], Awaitable[None]]) -> None:
+    def __init__(
+        self, write: Callable[[list[_Pending]], Awaitable[None]], on_idle: Callable[["_Lane"], None]
+    ) -> None:
         self._write = write
+        self._on_idle = on_idle
         self._batch: list[_Pending] = []
         self._batch_written: asyncio.Future[None] | None = None  # resolves when _batch is in Redis
         self._in_flight: asyncio.Future[None] | None = None  # the batch being written now
         self._wakeup = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name="event-lane")
 
-    def add(self, event: _Pending) -> None:
+    def add(self, event: _Pending) -> asyncio.Future[None]:
         if self._batch_written is None:
             self._batch_written = asyncio.get_running_loop().create_future()
             # Nobody may await this batch; mark a failure as seen so asyncio does not warn.
             self._batch_written.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._batch.append(event)
         self._wakeup.set()
+        return self._batch_written
 
     async def flush(self) -> None:
-        pending = self._batch_written or self._in_flight
-        if pending is not None:
-            await asyncio.shield(pending)
+        """Waits for the batch being written and the one queued after it; raises the first's
+        error (the second's after the first has succeeded)."""
+        for pending in (self._in_flight, self._batch_written):
+            if pending is not None:
+                await asyncio.shield(pending)
 
     async def _run(self) -> None:
         while True:
@@ -225,6 +242,7 @@ class _Lane:
                     await self._wakeup.wait()
             except TimeoutError:
                 if not self._batch:
+                    self._on_idle(self)
                     return  # publish() starts a new lane for the next event
             self._wakeup.clear()
             batch, written = self._batch, self._batch_written
@@ -233,9 +251,16 @@ class _Lane:
                 continue
             try:
                 await self._write(batch)
-            except RedisError as exc:
-                log.error("lost %d events: %s", len(batch), exc)
-                written.set_exception(exc)
+            except BaseException as exc:
+                # Whatever went wrong, the batch's waiters hear it (a RedisError): nobody may wait
+                # for ever for events that will not be written.
+                lost = exc if isinstance(exc, RedisError) else RedisError(f"events not written: {exc!r}")
+                log.error("lost %d events: %s", len(batch), lost)
+                written.set_exception(lost)
+                if isinstance(exc, asyncio.CancelledError) and self._batch_written is not None:
+                    self._batch_written.set_exception(RedisError("the publisher stopped"))
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 written.set_result(None)
             finally:

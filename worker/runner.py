@@ -66,6 +66,7 @@ class JobEvents:
         self.silenced = False
         self.outcome = ""  # "finished" or the failure kind, once the terminal event is sent
         self.tokens = 0  # generated so far (by this attempt and the ones it continues)
+        self._written: asyncio.Future[None] | None = None  # the batch of the last event published
 
     def continue_from(self, progress: codec.Progress) -> None:
         """This attempt carries on after the events (and text) that earlier attempts published."""
@@ -91,7 +92,15 @@ class JobEvents:
         progress = Progress(self._attempt, self._seq, self._released, token_ids, self._fresh, self._deadline)
         self._seq += 1
         self._fresh = False
-        self._publisher.publish(self._reply_to, event, progress)
+        written = self._publisher.publish(self._reply_to, event, progress)
+        if written is not None:  # (test doubles return none)
+            self._written = written
+
+    async def wait_written(self) -> None:
+        """Returns once this attempt's last event is in Redis (batches go in order); raises
+        RedisError if it could not be written."""
+        if self._written is not None:
+            await asyncio.shield(self._written)
 
     def started(self, worker_id: str, fingerprint: str) -> None:
         started = codec.Started(worker_id=worker_id, system_fingerprint=fingerprint)
