@@ -101,7 +101,7 @@ def test_a_gateway_frozen_past_its_reply_stream_ttl_recovers_at_once(
     call = stub.StreamChatCompletion(chat_request(max_tokens=2000), timeout=40)  # 100 s at 20 tokens/s
     content = (chunk for chunk in call if chunk.choices[0].delta.content)
     next(content), next(content)
-    [reply_stream] = list(fault_redis_client.scan_iter(keys.reply_stream("*")))
+    [reply_stream] = list(fault_redis_client.scan_iter(f"{keys.PREFIX}:replies:*"))
     assert fault_stack.gateway is not None
     fault_stack.gateway.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()

@@ -21,6 +21,7 @@ from redis.exceptions import CrossSlotTransactionError, RedisClusterException, R
 from common import keys
 from common.redis_client import connect, is_cluster
 from devstack.redis_cluster import LocalRedisCluster
+from devstack.redis_server import RedisServer
 from gateway import metrics
 from gateway.queue import JobQueue
 from tests.unit.queue_helpers import deadline, valid_request
@@ -288,12 +289,17 @@ async def test_a_gateways_submit_waits_for_the_replica_of_its_job_streams_shard(
     queue = JobQueue(client, client, f"gw-{uuid.uuid4().hex[:6]}", 100, submit_replicas=1, submit_wait_ms=300)
     try:
         await queue.start()
+        # A model whose job stream's shard has a replica (the failover tests before this one may
+        # have left a shard without one).
+        request, replica = next(
+            (r, replica)
+            for r in (valid_request() for _ in range(100))
+            if (replica := replica_or_none(replicated, keys.job_stream(r.model))) is not None
+        )
         unreplicated = metrics.UNREPLICATED_SUBMITS._value.get()
-        request = valid_request()
         queue.release(await queue.submit(request, deadline()))
         assert metrics.UNREPLICATED_SUBMITS._value.get() == unreplicated  # the replica had it
         stream = keys.job_stream(request.model)
-        replica = replicated.replica_of(replicated.primary_for(stream))
         freezing = asyncio.create_task(asyncio.to_thread(replicated.freeze, replica, 0.8))
         await asyncio.sleep(0.1)
         subscription = await queue.submit(request, deadline())  # queued all the same, and counted
@@ -304,3 +310,10 @@ async def test_a_gateways_submit_waits_for_the_replica_of_its_job_streams_shard(
     finally:
         await queue.stop()
         await client.aclose()
+
+
+def replica_or_none(cluster: LocalRedisCluster, key: str) -> RedisServer | None:
+    try:
+        return cluster.replica_of(cluster.primary_for(key))
+    except RuntimeError:
+        return None
