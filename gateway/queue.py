@@ -23,12 +23,12 @@ from redis.exceptions import ConnectionError, NoScriptError, OutOfMemoryError, R
 
 from common import codec, engine_registry, keys, streams
 from common.redis_client import on_node_of
+from common.supervise import being_cancelled, supervised
 from gateway import metrics
 from gateway.completion_log import CallRecord
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
-from gateway.supervise import being_cancelled, supervised
 from gateway.validation import ValidRequest
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from chat.v1 import chat_pb2
 from common.metrics_server import serve_metrics
 from common.redis_client import connect
+from common.supervise import supervised
 from common.tracing import OFF, Tracing
 from gateway import metrics
 from gateway.access import ModelDirectory, ReflectionKeyCheck
@@ -28,7 +29,6 @@ from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.servicer import ChatServicer
-from gateway.supervise import supervised
 from gateway.wire import add_chat_service
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from common import codec, engine_registry, keys, tracing
+from common.supervise import supervised
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead
@@ -74,10 +75,7 @@ class JobConsumer:
 
     async def run(self) -> None:
         """Serves jobs until stop() is called or the engine dies."""
-        helpers = [
-            asyncio.create_task(self._watch_running(), name="watch-running"),
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
-        ]
+        helpers = [supervised("watch-running", self._watch_running), supervised("heartbeat", self._heartbeat)]
         failures = 0
         try:
             await self._jobs.ensure_groups()

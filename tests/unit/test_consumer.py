@@ -97,3 +97,28 @@ async def test_an_idle_worker_lingers_for_the_rest_of_a_burst(
         await asyncio.sleep(0.005)
     assert len(await reading) == taken
     await client.aclose()
+
+
+async def test_a_heartbeat_that_fails_unexpectedly_is_restarted(redis_server: RedisServer) -> None:
+    # A dead heartbeat would let other workers take over every job this worker runs.
+    client = Redis.from_url(redis_server.url)
+    settings = WorkerSettings.from_env(
+        {"WORKER_ENGINE": "bench", "WORKER_ID": "w1", "WORKER_MODEL": f"m{uuid.uuid4().hex[:6]}=/nowhere",
+         "WORKER_HEARTBEAT_SECONDS": "0.1", "WORKER_CLAIM_IDLE_SECONDS": "0.2"}
+    )  # fmt: skip
+    consumer = JobConsumer(settings, client, ScriptedFakeEngine([]), FlushingFakePublisher())  # type: ignore[arg-type]
+    beats: list[float] = []
+
+    async def heartbeat(deliveries: list[Delivery]) -> set[tuple[str, bytes]]:
+        beats.append(asyncio.get_running_loop().time())
+        if len(beats) == 1:
+            raise RuntimeError("a bug in the heartbeat")
+        return set()
+
+    consumer._jobs.heartbeat = heartbeat  # type: ignore[method-assign]
+    running = asyncio.create_task(consumer.run())
+    await asyncio.sleep(1.6)  # the first beat fails; the loop is restarted a second later
+    consumer.stop()
+    await running
+    assert len(beats) >= 3
+    await client.aclose()

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from gateway.supervise import supervised
+from common.supervise import supervised
 
 
 async def test_a_task_that_raises_is_logged_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

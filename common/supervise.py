@@ -1,10 +1,12 @@
-"""Background tasks of the gateway that outlive a bug: logged with their traceback, then restarted.
+"""Background loops that outlive a bug: logged with their traceback, then restarted.
 
-The gateway's background loops (reply reader, reply-stream keepalive, health watch, lost-job
-check) each catch the Redis errors they expect. Anything else would end the task silently,
-and with it routing, the reply stream or the health status, for good. Restarting is chosen
-over exiting the process: every loop rebuilds its state from Redis when it starts, while an
-exit would end every call this gateway relays, for a fault in one helper.
+The gateway's loops (reply reader, reply-stream keepalive, health watch, lost-job check) and
+the worker's (the watch on running jobs, the heartbeat) each catch the Redis errors they
+expect. Anything else would end the task silently, and with it routing, the reply stream,
+the health status or, in a worker, the heartbeat (every job it runs would then be taken over
+by other workers) for good. Restarting is chosen over exiting the process: every loop
+rebuilds its state when it starts, while an exit would end every call or job in flight, for
+a fault in one helper.
 """
 
 import asyncio
