@@ -130,8 +130,9 @@ class JobQueue:
         self._gateway_id = gateway_id
         self._max_queued_jobs = max_queued_jobs
         self._job_streams = job_streams  # REDIS_JOB_STREAMS: a job goes to one of them at random
-        # Each stream takes its share of the model's limit; jobs spread evenly over them.
-        self._max_queued_per_stream = -(-max_queued_jobs // job_streams)
+        # Of a model's streams, how many every live worker reads (common/engine_registry.py): a
+        # worker that reads fewer than this gateway's setting would leave jobs on the others.
+        self._streams_read: dict[str, int] = {}
         self._submit_replicas = submit_replicas  # GATEWAY_SUBMIT_REPLICAS: 0 waits for none
         self._submit_wait_ms = submit_wait_ms
         self.lost_job_check_seconds = LOST_JOB_CHECK_SECONDS  # GATEWAY_LOST_JOB_CHECK_SECONDS
@@ -181,9 +182,13 @@ class JobQueue:
         )
         return sum(int(n) for n in counts)
 
-    async def engine_context_window(self, model: str) -> int | None:
-        """The context window the model's live workers run with (None: no worker is live)."""
-        return await engine_registry.context_window(self._redis, model)
+    async def live_engines(self, model: str) -> engine_registry.LiveEngines | None:
+        """What the model's live workers can all take (None: no worker is live). Remembers how
+        many job streams they all read: jobs are queued on those only."""
+        live = await engine_registry.live_engines(self._redis, model)
+        if live is not None:
+            self._streams_read[model] = live.job_streams
+        return live
 
     async def generated_tokens(self, request_id: str) -> int:
         """Tokens the job's workers have generated and published so far, from its progress record
@@ -299,13 +304,16 @@ class JobQueue:
         log_key = keys.completion_log(request_id)
         if await self._open_call(keys=[self._reply_stream, log_key], args=call) == _REPLY_STREAM_GONE:
             return _REPLY_STREAM_GONE
-        first = secrets.randbelow(self._job_streams)
+        streams = max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
+        # Each stream takes its share of the model's limit; jobs spread evenly over them.
+        per_stream = -(-self._max_queued_jobs // streams)
+        first = secrets.randbelow(streams)
         waiting = 0
-        for i in range(self._job_streams):
-            stream = subscription.job_stream = keys.job_stream(model, (first + i) % self._job_streams)
+        for i in range(streams):
+            stream = subscription.job_stream = keys.job_stream(model, (first + i) % streams)
             added = await self._queue_on(
                 [stream, keys.submitted(stream, request_id)],
-                [keys.WORKER_GROUP, self._max_queued_per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
+                [keys.WORKER_GROUP, per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
             )
             if not isinstance(added, int):
                 return added

@@ -185,7 +185,8 @@ class Gateway:
         """Queue depths for the metrics, and the context windows the workers' engines run with."""
         for model in self._models:
             metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
-            window = await self.queue.engine_context_window(model)
+            live = await self.queue.live_engines(model)
+            window = live.context_window if live is not None else None
             self._catalog.set_engine_context_window(model, window)
             self.presence.observe(model, window is not None)
 

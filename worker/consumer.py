@@ -306,6 +306,7 @@ class JobConsumer:
             self._settings.worker_id,
             self._engine.context_window,
             ttl=self._settings.claim_idle_seconds,
+            job_streams=self._settings.job_streams,
         )
 
     async def _housekeeping(self) -> None:

@@ -61,3 +61,12 @@ def test_the_catalog_follows_the_engines_and_falls_back_to_the_model() -> None:
     assert catalog.get(DEFAULT_MODEL_NAME).context_window == 1024  # type: ignore[union-attr]
     catalog.set_engine_context_window(DEFAULT_MODEL_NAME, None)
     assert catalog.get(DEFAULT_MODEL_NAME).context_window == 8192  # type: ignore[union-attr]
+
+
+async def test_gateways_learn_the_fewest_job_streams_a_live_worker_reads(redis: Redis) -> None:
+    await engine_registry.advertise(redis, MODEL, "w1", 8192, ttl=10, job_streams=4)
+    await engine_registry.advertise(redis, MODEL, "w2", 8192, ttl=10, job_streams=2)
+    assert await engine_registry.live_engines(redis, MODEL) == engine_registry.LiveEngines(8192, 2)
+    await redis.hset(keys.engines(MODEL), "older", '{"context_window": 8192, "expires_ms": 1e15}')
+    live = await engine_registry.live_engines(redis, MODEL)
+    assert live is not None and live.job_streams == 1  # an entry that does not say: one stream

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from common import keys
+from common import engine_registry, keys
 from gateway.errors import QueueFull
 from gateway.queue import JobQueue
 from tests.unit.queue_helpers import deadline, valid_request
@@ -141,3 +141,30 @@ async def test_the_same_entry_id_on_two_streams_names_two_jobs(client: Redis) ->
     assert reclaimed.stream == a.shards[0].stream
     owned = await a.heartbeat(taken)
     assert owned == {(a.shards[1].stream, b"5-1")}  # the other one is no longer ours
+
+
+async def test_jobs_go_only_to_streams_every_live_worker_reads(client: Redis) -> None:
+    # A gateway set to 3 streams, workers to 2 (a mistake, or a rolling change): a job on the third
+    # would wait to its deadline. The workers say what they read; the gateway keeps to it.
+    queue = await queue_of(client)
+    request = valid_request()
+    await engine_registry.advertise(client, request.model, "w-new", 4096, ttl=10, job_streams=3)
+    await engine_registry.advertise(client, request.model, "w-old", 4096, ttl=10, job_streams=2)
+    live = await queue.live_engines(request.model)
+    assert live is not None and live.job_streams == 2
+    streams = set()
+    for _ in range(20):
+        subscription = await queue.submit(request, deadline())
+        streams.add(subscription.job_stream)
+        queue.release(subscription)
+    assert streams == {keys.job_stream(request.model, 0), keys.job_stream(request.model, 1)}
+    # Once every worker reads all three, so does the gateway.
+    await engine_registry.advertise(client, request.model, "w-old", 4096, ttl=10, job_streams=3)
+    await queue.live_engines(request.model)
+    for _ in range(30):
+        subscription = await queue.submit(request, deadline())
+        streams.add(subscription.job_stream)
+        queue.release(subscription)
+    assert keys.job_stream(request.model, 2) in streams
+    await client.delete(keys.engines(request.model))
+    await queue.stop()
