@@ -6,14 +6,16 @@ checked token by token, with the default heartbeat and claim timeout (0.5 s and 
 Each test gets its own redis-server and processes.
 """
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from common import keys
 from devstack.redis_server import RedisServer
-from tests.integration.stack import Stack, assert_nothing_leaked, print_log_tails
+from tests.integration.stack import Stack, assert_nothing_leaked, leaks, print_log_tails, running_requests
 
 BENCH_WORKER_ENV = {
     "WORKER_ENGINE": "bench",
@@ -55,6 +57,36 @@ def bench_text(n: int) -> str:
     return "".join(f"t{i} " for i in range(1, n + 1))
 
 
-def check_clean(stack: Stack, client: redis.Redis) -> None:
+def check_clean(stack: Stack, client: redis.Redis, expiring_progress_ok: bool = False) -> None:
+    """Nothing left behind. expiring_progress_ok: a progress record that expires by itself is no
+    leak, where a worker or Redis was killed at a random moment: ending a job takes steps in two
+    slots (worker/jobs.py _END_OWNED), and a worker killed between them, or a job whose entry was
+    lost with a primary, leaves its record to expire a minute after the job's deadline."""
     ports = [p for p, w in zip(stack.worker_metrics_ports, stack.workers, strict=True) if w.poll() is None]
-    assert_nothing_leaked(client, ports, timeout=15)
+    if not expiring_progress_ok:
+        assert_nothing_leaked(client, ports, timeout=15)
+        return
+    end = time.monotonic() + 15
+    while True:
+        left = leaks(client)
+        expiring = [p for p in left if _expiring_progress(client, p)]
+        problems = [p for p in left if p not in expiring]
+        problems += [f"{n:.0f} engine requests running" for p in ports if (n := running_requests(p))]
+        if not problems or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert not problems, problems
+    if expiring:
+        print(f"left to expire by themselves: {expiring}")
+
+
+# Deadlines in fault tests are at most this long; a progress record lives a minute past it.
+_LONGEST_DEADLINE_SECONDS = 60.0
+
+
+def _expiring_progress(client: redis.Redis, problem: str) -> bool:
+    name = problem.removeprefix("stray key ")
+    if name == problem or not name.startswith(f"{keys.PREFIX}:progress:"):
+        return False
+    ttl = client.pttl(name)
+    return bool(0 < ttl <= (_LONGEST_DEADLINE_SECONDS + 60) * 1000)

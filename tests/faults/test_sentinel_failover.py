@@ -19,10 +19,10 @@ import pytest
 import redis
 
 from chat.v1 import chat_pb2_grpc
-from common import keys
 from devstack.redis_sentinel import RedisSentinel
 from tests.faults.conftest import BENCH_WORKER_ENV, GATEWAY_ENV, bench_text
-from tests.integration.stack import Stack, chat_request, leaks, print_log_tails, running_requests
+from tests.faults.conftest import check_clean as check_clean_of_faults
+from tests.integration.stack import Stack, chat_request, print_log_tails
 
 STREAMS = 8
 STREAM_TOKENS = 60  # at 20 tokens/s: 3 s each, so the failover lands mid-stream
@@ -132,37 +132,11 @@ async def under_load(stack: Stack, fault: Callable[[], None], wait_moved: Callab
     assert final.code == "OK", final
 
 
-def check_clean(stack: Stack, client: redis.Redis, timeout: float = 15.0) -> None:
-    """As tests/faults/conftest.py check_clean, except for progress records that expire by themselves.
-
-    A job whose entry, or its delivery to the worker, was lost with the old primary still runs and
-    publishes to the new one, which keeps its progress record; acknowledging the job then finds
-    no pending entry of its own and leaves the record to expire, a minute after the job's deadline.
-    """
-    end = time.monotonic() + timeout
-    while True:
-        left = leaks(client)
-        expiring = [p for p in left if expiring_progress(client, p)]
-        problems = [p for p in left if p not in expiring]
-        problems += [
-            f"{n:.0f} engine requests running"
-            for p in stack.worker_metrics_ports
-            if (n := running_requests(p))
-        ]
-        if not problems or time.monotonic() > end:
-            break
-        time.sleep(0.1)
-    assert not problems, problems
-    if expiring:
-        print(f"left to expire by themselves: {expiring}")
-
-
-def expiring_progress(client: redis.Redis, problem: str) -> bool:
-    name = problem.removeprefix("stray key ")
-    if name == problem or not name.startswith(f"{keys.PREFIX}:progress:"):
-        return False
-    ttl = client.pttl(name)
-    return bool(0 < ttl <= (DEADLINE_SECONDS + 60) * 1000)
+def check_clean(stack: Stack, client: redis.Redis) -> None:
+    """A job whose entry, or its delivery to the worker, was lost with the old primary still runs
+    and publishes to the new one, which keeps its progress record; acknowledging the job then finds
+    no pending entry of its own and leaves the record to expire."""
+    check_clean_of_faults(stack, client, expiring_progress_ok=True)
 
 
 def test_sentinel_failover_under_load(sentinel_stack: Stack, topology: RedisSentinel) -> None:

@@ -77,4 +77,5 @@ async def test_soak_with_random_cancels_and_a_killed_worker(
     assert set(outcomes) <= {"OK", "cancelled by us"}, outcomes  # resumed, not failed or hung
     assert outcomes["OK"] > REQUESTS * 0.8
     assert max(memory[2:]) - memory[2] < 50, memory  # bounded after warm-up
-    check_clean(fault_stack, fault_redis_client)
+    # The worker is killed at a random moment, possibly while it ends a job (a record to expire).
+    check_clean(fault_stack, fault_redis_client, expiring_progress_ok=True)
