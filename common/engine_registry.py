@@ -76,9 +76,3 @@ async def live_engines(redis: Redis, model: str) -> LiveEngines | None:
     script = redis.register_script(_LIVE_ENGINES)
     smallest, fewest = (int(n) for n in await script(keys=[keys.engines(model)]))
     return LiveEngines(smallest, fewest) if smallest >= 0 else None
-
-
-async def context_window(redis: Redis, model: str) -> int | None:
-    """The smallest context window among the model's live workers; None when none is live."""
-    live = await live_engines(redis, model)
-    return live.context_window if live is not None else None

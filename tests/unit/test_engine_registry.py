@@ -27,29 +27,34 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+async def window(redis: Redis) -> int | None:
+    live = await engine_registry.live_engines(redis, MODEL)
+    return live.context_window if live is not None else None
+
+
 async def test_no_live_worker_means_no_window(redis: Redis) -> None:
-    assert await engine_registry.context_window(redis, MODEL) is None
+    assert await window(redis) is None
 
 
 async def test_the_smallest_live_window_wins_and_withdrawn_workers_drop_out(redis: Redis) -> None:
     await engine_registry.advertise(redis, MODEL, "w1", 8192, ttl=10)
     await engine_registry.advertise(redis, MODEL, "w2", 2048, ttl=10)
-    assert await engine_registry.context_window(redis, MODEL) == 2048
+    assert await window(redis) == 2048
     await engine_registry.withdraw(redis, MODEL, "w2")
-    assert await engine_registry.context_window(redis, MODEL) == 8192
+    assert await window(redis) == 8192
 
 
 async def test_entries_of_workers_that_stopped_refreshing_expire_and_are_removed(redis: Redis) -> None:
     await engine_registry.advertise(redis, MODEL, "dead", 512, ttl=0.05)
     await engine_registry.advertise(redis, MODEL, "alive", 4096, ttl=10)
     await asyncio.sleep(0.1)
-    assert await engine_registry.context_window(redis, MODEL) == 4096
+    assert await window(redis) == 4096
     assert await redis.hkeys(keys.engines(MODEL)) == [b"alive"]
 
 
 async def test_an_unreadable_entry_counts_as_expired(redis: Redis) -> None:
     await redis.hset(keys.engines(MODEL), "garbage", b"\xff not json")
-    assert await engine_registry.context_window(redis, MODEL) is None
+    assert await window(redis) is None
     assert not await redis.exists(keys.engines(MODEL))
 
 
