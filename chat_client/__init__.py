@@ -29,10 +29,13 @@ from chat_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     Message,
     Model,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -48,6 +51,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "Choice",
+    "ChoiceLogprobs",
     "ChunkChoice",
     "Client",
     "Delta",
@@ -57,5 +61,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]

@@ -22,6 +22,8 @@ def build_request(
     user: str | None = None,
     frequency_penalty: float | None = None,
     presence_penalty: float | None = None,
+    logprobs: bool | None = None,
+    top_logprobs: int | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
     for m in messages:
@@ -40,6 +42,10 @@ def build_request(
         request.frequency_penalty = frequency_penalty
     if presence_penalty is not None:
         request.presence_penalty = presence_penalty
+    if logprobs is not None:
+        request.logprobs = logprobs
+    if top_logprobs is not None:
+        request.top_logprobs = top_logprobs
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else stop)
     if response_format is not None:

@@ -29,6 +29,43 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's UTF-8 bytes
+    top_logprobs: list[TopLogprob]  # the most likely tokens at its position, most likely first
+
+
+@dataclass(frozen=True)
+class ChoiceLogprobs:
+    content: list[TokenLogprob]  # one per generated token
+
+    @classmethod
+    def from_proto(cls, choice: chat_pb2.Choice | chat_pb2.ChunkChoice) -> "ChoiceLogprobs | None":
+        """None where the request did not ask for logprobs (or a chunk carries no tokens)."""
+        if not choice.HasField("logprobs"):
+            return None
+        return cls(
+            [
+                TokenLogprob(
+                    t.token,
+                    t.logprob,
+                    list(t.bytes),
+                    [TopLogprob(top.token, top.logprob, list(top.bytes)) for top in t.top_logprobs],
+                )
+                for t in choice.logprobs.content
+            ]
+        )
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
@@ -39,6 +76,7 @@ class Choice:
     index: int
     message: Message
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +92,13 @@ class ChatCompletion:
     @classmethod
     def from_proto(cls, r: chat_pb2.ChatCompletionResponse) -> "ChatCompletion":
         choices = [
-            Choice(c.index, Message(c.message.role, c.message.content), c.finish_reason) for c in r.choices
+            Choice(
+                c.index,
+                Message(c.message.role, c.message.content),
+                c.finish_reason,
+                ChoiceLogprobs.from_proto(c),
+            )
+            for c in r.choices
         ]
         return cls(
             r.id, r.object, r.created, r.model, choices, Usage.from_proto(r.usage), r.system_fingerprint
@@ -72,6 +116,7 @@ class ChunkChoice:
     index: int
     delta: Delta
     finish_reason: str | None  # None until the last chunk
+    logprobs: ChoiceLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +138,7 @@ class ChatCompletionChunk:
                 ch.index,
                 Delta(ch.delta.role if ch.delta.HasField("role") else None, ch.delta.content),
                 ch.finish_reason or None,
+                ChoiceLogprobs.from_proto(ch),
             )
             for ch in c.choices
         ]

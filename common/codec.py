@@ -18,6 +18,7 @@ SamplingParams = queue_pb2.SamplingParams
 FailureKind = queue_pb2.FailureKind
 Started = queue_pb2.Started
 Delta = queue_pb2.Delta
+TokenLogprob = queue_pb2.TokenLogprob
 Finished = queue_pb2.Finished
 Failed = queue_pb2.Failed
 

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from chat.v1 import chat_pb2
-from common import tracing
+from common import codec, tracing
 from gateway.access import Metadata, ModelDirectory
 from gateway.auth import Authenticator
 from gateway.catalog import ServedModel
@@ -51,11 +51,10 @@ _INT64 = 1 << 63
 # the no-op value listed) they are refused, naming the parameter, never silently ignored.
 _NO_OP_VALUES: dict[str, object] = {
     "n": 1,
-    "logprobs": False,
 }
 _UNSUPPORTED = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-    "top_logprobs", "reasoning_effort", "reasoning_format", "include_reasoning", "service_tier",
+    "reasoning_effort", "reasoning_format", "include_reasoning", "service_tier",
     "metadata", "store", "modalities", "audio", "prediction", "search_settings", "documents",
     "web_search_options", "citation_options", "compound_custom", "exclude_domains", "include_domains",
 )  # fmt: skip
@@ -86,6 +85,10 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     _set_max_tokens(request, body, options)
     if "seed" in body:
         request.seed = _integer(body.pop("seed"), "seed", -_INT64, _INT64 - 1)
+    if "logprobs" in body:
+        request.logprobs = _typed(body.pop("logprobs"), "logprobs", bool)
+    if "top_logprobs" in body:
+        request.top_logprobs = _integer(body.pop("top_logprobs"), "top_logprobs", -_INT32 - 1, _INT32)
     if "stop" in body:
         stop = body.pop("stop")
         stop = [stop] if isinstance(stop, str) else stop
@@ -234,7 +237,11 @@ def _usage(usage: Usage) -> dict[str, Any]:
 
 
 def _completion(
-    call: Accepted, content: str, finished: Finished | None, fingerprint: str = ""
+    call: Accepted,
+    content: str,
+    logprobs: Sequence[codec.TokenLogprob],
+    finished: Finished | None,
+    fingerprint: str = "",
 ) -> dict[str, Any]:
     """The completion; without `finished`, as far as it has come (finish_reason and usage null)."""
     message = {"role": "assistant", "content": content}
@@ -244,7 +251,9 @@ def _completion(
         "object": "chat.completion",
         "created": call.created,
         "model": call.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": _logprobs(logprobs), "finish_reason": finish_reason}
+        ],
         "usage": _usage(finished.usage) if finished is not None else None,
         "system_fingerprint": finished.system_fingerprint if finished is not None else fingerprint,
         "x_groq": {"id": f"req_{call.request_id}"},
@@ -252,7 +261,11 @@ def _completion(
 
 
 def _chunk(
-    call: Accepted, fingerprint: str, delta: dict[str, str], finish_reason: str | None = None
+    call: Accepted,
+    fingerprint: str,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    logprobs: Sequence[codec.TokenLogprob] = (),
 ) -> dict[str, Any]:
     return {
         "id": call.completion_id,
@@ -260,8 +273,25 @@ def _chunk(
         "created": call.created,
         "model": call.model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": _logprobs(logprobs), "finish_reason": finish_reason}
+        ],
     }
+
+
+def _logprobs(entries: Sequence[codec.TokenLogprob]) -> dict[str, Any] | None:
+    """The reference's `logprobs` object; null where they were not asked for."""
+    if not entries:
+        return None
+    return {"content": [_token_logprob(entry) for entry in entries], "refusal": None}
+
+
+def _token_logprob(entry: codec.TokenLogprob, top: bool = False) -> dict[str, Any]:
+    """A generated token's entry; top: one of its top_logprobs, which have none of their own."""
+    token = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode())}
+    if top:
+        return token
+    return {**token, "top_logprobs": [_token_logprob(t, top=True) for t in entry.top_logprobs]}
 
 
 def _error_body(error: ServiceError, options: Options | None = None) -> dict[str, Any]:
@@ -459,6 +489,7 @@ async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True
     """One JSON completion. whole: the job must finish; else what came so far will do (GET by id)."""
     call: Accepted | None = None
     pieces: list[str] = []
+    logprobs: list[codec.TokenLogprob] = []
     fingerprint = ""
     async for item in items:
         if isinstance(item, Accepted):
@@ -467,13 +498,14 @@ async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True
             fingerprint = item.system_fingerprint
         elif isinstance(item, Text):
             pieces.append(item.text)
+            logprobs.extend(item.logprobs)
         elif isinstance(item, Failed):
             return error_response(item.error, options)
         elif isinstance(item, Finished) and call is not None:
             headers = {**dict(call.ratelimit), "x-request-id": f"req_{call.request_id}"}
-            return web.json_response(_completion(call, "".join(pieces), item), headers=headers)
+            return web.json_response(_completion(call, "".join(pieces), logprobs, item), headers=headers)
     if call is not None and not whole:
-        so_far = _completion(call, "".join(pieces), None, fingerprint)
+        so_far = _completion(call, "".join(pieces), logprobs, None, fingerprint)
         return web.json_response(so_far, headers={"x-request-id": f"req_{call.request_id}"})
     return error_response(ServiceError("the job ended without a result"))
 
@@ -520,7 +552,8 @@ async def _write_stream(
             first["x_groq"] = {"id": f"req_{call.request_id}"}
             await response.write(_sse(first, item.seq))
         elif isinstance(item, Text):
-            await response.write(_sse(_chunk(call, fingerprint, {"content": item.text}), item.seq))
+            text = _chunk(call, fingerprint, {"content": item.text}, logprobs=item.logprobs)
+            await response.write(_sse(text, item.seq))
         elif isinstance(item, Finished) and item.replayed:
             await response.write(b"data: [DONE]\n\n")  # a resume after the last chunk: nothing left
             await response.write_eof()

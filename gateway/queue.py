@@ -250,6 +250,8 @@ class JobQueue:
                 json_schema=request.json_schema,
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
+                logprobs=request.logprobs,
+                top_logprobs=request.top_logprobs,
             ),
             enqueued_at=time.time(),
             deadline=deadline,

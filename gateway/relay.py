@@ -70,7 +70,7 @@ from gateway.metrics import CallRecorder
 from gateway.presence import NoLiveWorker
 from gateway.queue import JobQueue
 from gateway.ratelimit import Budget, RateLimiter
-from gateway.resume import ReplyProgress
+from gateway.resume import Logprobs, ReplyProgress
 from gateway.subscription import Subscription
 from gateway.tokenizing import PromptValidator
 from gateway.validation import Limits, ValidRequest
@@ -136,10 +136,15 @@ class Started:
 
 @dataclass(frozen=True)
 class Text:
-    """Generated text: each piece once for a stream; the whole reply at once for a unary call."""
+    """Generated text: each piece once for a stream; the whole reply at once for a unary call.
+
+    With logprobs asked for, the entries of the tokens behind it (a stream's last may have
+    tokens and no text); empty otherwise.
+    """
 
     text: str
     seq: int = 0
+    logprobs: Logprobs = ()
 
 
 @dataclass(frozen=True)
@@ -637,8 +642,8 @@ class _Translation:
         if kind == "delta":
             if self._recorder is not None:
                 self._recorder.delta()
-            text = self._reply.add(event.delta)
-            return [Text(text, seq)] if text else []
+            text, logprobs = self._reply.add(event.delta)
+            return [Text(text, seq, logprobs)] if text or logprobs else []
         if kind == "finished":
             return self._on_finished(event.finished, seq)
         return []
@@ -661,8 +666,8 @@ class _Translation:
             self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
         finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq)
-        text = "".join(self._reply.pieces)
-        return [finished] if self._stream or not text else [Text(text, seq), finished]
+        text, logprobs = "".join(self._reply.pieces), tuple(self._reply.logprobs)
+        return [finished] if self._stream or not (text or logprobs) else [Text(text, seq, logprobs), finished]
 
 
 def _owner(record: KeyRecord | None) -> str:

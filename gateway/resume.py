@@ -15,24 +15,28 @@ ABORTED, the one case where progress cannot be recovered.
 from common import codec
 from gateway.errors import Aborted
 
+Logprobs = tuple[codec.TokenLogprob, ...]
+
 
 class ReplyProgress:
-    """The reply received so far across a job's attempts: its text and token count."""
+    """The reply received so far across a job's attempts: its text, logprobs and token count."""
 
     def __init__(self, stream: bool) -> None:
         self._stream = stream
         self.pieces: list[str] = []  # unary: the text to join at the end
+        self.logprobs: list[codec.TokenLogprob] = []  # unary: one per token received, if asked for
         self.chars_sent = 0  # stream: characters forwarded to the caller
         self.completion_tokens = 0  # tokens behind the text received
 
-    def add(self, delta: codec.Delta) -> str:
-        """Records a delta; returns the text to forward now (a stream's only)."""
+    def add(self, delta: codec.Delta) -> tuple[str, Logprobs]:
+        """Records a delta; returns the text and logprobs to forward now (a stream's only)."""
         self.completion_tokens = delta.completion_tokens
         if not self._stream:
             self.pieces.append(delta.text)
-            return ""
+            self.logprobs.extend(delta.logprobs)
+            return "", ()
         self.chars_sent += len(delta.text)
-        return delta.text
+        return delta.text, tuple(delta.logprobs)
 
     def take_over(self, started: codec.Started) -> str:
         """A newer attempt began: "continued" or "restarted"; raises Aborted if it cannot go on."""
@@ -50,5 +54,6 @@ class ReplyProgress:
                 " and the job had to start over (its progress could not be recovered); retry the request"
             )
         self.pieces.clear()
+        self.logprobs.clear()
         self.completion_tokens = 0
         return "restarted"

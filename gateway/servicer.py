@@ -6,7 +6,7 @@ gRPC status with rich details (gateway/errors.py).
 """
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 
 import grpc
@@ -14,6 +14,7 @@ from google.rpc import code_pb2
 from grpc_status import rpc_status
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
+from common import codec
 from gateway.access import ModelDirectory
 from gateway.errors import MalformedRequest, ServiceError
 from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Started, Text, Usage
@@ -101,6 +102,7 @@ async def _response(
     came so far will do (finish_reason empty, no usage)."""
     call: Accepted | None = None
     pieces: list[str] = []
+    logprobs: list[codec.TokenLogprob] = []
     fingerprint = ""
     async with aclosing(items):
         async for item in items:
@@ -111,12 +113,13 @@ async def _response(
                 fingerprint = item.system_fingerprint
             elif isinstance(item, Text):
                 pieces.append(item.text)
+                logprobs.extend(item.logprobs)
             elif isinstance(item, Finished) and call is not None:
-                return _completion(call, "".join(pieces), item.system_fingerprint, item)
+                return _completion(call, "".join(pieces), logprobs, item.system_fingerprint, item)
             elif isinstance(item, Failed):
                 await _abort(context, item.error)
     if call is not None and not whole:
-        return _completion(call, "".join(pieces), fingerprint, None)
+        return _completion(call, "".join(pieces), logprobs, fingerprint, None)
     await _abort(context, ServiceError(_NO_RESULT))
     raise AssertionError("unreachable")  # abort always raises
 
@@ -142,7 +145,8 @@ async def _chunks(
                     continue
                 yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(role="assistant"))
             elif isinstance(item, Text):
-                yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(content=item.text))
+                content = chat_pb2.Delta(content=item.text)
+                yield _chunk(call, fingerprint, item.seq, content, logprobs=_logprobs(item.logprobs))
             elif isinstance(item, Finished) and item.replayed:
                 return  # a resume after the last chunk: nothing left to send
             elif isinstance(item, Finished):
@@ -154,12 +158,17 @@ async def _chunks(
 
 
 def _completion(
-    call: Accepted, content: str, fingerprint: str, finished: Finished | None
+    call: Accepted,
+    content: str,
+    logprobs: Sequence[codec.TokenLogprob],
+    fingerprint: str,
+    finished: Finished | None,
 ) -> chat_pb2.ChatCompletionResponse:
     choice = chat_pb2.Choice(
         index=0,
         message=chat_pb2.AssistantMessage(role="assistant", content=content),
         finish_reason=finished.finish_reason if finished is not None else "",
+        logprobs=_logprobs(logprobs),
     )
     return chat_pb2.ChatCompletionResponse(
         id=call.completion_id,
@@ -179,16 +188,33 @@ def _chunk(
     delta: chat_pb2.Delta,
     finish_reason: str = "",
     usage: chat_pb2.Usage | None = None,
+    logprobs: chat_pb2.ChoiceLogprobs | None = None,
 ) -> chat_pb2.ChatCompletionChunk:
     return chat_pb2.ChatCompletionChunk(
         id=call.completion_id,
         object="chat.completion.chunk",
         created=call.created,
         model=call.model,
-        choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+        choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=logprobs)],
         usage=usage,
         system_fingerprint=fingerprint,
         sequence_number=seq,
+    )
+
+
+def _logprobs(entries: Sequence[codec.TokenLogprob]) -> chat_pb2.ChoiceLogprobs | None:
+    """The entries in the public shape; None (the field unset) where logprobs were not asked for."""
+    if not entries:
+        return None
+    return chat_pb2.ChoiceLogprobs(content=[_token_logprob(entry) for entry in entries])
+
+
+def _token_logprob(entry: codec.TokenLogprob) -> chat_pb2.TokenLogprob:
+    return chat_pb2.TokenLogprob(
+        token=entry.token,
+        logprob=entry.logprob,
+        bytes=entry.token.encode(),
+        top_logprobs=[_token_logprob(top) for top in entry.top_logprobs],
     )
 
 

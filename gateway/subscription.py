@@ -94,6 +94,7 @@ class Subscription:
         if last is not None and last.HasField("delta") and event.HasField("delta") and not across_cursor:
             last.delta.text += event.delta.text
             last.delta.completion_tokens = event.delta.completion_tokens
+            last.delta.logprobs.extend(event.delta.logprobs)
             self._positions[-1] = self._last_position
         else:
             self._events.append(event)

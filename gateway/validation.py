@@ -21,6 +21,7 @@ from gateway.errors import InvalidField, ModelNotFound, shown
 ROLES = ("system", "user", "assistant")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too
 _UINT64 = (1 << 64) - 1
 
 
@@ -38,6 +39,8 @@ class ValidRequest:
     json_schema: str = ""  # JSON text of the schema the reply must follow; empty = none
     frequency_penalty: float = 0.0  # in [-2, 2]; 0 = none
     presence_penalty: float = 0.0  # in [-2, 2]; 0 = none
+    logprobs: bool = False  # return each generated token's log probability
+    top_logprobs: int = 0  # with logprobs: and this many of the most likely tokens at each position
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -81,6 +84,7 @@ def validate(
     frequency_penalty = _check_range(request, "frequency_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     presence_penalty = _check_range(request, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     stop = _check_stop(list(request.stop), limits)
+    top_logprobs = _check_top_logprobs(request)
     _check_length("user", request.user, limits.max_user_chars)
     json_mode = _check_response_format(request)
     json_schema = _check_json_schema(request)
@@ -119,6 +123,8 @@ def validate(
         json_schema=json_schema,
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
+        logprobs=request.logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -191,6 +197,17 @@ def _check_stop(stop: list[str], limits: Limits) -> tuple[str, ...]:
             raise InvalidField(f"stop[{i}]", "must not be empty")
         _check_length(f"stop[{i}]", sequence, limits.max_stop_chars)
     return tuple(stop)
+
+
+def _check_top_logprobs(request: chat_pb2.ChatCompletionRequest) -> int:
+    if not request.HasField("top_logprobs"):
+        return 0
+    top = request.top_logprobs
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidField("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    if top and not request.logprobs:
+        raise InvalidField("top_logprobs", "requires logprobs to be true")
+    return top
 
 
 def _check_response_format(request: chat_pb2.ChatCompletionRequest) -> bool:

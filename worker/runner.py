@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from common import codec
 from worker.engine.base import (
+    MIN_LOGPROB,
     Delta,
     Engine,
     EngineDead,
@@ -27,6 +28,7 @@ from worker.engine.base import (
     EngineUnavailable,
     GenerationRequest,
     SamplingParams,
+    TokenLogprob,
 )
 from worker.engine.text import StopMatcher
 from worker.publisher import EventPublisher, Progress
@@ -109,9 +111,17 @@ class JobEvents:
             started.continued_from_tokens = len(self.continued_from.token_ids)
         self._send(codec.Event(started=started))
 
-    def delta(self, text: str, completion_tokens: int, token_ids: tuple[int, ...] = ()) -> None:
+    def delta(
+        self,
+        text: str,
+        completion_tokens: int,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> None:
         self.tokens = completion_tokens
-        self._send(codec.Event(delta=codec.Delta(text=text, completion_tokens=completion_tokens)), token_ids)
+        delta = codec.Delta(text=text, completion_tokens=completion_tokens)
+        delta.logprobs.extend(map(_wire_logprob, logprobs))
+        self._send(codec.Event(delta=delta), token_ids)
 
     def finished(self, finished: codec.Finished) -> None:
         self.terminal_sent = True
@@ -139,6 +149,14 @@ class JobEvents:
         self._send(codec.Event(failed=failed))
 
 
+def _wire_logprob(entry: TokenLogprob) -> codec.TokenLogprob:
+    return codec.TokenLogprob(
+        token=entry.token,
+        logprob=max(entry.logprob, MIN_LOGPROB),
+        top_logprobs=[_wire_logprob(t) for t in entry.top],
+    )
+
+
 def sampling_params(job: codec.Job) -> SamplingParams:
     s = job.sampling
     return SamplingParams(
@@ -151,6 +169,7 @@ def sampling_params(job: codec.Job) -> SamplingParams:
         json_schema=s.json_schema,
         frequency_penalty=s.frequency_penalty,
         presence_penalty=s.presence_penalty,
+        logprobs=s.top_logprobs if s.logprobs else None,
     )
 
 
@@ -280,7 +299,9 @@ async def _generate(
 
     A continuation first publishes the earlier attempts' text that was held back (unless it may
     begin a stop sequence), and looks for stop sequences across the boundary itself: the engine
-    sees only the new text. Token ids of deltas without text travel with the next delta published.
+    sees only the new text. Token ids of deltas without text travel with the next delta published;
+    with logprobs, those left at the end go on a last delta without text, so that the caller has
+    one log probability per generated token.
     """
     continued = request.num_generated
     stop = StopMatcher(request.params.stop if continued else ())
@@ -290,6 +311,7 @@ async def _generate(
         result.text += held
         events.delta(held, continued)  # its tokens are in the progress record already
     pending: list[int] = []
+    pending_logprobs: list[TokenLogprob] = []
     deltas = _engine_deltas(engine, request) if request.params.max_tokens > 0 else _nothing_left()
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
@@ -298,14 +320,15 @@ async def _generate(
             result.first_token_at = result.first_token_at or time.time()
             result.completion_tokens = continued + delta.completion_tokens
             pending.extend(delta.token_ids)
+            pending_logprobs.extend(delta.logprobs)
             text = stop.feed(delta.text)
             finish = "stop" if stop.matched else delta.finish_reason
             if finish:
                 text += stop.flush()
-            if text:
+            if text or (finish and pending_logprobs):
                 result.text += text
-                events.delta(text, result.completion_tokens, tuple(pending))
-                pending = []
+                events.delta(text, result.completion_tokens, tuple(pending), tuple(pending_logprobs))
+                pending, pending_logprobs = [], []
             result.finish_reason = finish
             if stop.matched and delta.finish_reason is None:
                 # A stop sequence across the boundary, which the engine cannot see: end it here.

@@ -135,6 +135,39 @@ async def test_penalties_count_generated_tokens_only(engine_and_renderer: Pair) 
     assert first_tokens[0] == first_tokens[1] and len(first_tokens[0]) == 1
 
 
+async def test_logprobs_one_per_token_with_the_likeliest_tokens_in_order(engine_and_renderer: Pair) -> None:
+    engine, ids = engine_and_renderer[0], prompt(engine_and_renderer)
+    text, deltas = await run(engine, ids, SamplingParams(temperature=0, max_tokens=16, logprobs=3))
+    assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
+    entries = [entry for d in deltas for entry in d.logprobs]
+    assert len(entries) == deltas[-1].completion_tokens
+    if deltas[-1].finish_reason == "length":
+        assert "".join(entry.token for entry in entries) == text  # each token's own text
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        # Greedy: the token generated is the likeliest one.
+        assert (entry.top[0].token, entry.top[0].logprob) == (entry.token, entry.logprob)
+    # The model's own distribution: the same logprobs whatever the temperature.
+    _, seeded = await run(engine, ids, SamplingParams(temperature=0.7, seed=1, max_tokens=1, logprobs=0))
+    assert seeded[0].logprobs[0].top == () and seeded[0].logprobs[0].token in [
+        t.token for t in entries[0].top
+    ]
+    assert (await run(engine, ids, SamplingParams(temperature=0, max_tokens=4)))[1][0].logprobs == ()
+
+
+async def test_logprobs_cover_the_tokens_of_a_matched_stop_sequence(engine_and_renderer: Pair) -> None:
+    engine, ids = engine_and_renderer[0], prompt(engine_and_renderer)
+    full, _ = await run(engine, ids, SamplingParams(temperature=0, max_tokens=24))
+    stop = full[len(full) // 2 : len(full) // 2 + 6]
+    params = SamplingParams(temperature=0, max_tokens=24, stop=(stop,), logprobs=1)
+    text, deltas = await run(engine, ids, params)
+    tokens = "".join(entry.token for d in deltas for entry in d.logprobs)
+    assert deltas[-1].finish_reason == "stop"
+    assert len([e for d in deltas for e in d.logprobs]) == deltas[-1].completion_tokens
+    assert tokens.startswith(text + stop) and stop not in text
+
+
 async def test_a_prompt_that_fills_the_context_window_is_an_engine_error(engine_and_renderer: Pair) -> None:
     # The worker refuses these before the engine (runner.py); the engine must fail loudly, not hang.
     engine = engine_and_renderer[0]

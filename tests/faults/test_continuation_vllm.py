@@ -57,6 +57,7 @@ class StreamReader:
     last: chat_pb2.ChatCompletionChunk | None = None
     error: grpc.RpcError | None = None
     request_id: str = ""
+    logprob_tokens: list[str] = field(default_factory=list)  # of the chunks' logprobs, if asked for
 
     def run(self, stub: chat_pb2_grpc.ChatServiceStub) -> None:
         try:
@@ -64,6 +65,7 @@ class StreamReader:
                 self.request_id = chunk.id.removeprefix("chatcmpl-")
                 self.times.append(time.monotonic())
                 self.text += chunk.choices[0].delta.content
+                self.logprob_tokens += [entry.token for entry in chunk.choices[0].logprobs.content]
                 self.last = chunk
         except grpc.RpcError as exc:
             self.error = exc
@@ -169,7 +171,11 @@ def streams_on_one_worker(
     stub = started(stack, 1, **VLLM_WORKER_ENV)
     slowness = engine_slowness(stub)
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(STREAMS)]
-    readers = [StreamReader(chat_request(p, max_tokens=MAX_TOKENS, temperature=0)) for p in prompts]
+    # Half the streams ask for logprobs: they must go on across the takeover, one per token.
+    readers = [
+        StreamReader(chat_request(p, max_tokens=MAX_TOKENS, temperature=0, logprobs=k % 2 == 1))
+        for k, p in enumerate(prompts)
+    ]
     threads = [threading.Thread(target=r.run, args=(stub,), daemon=True) for r in readers]
     for thread in threads:
         thread.start()
@@ -216,6 +222,10 @@ def check_stream(
     for record in (first, final):
         text = tokenizer().decode(list(record.token_ids), skip_special_tokens=True)
         assert reader.text[: record.released_chars] == text[: record.released_chars]
+    if reader.request.logprobs:
+        # One entry per token, none twice: they spell the text (and, after "stop", its last token).
+        assert len(reader.logprob_tokens) == tokens
+        assert "".join(reader.logprob_tokens).startswith(reader.text)
     return tokens - len(first.token_ids)
 
 

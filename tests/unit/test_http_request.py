@@ -21,7 +21,7 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
             "temperature": 0.5, "top_p": 1, "max_completion_tokens": 9, "seed": -3, "stop": ", 6",
             "user": "u", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
             "response_format": {"type": "json_object"}, "frequency_penalty": 1, "presence_penalty": -0.5,
-            "logprobs": False,
+            "logprobs": True, "top_logprobs": 3,
         }
     )  # fmt: skip
     assert request.model == "m" and request.messages[0].content == "hi"
@@ -29,6 +29,7 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
     assert request.frequency_penalty == 1.0 and request.presence_penalty == -0.5
     assert request.seed == -3 and list(request.stop) == [", 6"] and request.user == "u"
     assert request.response_format.type == "json_object"
+    assert request.logprobs and request.top_logprobs == 3
     assert (
         options.stream
         and options.include_usage
@@ -72,7 +73,9 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
         ({"frequency_penalty": {"value": 1}}, InvalidField, "frequency_penalty"),
         ({"frequency_penalty": 10**400}, InvalidField, "frequency_penalty"),  # float() overflows
         ({"temperature": -(10**400)}, InvalidField, "temperature"),
-        ({"logprobs": True}, UnsupportedParameter, "logprobs"),
+        ({"logprobs": 1}, InvalidField, "logprobs"),
+        ({"top_logprobs": 2.5}, InvalidField, "top_logprobs"),
+        ({"top_logprobs": 1 << 40}, InvalidField, "top_logprobs"),
         ({"unknown": 1}, UnsupportedParameter, "unknown"),
         ({"temperature": "hot"}, InvalidField, "temperature"),
         ({"temperature": True}, InvalidField, "temperature"),

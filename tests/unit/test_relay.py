@@ -267,6 +267,37 @@ async def test_a_continuation_from_other_tokens_than_received_ends_aborted() -> 
     assert "1 tokens where 2 were received" in items[-1].error.message
 
 
+def scored(text: str, tokens: int, *pieces: str) -> codec.Event:
+    """A delta whose tokens' logprobs are given (a last delta may have tokens and no text)."""
+    event = delta(text, tokens)
+    event.delta.logprobs.extend(codec.TokenLogprob(token=t, logprob=-0.25) for t in pieces)
+    return event
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_logprobs_continue_across_a_takeover_one_per_token(stream: bool) -> None:
+    first = [started(), scored("a ", 1, "a "), scored("b ", 2, "b ")]
+    continuation = [
+        started(continued_from_tokens=2),
+        scored("c ", 3, "c "),
+        scored("", 4, "<eos>"),
+        finished(4),
+    ]
+    items = await run(make_relay(FakeQueue(events=[first, continuation])), request(), stream)
+    texts = [i for i in items if isinstance(i, Text)]
+    assert [t.token for i in texts for t in i.logprobs] == ["a ", "b ", "c ", "<eos>"]
+    assert "".join(i.text for i in texts) == "a b c "
+    assert isinstance(items[-1], Finished) and items[-1].usage.completion_tokens == 4
+
+
+async def test_a_unary_call_whose_job_starts_over_keeps_only_the_new_attempts_logprobs() -> None:
+    first = [started(), scored("a ", 1, "a "), scored("b ", 2, "b ")]
+    rerun = [started(), scored("x ", 1, "x "), finished(1)]
+    items = await run(make_relay(FakeQueue(events=[first, rerun])), request())
+    [text] = [i for i in items if isinstance(i, Text)]
+    assert (text.text, [t.token for t in text.logprobs]) == ("x ", ["x "])
+
+
 async def test_a_deadline_that_passes_while_the_transport_writes_still_ends_the_call_with_its_status() -> (
     None
 ):

@@ -22,6 +22,7 @@ from worker.engine.base import (
     EngineRejected,
     EngineUnavailable,
     GenerationRequest,
+    TokenLogprob,
 )
 from worker.engine.bench import BenchEngine
 from worker.publisher import Progress
@@ -305,6 +306,53 @@ async def test_token_ids_of_deltas_without_text_travel_with_the_next_text() -> N
     engine = ScriptedFakeEngine([Delta("", 1, token_ids=(5,)), Delta("ab", 2, "stop", (6,))])
     await run_job(job(), engine, events, "w1")
     assert [p.token_ids for p in publisher.progress] == [(), (5, 6), ()]
+
+
+def logprob_tokens(events: list[codec.Event]) -> list[str]:
+    return [entry.token for e in events if e.HasField("delta") for entry in e.delta.logprobs]
+
+
+async def test_logprobs_travel_with_their_tokens_and_the_last_ones_without_text_are_sent_too() -> None:
+    a, b, eos = TokenLogprob("a", -0.5), TokenLogprob("b", -1.0), TokenLogprob("</s>", float("-inf"))
+    engine = ScriptedFakeEngine(
+        [
+            Delta("", 1, token_ids=(5,), logprobs=(a,)),
+            Delta("ab", 2, None, (6,), (b,)),
+            Delta("", 3, "stop", (7,), (eos,)),
+        ]
+    )
+    publisher = CollectingFakePublisher()
+    events = JobEvents("r1", "g", 1, publisher)  # type: ignore[arg-type]
+    await run_job(job(logprobs=True, top_logprobs=2), engine, events, "w1")
+    assert engine.requests[0].params.logprobs == 2
+    deltas = [e.delta for e in publisher.events if e.HasField("delta")]
+    # One entry per generated token: the end-of-sequence token's goes on a delta without text,
+    # its -inf as the reference's floor; the progress record holds exactly the tokens published.
+    assert [(d.text, [(x.token, x.logprob) for x in d.logprobs]) for d in deltas] == [
+        ("ab", [("a", -0.5), ("b", -1.0)]),
+        ("", [("</s>", -9999.0)]),
+    ]
+    assert [p.token_ids for p in publisher.progress] == [(), (5, 6), (7,), ()]
+    assert publisher.events[-1].finished.completion_tokens == 3
+
+
+async def test_without_logprobs_a_last_token_without_text_sends_no_delta() -> None:
+    engine = ScriptedFakeEngine([Delta("ab", 1, None, (6,)), Delta("", 2, "stop", (7,))])
+    events = await run(engine, job())
+    assert engine.requests[0].params.logprobs is None
+    assert [e.delta.text for e in events if e.HasField("delta")] == ["ab"]
+
+
+async def test_a_continuation_sends_logprobs_only_for_the_tokens_it_generates() -> None:
+    # Attempt 1 published t1-t3 with their logprobs and held "3 " back; the held-back text goes
+    # out first, without entries, so the caller has one entry per token, none twice.
+    events = await run(
+        bench_engine(), job(max_tokens=5, logprobs=True, top_logprobs=1), progress_after(3, len("t1 t2 t"), 2)
+    )
+    deltas = [e.delta for e in events if e.HasField("delta")]
+    assert [(d.text, len(d.logprobs)) for d in deltas] == [("3 ", 0), ("t4 ", 1), ("t5 ", 1)]
+    assert logprob_tokens(events) == ["t4 ", "t5 "]
+    assert [[t.token for t in d.logprobs[0].top_logprobs] for d in deltas[1:]] == [["t4 "], ["t5 "]]
 
 
 def test_json_mode_jobs_start_over_instead_of_continuing() -> None:

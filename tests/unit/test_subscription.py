@@ -101,3 +101,20 @@ async def test_a_continuation_that_does_not_follow_the_last_event_received_fails
         await subscription.next()
     with pytest.raises(Unavailable, match="taken over after event 2"):
         await subscription.next()
+
+
+def with_logprobs(event: codec.Event, *tokens: str) -> codec.Event:
+    event.delta.logprobs.extend(codec.TokenLogprob(token=t, logprob=-1.0) for t in tokens)
+    return event
+
+
+async def test_merged_deltas_keep_every_logprob_in_order() -> None:
+    subscription = Subscription("r", "m")
+    subscription.deliver(started(1))
+    subscription.deliver(with_logprobs(delta(1, 1, "a", 1), "a"))
+    subscription.deliver(with_logprobs(delta(1, 2, "bc", 3), "b", "c"))
+    subscription.deliver(with_logprobs(delta(1, 3, "", 4), "</s>"))  # a last token without text
+    assert (await subscription.next()).HasField("started")
+    merged = (await subscription.next()).delta
+    assert (merged.text, merged.completion_tokens) == ("abc", 4)
+    assert [entry.token for entry in merged.logprobs] == ["a", "b", "c", "</s>"]

@@ -47,6 +47,23 @@ def test_penalties_anywhere_in_their_range_reach_the_valid_request(
     assert (getattr(valid, field), getattr(valid, other)) == (value, 0.0)  # unset: 0
 
 
+def test_logprobs_and_top_logprobs_reach_the_valid_request(catalog: ModelCatalog) -> None:
+    assert (validate(request(), catalog, 10).logprobs, validate(request(), catalog, 10).top_logprobs) == (
+        False,
+        0,
+    )
+    valid = validate(request(logprobs=True, top_logprobs=20), catalog, 10)
+    assert (valid.logprobs, valid.top_logprobs) == (True, 20)
+    valid = validate(request(logprobs=False, top_logprobs=0), catalog, 10)  # 0 asks for nothing more
+    assert (valid.logprobs, valid.top_logprobs) == (False, 0)
+
+
+def test_top_logprobs_without_logprobs_says_what_it_needs(catalog: ModelCatalog) -> None:
+    with pytest.raises(InvalidField) as caught:
+        validate(request(top_logprobs=5), catalog, 10)
+    assert caught.value.message == "`top_logprobs` requires logprobs to be true"
+
+
 def test_default_max_tokens_is_capped_by_the_context_window(catalog: ModelCatalog) -> None:
     valid = validate(request(), catalog, default_max_tokens=100_000)
     assert len(valid.prompt_token_ids) + valid.max_tokens == 8192
@@ -82,6 +99,9 @@ def test_negative_seed_becomes_uint64(catalog: ModelCatalog) -> None:
         (dict(stop=["ok", "s" * 257]), "stop[1]"),
         (dict(messages=[chat_pb2.ChatMessage(role="user", content="hi", name="n" * 65)]), "messages[0].name"),
         (dict(user="u" * 257), "user"),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
+        (dict(top_logprobs=1), "top_logprobs"),
     ],
 )
 def test_each_rule_names_its_field(catalog: ModelCatalog, fields: dict[str, object], field: str) -> None:

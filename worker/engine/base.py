@@ -30,6 +30,9 @@ class SamplingParams:
     # Prompt tokens do not count, so neither do the num_generated tokens a continuation continues.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # None: no log probabilities. k (0-20): each delta carries the log probability of each of
+    # its tokens, and of the k most likely tokens at that position.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,20 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's text (as decoded alone) and the natural log of its probability."""
+
+    token: str
+    logprob: float
+    # Of a generated token: the most likely tokens at its position, most likely first.
+    top: tuple["TokenLogprob", ...] = ()
+
+
+# Stands for an impossible token (log probability -inf), which JSON cannot carry; as vLLM's server.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
 class Delta:
     text: str
     completion_tokens: int  # tokens generated so far
@@ -52,6 +69,8 @@ class Delta:
     # Ids of the tokens generated since the previous delta. They may be ahead of the text: an
     # engine holds back text that may begin a stop sequence, and a token may end mid-character.
     token_ids: tuple[int, ...] = ()
+    # With SamplingParams.logprobs: one per token id, in the same order.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass

@@ -4,7 +4,8 @@ For measuring the plumbing (gateway, Redis, worker) alone and for fault tests th
 need many fast, predictable generations. Never a default: select it explicitly with
 WORKER_ENGINE=bench. Token i of a request is the word `t{i}` (with a space) and has id
 i, so a reply is predictable and a resumed stream can be checked token by token; a
-continued generation numbers on after the tokens it continues.
+continued generation numbers on after the tokens it continues. It is certain of every
+token: asked for log probabilities, each is 0 and the only likely token is the one generated.
 """
 
 import asyncio
@@ -12,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from common.models import ModelSpec
-from worker.engine.base import Delta, Engine, EngineError, GenerationRequest
+from worker.engine.base import Delta, Engine, EngineError, GenerationRequest, TokenLogprob
 from worker.engine.text import StopMatcher
 
 
@@ -53,6 +54,7 @@ class BenchEngine(Engine):
         max_tokens = request.params.max_tokens
         first = request.num_generated + 1  # token ids go on where the continued generation stopped
         pending: list[int] = []  # ids whose text the stop matcher still holds back
+        top_logprobs = request.params.logprobs
         try:
             for n, i in enumerate(range(first, first + max_tokens), start=1):
                 if self._interval:
@@ -70,8 +72,14 @@ class BenchEngine(Engine):
                     text, finish = text + stop.flush(), "length"
                 if text or finish:
                     pending.clear()
-                    yield Delta(text, n, finish, ids)
+                    logprobs = () if top_logprobs is None else tuple(_certain(i, top_logprobs) for i in ids)
+                    yield Delta(text, n, finish, ids, logprobs)
                 if finish:
                     return
         finally:
             del self._aborted[request.request_id]
+
+
+def _certain(token_id: int, top_logprobs: int) -> TokenLogprob:
+    token = TokenLogprob(f"t{token_id} ", 0.0)
+    return TokenLogprob(token.token, 0.0, (token,) if top_logprobs else ())

@@ -13,12 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.config import VllmConfig
 from vllm.inputs import TokensPrompt
+from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -38,6 +39,7 @@ from worker.engine.base import (
     EngineStats,
     EngineUnavailable,
     GenerationRequest,
+    TokenLogprob,
 )
 from worker.engine.base import SamplingParams as EngineParams
 from worker.engine.dtype import DtypeChoice, choose_dtype, detect_cpu_features
@@ -191,6 +193,7 @@ class VllmEngine(Engine):
         self._active.add(request_id)
         generated = 0
         pending: list[int] = []  # token ids of outputs without text yet (held back by vLLM)
+        pending_logprobs: list[TokenLogprob] = []  # theirs, with logprobs asked for
         try:
             if request_id in self._aborting:
                 return  # aborted before it started
@@ -209,16 +212,22 @@ class VllmEngine(Engine):
                 raise EngineRejected(str(exc)) from exc
             if first is None:
                 return
+            top_logprobs = request.params.logprobs
             async for output in _chain(first, outputs):
                 completion = output.outputs[0]
                 generated += len(completion.token_ids)
                 pending.extend(completion.token_ids)
+                if top_logprobs is not None:
+                    pending_logprobs.extend(
+                        token_logprobs(completion.token_ids, completion.logprobs, top_logprobs)
+                    )
                 if completion.finish_reason == "abort" and request_id in self._aborting:
                     return  # aborted at our request: the iterator ends without a finish reason
                 finish = finish_reason(completion.finish_reason)
                 if completion.text or finish:
-                    yield Delta(completion.text, generated, finish, tuple(pending))
+                    yield Delta(completion.text, generated, finish, tuple(pending), tuple(pending_logprobs))
                     pending.clear()
+                    pending_logprobs.clear()
                 if output.finished:
                     return
         except EngineDeadError as exc:
@@ -253,10 +262,40 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty,
         stop=list(p.stop) or None,
+        # k: the sampled token's logprob and the k most likely; of the model's own distribution
+        # (vLLM's default logprobs_mode, raw_logprobs): before temperature, top_p and penalties.
+        logprobs=p.logprobs,
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
     )
+
+
+def token_logprobs(
+    token_ids: Sequence[int], positions: Sequence[Mapping[int, Logprob] | None] | None, top: int
+) -> list[TokenLogprob]:
+    """Our entries for vLLM's sample logprobs: per position, a dict that holds the sampled token
+    first, then the `top` most likely (rank 1..top; the sampled one again if it is among them)."""
+    if positions is None or len(positions) != len(token_ids):
+        raise EngineError(
+            f"the engine returned logprobs for {0 if positions is None else len(positions)}"
+            f" of {len(token_ids)} tokens"
+        )
+    entries = []
+    for token_id, position in zip(token_ids, positions, strict=True):
+        if position is None or token_id not in position:
+            raise EngineError("the engine returned no logprob for a generated token")
+        likeliest = sorted((p for p in position.values() if p.rank is not None and p.rank <= top), key=_rank)
+        entries.append(_entry(position[token_id], tuple(_entry(p) for p in likeliest)))
+    return entries
+
+
+def _rank(logprob: Logprob) -> int:
+    return logprob.rank or 0
+
+
+def _entry(logprob: Logprob, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+    return TokenLogprob(logprob.decoded_token or "", logprob.logprob, top)
 
 
 def finish_reason(reason: str | None) -> str | None:
