@@ -24,6 +24,7 @@ def build_request(
     presence_penalty: float | None = None,
     logprobs: bool | None = None,
     top_logprobs: int | None = None,
+    n: int | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
     for m in messages:
@@ -46,6 +47,8 @@ def build_request(
         request.logprobs = logprobs
     if top_logprobs is not None:
         request.top_logprobs = top_logprobs
+    if n is not None:
+        request.n = n
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else stop)
     if response_format is not None:

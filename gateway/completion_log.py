@@ -19,6 +19,7 @@ the drop in any case (gateway/relay.py), so a resume finds the rest of it.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -56,13 +57,16 @@ class CallRecord:
     model: str
     created: int
     deadline: float  # Unix time: the job ends by then
+    choices: int = 1  # the request's n
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "CallRecord":
-        return cls(**json.loads(data))
+        # Fields a newer gateway added are skipped, fields an older one lacked keep their default.
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(data).items() if k in known})
 
 
 def parse_entry(request_id: str, fields: dict[bytes, bytes]) -> codec.Event | ServiceError | None:

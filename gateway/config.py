@@ -20,6 +20,7 @@
 | GATEWAY_MAX_STOP_CHARS | 256 | most characters in one stop sequence |
 | GATEWAY_MAX_NAME_CHARS | 64 | most characters in a message's name |
 | GATEWAY_MAX_USER_CHARS | 256 | most characters in the user field |
+| GATEWAY_MAX_CHOICES | 8 | largest `n` (choices per request) |
 | GATEWAY_MAX_STREAMS_PER_CONNECTION | 1024 | concurrent calls one HTTP/2 connection may open |
 | GATEWAY_NO_WORKER | refuse | model with no live worker: `refuse` (UNAVAILABLE/503) or `queue` (scale to 0) |
 | GATEWAY_NO_WORKER_GRACE_SECONDS | 10 | `refuse`: how long a model may lack a live worker before refusals |
@@ -78,6 +79,7 @@ class GatewaySettings:
     max_stop_chars: int
     max_name_chars: int
     max_user_chars: int
+    max_choices: int
     max_streams_per_connection: int
     auth: bool
     auth_cache_seconds: float
@@ -162,6 +164,7 @@ class GatewaySettings:
             max_stop_chars=env_int(env, "GATEWAY_MAX_STOP_CHARS", 256, minimum=1),
             max_name_chars=env_int(env, "GATEWAY_MAX_NAME_CHARS", 64, minimum=1),
             max_user_chars=env_int(env, "GATEWAY_MAX_USER_CHARS", 256, minimum=0),
+            max_choices=env_int(env, "GATEWAY_MAX_CHOICES", 8, minimum=1),
             max_streams_per_connection=env_int(env, "GATEWAY_MAX_STREAMS_PER_CONNECTION", 1024, minimum=1),
             auth=auth,
             auth_cache_seconds=env_float(env, "GATEWAY_AUTH_CACHE_SECONDS", 5.0, minimum=0.0),

@@ -41,17 +41,15 @@ from gateway.errors import (
 )
 from gateway.idempotency import METADATA_KEY as IDEMPOTENCY_METADATA
 from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
+from gateway.resume import ChoiceReply
 
 log = logging.getLogger(__name__)
 
 PREFIXES = ("/openai/v1", "/v1")  # the groq SDK's base path, the openai SDK's
 _INT32 = (1 << 31) - 1
 _INT64 = 1 << 63
-# Parameters of the dialect this service does not implement: set to anything but null (or
-# the no-op value listed) they are refused, naming the parameter, never silently ignored.
-_NO_OP_VALUES: dict[str, object] = {
-    "n": 1,
-}
+# Parameters of the dialect this service does not implement: set to anything but null they
+# are refused, naming the parameter, never silently ignored.
 _UNSUPPORTED = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
     "reasoning_effort", "reasoning_format", "include_reasoning", "service_tier",
@@ -85,6 +83,8 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     _set_max_tokens(request, body, options)
     if "seed" in body:
         request.seed = _integer(body.pop("seed"), "seed", -_INT64, _INT64 - 1)
+    if "n" in body:
+        request.n = _integer(body.pop("n"), "n", -_INT32 - 1, _INT32)
     if "logprobs" in body:
         request.logprobs = _typed(body.pop("logprobs"), "logprobs", bool)
     if "top_logprobs" in body:
@@ -107,9 +107,6 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
             stream_options.pop("include_usage", False), "stream_options.include_usage", bool
         )
         _refuse_rest(stream_options, "stream_options.")
-    for name, value in _NO_OP_VALUES.items():
-        if name in body and body.pop(name) != value:
-            raise UnsupportedParameter(name, f"is supported only as {json.dumps(value)}")
     _refuse_rest(body, "")
     return request, options
 
@@ -237,46 +234,50 @@ def _usage(usage: Usage) -> dict[str, Any]:
 
 
 def _completion(
-    call: Accepted,
-    content: str,
-    logprobs: Sequence[codec.TokenLogprob],
-    finished: Finished | None,
-    fingerprint: str = "",
+    call: Accepted, replies: dict[int, ChoiceReply], finished: Finished | None, fingerprint: str = ""
 ) -> dict[str, Any]:
     """The completion; without `finished`, as far as it has come (finish_reason and usage null)."""
-    message = {"role": "assistant", "content": content}
-    finish_reason = finished.finish_reason if finished is not None else None
+    choices = []
+    for index in range(call.choices):
+        reply = replies.get(index, ChoiceReply())
+        choices.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(reply.pieces)},
+                "logprobs": _logprobs(reply.logprobs),
+                "finish_reason": finished.finish_reason_of(index) if finished is not None else None,
+            }
+        )
     return {
         "id": call.completion_id,
         "object": "chat.completion",
         "created": call.created,
         "model": call.model,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": _logprobs(logprobs), "finish_reason": finish_reason}
-        ],
+        "choices": choices,
         "usage": _usage(finished.usage) if finished is not None else None,
         "system_fingerprint": finished.system_fingerprint if finished is not None else fingerprint,
         "x_groq": {"id": f"req_{call.request_id}"},
     }
 
 
-def _chunk(
-    call: Accepted,
-    fingerprint: str,
-    delta: dict[str, str],
-    finish_reason: str | None = None,
-    logprobs: Sequence[codec.TokenLogprob] = (),
-) -> dict[str, Any]:
+def _chunk(call: Accepted, fingerprint: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": call.completion_id,
         "object": "chat.completion.chunk",
         "created": call.created,
         "model": call.model,
         "system_fingerprint": fingerprint,
-        "choices": [
-            {"index": 0, "delta": delta, "logprobs": _logprobs(logprobs), "finish_reason": finish_reason}
-        ],
+        "choices": choices,
     }
+
+
+def _chunk_choice(
+    index: int,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    logprobs: Sequence[codec.TokenLogprob] = (),
+) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": _logprobs(logprobs), "finish_reason": finish_reason}
 
 
 def _logprobs(entries: Sequence[codec.TokenLogprob]) -> dict[str, Any] | None:
@@ -488,8 +489,7 @@ def _query_flag(request: web.Request, name: str) -> bool:
 async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True) -> web.Response:
     """One JSON completion. whole: the job must finish; else what came so far will do (GET by id)."""
     call: Accepted | None = None
-    pieces: list[str] = []
-    logprobs: list[codec.TokenLogprob] = []
+    replies: dict[int, ChoiceReply] = {}
     fingerprint = ""
     async for item in items:
         if isinstance(item, Accepted):
@@ -497,15 +497,16 @@ async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True
         elif isinstance(item, Started):
             fingerprint = item.system_fingerprint
         elif isinstance(item, Text):
-            pieces.append(item.text)
-            logprobs.extend(item.logprobs)
+            reply = replies.setdefault(item.index, ChoiceReply())
+            reply.pieces.append(item.text)
+            reply.logprobs.extend(item.logprobs)
         elif isinstance(item, Failed):
             return error_response(item.error, options)
         elif isinstance(item, Finished) and call is not None:
             headers = {**dict(call.ratelimit), "x-request-id": f"req_{call.request_id}"}
-            return web.json_response(_completion(call, "".join(pieces), logprobs, item), headers=headers)
+            return web.json_response(_completion(call, replies, item), headers=headers)
     if call is not None and not whole:
-        so_far = _completion(call, "".join(pieces), logprobs, None, fingerprint)
+        so_far = _completion(call, replies, None, fingerprint)
         return web.json_response(so_far, headers={"x-request-id": f"req_{call.request_id}"})
     return error_response(ServiceError("the job ended without a result"))
 
@@ -548,23 +549,28 @@ async def _write_stream(
             fingerprint = item.system_fingerprint
             if item.replayed:
                 continue
-            first = _chunk(call, fingerprint, {"role": "assistant", "content": ""})
+            role = [_chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(call.choices)]
+            first = _chunk(call, fingerprint, role)
             first["x_groq"] = {"id": f"req_{call.request_id}"}
             await response.write(_sse(first, item.seq))
         elif isinstance(item, Text):
-            text = _chunk(call, fingerprint, {"content": item.text}, logprobs=item.logprobs)
-            await response.write(_sse(text, item.seq))
+            text = _chunk_choice(item.index, {"content": item.text}, logprobs=item.logprobs)
+            await response.write(_sse(_chunk(call, fingerprint, [text]), item.seq))
         elif isinstance(item, Finished) and item.replayed:
             await response.write(b"data: [DONE]\n\n")  # a resume after the last chunk: nothing left
             await response.write_eof()
             return response
         elif isinstance(item, Finished):
             fingerprint = item.system_fingerprint  # a resume that skipped the role chunk has it here
-            last = _chunk(call, fingerprint, {}, item.finish_reason)
+            last = _chunk(
+                call,
+                fingerprint,
+                [_chunk_choice(i, {}, item.finish_reason_of(i)) for i in range(call.choices)],
+            )
             last["x_groq"] = {"id": f"req_{call.request_id}", "usage": _usage(item.usage)}
             await response.write(_sse(last, item.seq))
             if options.include_usage:
-                usage_chunk = {**_chunk(call, fingerprint, {}), "choices": [], "usage": _usage(item.usage)}
+                usage_chunk = {**_chunk(call, fingerprint, []), "usage": _usage(item.usage)}
                 await response.write(_sse(usage_chunk))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()

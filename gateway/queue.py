@@ -252,6 +252,7 @@ class JobQueue:
                 presence_penalty=request.presence_penalty,
                 logprobs=request.logprobs,
                 top_logprobs=request.top_logprobs,
+                n=request.n,
             ),
             enqueued_at=time.time(),
             deadline=deadline,
@@ -259,10 +260,12 @@ class JobQueue:
             gateway_id=self._gateway_id,
             trace_context=dict(request.trace_context),
         )
-        subscription = Subscription(request_id, request.model, request.max_tokens)
+        # The most the job can generate: what the call's charge is capped at.
+        subscription = Subscription(request_id, request.model, request.max_tokens * request.n)
         subscription.deadline = deadline
+        subscription.choices = request.n
         subscription.created = int(time.time())
-        record = CallRecord(request_id, owner, request.model, subscription.created, deadline)
+        record = CallRecord(request_id, owner, request.model, subscription.created, deadline, request.n)
         log_ttl_ms = int((deadline - time.time() + self._log_window_seconds) * 1000)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (

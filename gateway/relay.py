@@ -115,6 +115,7 @@ class Accepted:
     created: int
     model: str
     ratelimit: tuple[tuple[str, str], ...]  # x-ratelimit-* headers; empty without limits
+    choices: int = 1  # the request's n: responses have this many choices, indexed from 0
 
     @property
     def completion_id(self) -> str:
@@ -145,15 +146,20 @@ class Text:
     text: str
     seq: int = 0
     logprobs: Logprobs = ()
+    index: int = 0  # the choice it belongs to
 
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: str
-    usage: Usage
+    finish_reason: str  # of choice 0
+    usage: Usage  # of all choices together
     system_fingerprint: str
     seq: int = 0
     replayed: bool = False  # a resume's caller had this chunk already: end without sending it
+    finish_reasons: tuple[str, ...] = ()  # of each choice, by index
+
+    def finish_reason_of(self, index: int) -> str:
+        return self.finish_reasons[index] if index < len(self.finish_reasons) else self.finish_reason
 
 
 @dataclass(frozen=True)
@@ -318,7 +324,9 @@ class Relay:
                 # Inside the try: a caller that leaves meanwhile still ends (or detaches) the job.
                 await self._idempotency.bind(claim, subscription.request_id)
             created = subscription.created or int(time.time())
-            accepted = Accepted(subscription.request_id, created, subscription.model, ratelimit)
+            accepted = Accepted(
+                subscription.request_id, created, subscription.model, ratelimit, subscription.choices
+            )
             recorder.span.accepted(accepted.request_id)
             yield accepted
             while not translation.finished:
@@ -497,8 +505,8 @@ class Relay:
         owner = _owner(record)
         if record is None or self._rate_limiter is None:
             return await self._queue.submit(valid, deadline, owner), None
-        tokens = len(valid.prompt_token_ids) + valid.max_tokens
-        _check_fits_budget(record, len(valid.prompt_token_ids), valid.max_tokens)
+        tokens = len(valid.prompt_token_ids) + valid.max_tokens * valid.n
+        _check_fits_budget(record, len(valid.prompt_token_ids), valid.max_tokens, valid.n)
         budget = await self._rate_limiter.admit(record, tokens)
         try:
             return await self._queue.submit(valid, deadline, owner), budget
@@ -552,7 +560,7 @@ class Relay:
         except ServiceError as exc:
             yield Failed(exc)
             return
-        yield Accepted(call.request_id, call.created, call.model, ())
+        yield Accepted(call.request_id, call.created, call.model, (), call.choices)
         subscription = Subscription(call.request_id, call.model, cursor=starting_after)
         translation = _Translation(stream, None)
         loop = asyncio.get_running_loop()
@@ -643,7 +651,7 @@ class _Translation:
             if self._recorder is not None:
                 self._recorder.delta()
             text, logprobs = self._reply.add(event.delta)
-            return [Text(text, seq, logprobs)] if text or logprobs else []
+            return [Text(text, seq, logprobs, event.delta.index)] if text or logprobs else []
         if kind == "finished":
             return self._on_finished(event.finished, seq)
         return []
@@ -665,9 +673,13 @@ class _Translation:
         if self._recorder is not None:
             self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
-        finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq)
-        text, logprobs = "".join(self._reply.pieces), tuple(self._reply.logprobs)
-        return [finished] if self._stream or not (text or logprobs) else [Text(text, seq, logprobs), finished]
+        reasons = tuple(f.choice_finish_reasons) or (f.finish_reason,)
+        finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq, finish_reasons=reasons)
+        if self._stream:
+            return [finished]
+        replies = sorted(self._reply.choices.items())
+        texts = [Text("".join(c.pieces), seq, tuple(c.logprobs), index) for index, c in replies]
+        return [*(t for t in texts if t.text or t.logprobs), finished]
 
 
 def _owner(record: KeyRecord | None) -> str:
@@ -685,8 +697,9 @@ def _request_id(completion_id: str) -> str:
 
 def _default_fits_budget(record: KeyRecord, valid: ValidRequest) -> ValidRequest:
     """A default max_tokens is lowered to what the key's tokens per minute leave after the prompt
-    (at least 1), so a request that did not ask for a length is not refused for its default."""
-    room = record.tokens_per_minute - len(valid.prompt_token_ids)
+    (shared by the n choices; at least 1), so a request that did not ask for a length is not
+    refused for its default."""
+    room = (record.tokens_per_minute - len(valid.prompt_token_ids)) // valid.n
     if not record.tokens_per_minute or room < 1 or valid.max_tokens <= room:
         return valid
     return dataclasses.replace(valid, max_tokens=room)
@@ -698,14 +711,15 @@ def _traced(valid: ValidRequest, span: tracing.CallSpan) -> ValidRequest:
     return dataclasses.replace(valid, trace_context=tuple(carrier.items())) if carrier else valid
 
 
-def _check_fits_budget(record: KeyRecord, prompt_tokens: int, max_tokens: int) -> None:
+def _check_fits_budget(record: KeyRecord, prompt_tokens: int, max_tokens: int, n: int = 1) -> None:
     """A call larger than the key's whole per-minute budget is refused for good, not "retry later"."""
     tpm = record.tokens_per_minute
-    if tpm and prompt_tokens + max_tokens > tpm:
+    if tpm and prompt_tokens + max_tokens * n > tpm:
+        times_n = f" x n {n}" if n > 1 else ""
         raise InvalidField(
             "max_tokens",
             f"is too large for API key {record.name!r}: prompt {prompt_tokens} + max_tokens {max_tokens}"
-            f" tokens exceed its limit of {tpm} tokens per minute; lower max_tokens",
+            f"{times_n} tokens exceed its limit of {tpm} tokens per minute; lower max_tokens",
         )
 
 

@@ -12,28 +12,43 @@ unary call drops what it had gathered. After text was streamed it is not: the ca
 ABORTED, the one case where progress cannot be recovered.
 """
 
+from dataclasses import dataclass, field
+
 from common import codec
 from gateway.errors import Aborted
 
 Logprobs = tuple[codec.TokenLogprob, ...]
 
 
+@dataclass
+class ChoiceReply:
+    """One choice of a unary reply, joined at the end."""
+
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[codec.TokenLogprob] = field(default_factory=list)  # one per token, if asked for
+
+
 class ReplyProgress:
-    """The reply received so far across a job's attempts: its text, logprobs and token count."""
+    """The reply received so far across a job's attempts: each choice's text, logprobs and tokens."""
 
     def __init__(self, stream: bool) -> None:
         self._stream = stream
-        self.pieces: list[str] = []  # unary: the text to join at the end
-        self.logprobs: list[codec.TokenLogprob] = []  # unary: one per token received, if asked for
+        self.choices: dict[int, ChoiceReply] = {}  # unary: by index, the text to join at the end
         self.chars_sent = 0  # stream: characters forwarded to the caller
-        self.completion_tokens = 0  # tokens behind the text received
+        self._tokens: dict[int, int] = {}  # by choice: tokens behind the text received
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens behind the text received, all choices together."""
+        return sum(self._tokens.values())
 
     def add(self, delta: codec.Delta) -> tuple[str, Logprobs]:
         """Records a delta; returns the text and logprobs to forward now (a stream's only)."""
-        self.completion_tokens = delta.completion_tokens
+        self._tokens[delta.index] = delta.completion_tokens
         if not self._stream:
-            self.pieces.append(delta.text)
-            self.logprobs.extend(delta.logprobs)
+            choice = self.choices.setdefault(delta.index, ChoiceReply())
+            choice.pieces.append(delta.text)
+            choice.logprobs.extend(delta.logprobs)
             return "", ()
         self.chars_sent += len(delta.text)
         return delta.text, tuple(delta.logprobs)
@@ -53,7 +68,6 @@ class ReplyProgress:
                 f"the worker running this job was lost after {self.completion_tokens} tokens were sent,"
                 " and the job had to start over (its progress could not be recovered); retry the request"
             )
-        self.pieces.clear()
-        self.logprobs.clear()
-        self.completion_tokens = 0
+        self.choices.clear()
+        self._tokens.clear()
         return "restarted"

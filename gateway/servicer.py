@@ -18,6 +18,7 @@ from common import codec
 from gateway.access import ModelDirectory
 from gateway.errors import MalformedRequest, ServiceError
 from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Started, Text, Usage
+from gateway.resume import ChoiceReply
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,7 @@ async def _response(
     """The items of a call as one response. whole: the completion must have finished; else what
     came so far will do (finish_reason empty, no usage)."""
     call: Accepted | None = None
-    pieces: list[str] = []
-    logprobs: list[codec.TokenLogprob] = []
+    replies: dict[int, ChoiceReply] = {}
     fingerprint = ""
     async with aclosing(items):
         async for item in items:
@@ -112,14 +112,15 @@ async def _response(
             elif isinstance(item, Started):
                 fingerprint = item.system_fingerprint
             elif isinstance(item, Text):
-                pieces.append(item.text)
-                logprobs.extend(item.logprobs)
+                reply = replies.setdefault(item.index, ChoiceReply())
+                reply.pieces.append(item.text)
+                reply.logprobs.extend(item.logprobs)
             elif isinstance(item, Finished) and call is not None:
-                return _completion(call, "".join(pieces), logprobs, item.system_fingerprint, item)
+                return _completion(call, replies, item.system_fingerprint, item)
             elif isinstance(item, Failed):
                 await _abort(context, item.error)
     if call is not None and not whole:
-        return _completion(call, "".join(pieces), logprobs, fingerprint, None)
+        return _completion(call, replies, fingerprint, None)
     await _abort(context, ServiceError(_NO_RESULT))
     raise AssertionError("unreachable")  # abort always raises
 
@@ -143,41 +144,55 @@ async def _chunks(
                 fingerprint = item.system_fingerprint
                 if item.replayed:
                     continue
-                yield _chunk(call, fingerprint, item.seq, chat_pb2.Delta(role="assistant"))
+                role = chat_pb2.Delta(role="assistant")
+                yield _chunk(
+                    call, fingerprint, item.seq, [_chunk_choice(i, role) for i in range(call.choices)]
+                )
             elif isinstance(item, Text):
-                content = chat_pb2.Delta(content=item.text)
-                yield _chunk(call, fingerprint, item.seq, content, logprobs=_logprobs(item.logprobs))
+                text = _chunk_choice(item.index, chat_pb2.Delta(content=item.text), logprobs=item.logprobs)
+                yield _chunk(call, fingerprint, item.seq, [text])
             elif isinstance(item, Finished) and item.replayed:
                 return  # a resume after the last chunk: nothing left to send
             elif isinstance(item, Finished):
                 fingerprint = item.system_fingerprint
-                delta = chat_pb2.Delta()
-                yield _chunk(call, fingerprint, item.seq, delta, item.finish_reason, _usage(item.usage))
+                ends = [
+                    _chunk_choice(i, chat_pb2.Delta(), item.finish_reason_of(i)) for i in range(call.choices)
+                ]
+                yield _chunk(call, fingerprint, item.seq, ends, _usage(item.usage))
                 return
     await _abort(context, ServiceError(_NO_RESULT))
 
 
 def _completion(
-    call: Accepted,
-    content: str,
-    logprobs: Sequence[codec.TokenLogprob],
-    fingerprint: str,
-    finished: Finished | None,
+    call: Accepted, replies: dict[int, ChoiceReply], fingerprint: str, finished: Finished | None
 ) -> chat_pb2.ChatCompletionResponse:
-    choice = chat_pb2.Choice(
-        index=0,
-        message=chat_pb2.AssistantMessage(role="assistant", content=content),
-        finish_reason=finished.finish_reason if finished is not None else "",
-        logprobs=_logprobs(logprobs),
-    )
+    """The response; without `finished`, as far as it has come (finish_reason empty, no usage)."""
+    choices = []
+    for index in range(call.choices):
+        reply = replies.get(index, ChoiceReply())
+        choice = chat_pb2.Choice(
+            index=index,
+            message=chat_pb2.AssistantMessage(role="assistant", content="".join(reply.pieces)),
+            finish_reason=finished.finish_reason_of(index) if finished is not None else "",
+            logprobs=_logprobs(reply.logprobs),
+        )
+        choices.append(choice)
     return chat_pb2.ChatCompletionResponse(
         id=call.completion_id,
         object="chat.completion",
         created=call.created,
         model=call.model,
-        choices=[choice],
+        choices=choices,
         usage=_usage(finished.usage) if finished is not None else None,
         system_fingerprint=fingerprint,
+    )
+
+
+def _chunk_choice(
+    index: int, delta: chat_pb2.Delta, finish_reason: str = "", logprobs: Sequence[codec.TokenLogprob] = ()
+) -> chat_pb2.ChunkChoice:
+    return chat_pb2.ChunkChoice(
+        index=index, delta=delta, finish_reason=finish_reason, logprobs=_logprobs(logprobs)
     )
 
 
@@ -185,17 +200,15 @@ def _chunk(
     call: Accepted,
     fingerprint: str,
     seq: int,
-    delta: chat_pb2.Delta,
-    finish_reason: str = "",
+    choices: list[chat_pb2.ChunkChoice],
     usage: chat_pb2.Usage | None = None,
-    logprobs: chat_pb2.ChoiceLogprobs | None = None,
 ) -> chat_pb2.ChatCompletionChunk:
     return chat_pb2.ChatCompletionChunk(
         id=call.completion_id,
         object="chat.completion.chunk",
         created=call.created,
         model=call.model,
-        choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=logprobs)],
+        choices=choices,
         usage=usage,
         system_fingerprint=fingerprint,
         sequence_number=seq,

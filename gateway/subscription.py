@@ -14,7 +14,9 @@ class Subscription:
     events follow the earlier attempt's. One that starts over replaces them.
 
     Merging keeps the backlog of a slow caller at a few events, whatever the engine's pace;
-    its text is bounded by the job's max_tokens.
+    its text is bounded by the job's max_tokens. A delta merges only into the one queued last,
+    of the same choice: with n > 1 choices, whose deltas interleave, a lagging caller's backlog
+    is bounded by the tokens (n x max_tokens) instead.
 
     Each event has a position: its seq, plus the positions used by attempts that started over
     before it, so positions only grow across the job. A merged delta takes the position of the
@@ -25,7 +27,8 @@ class Subscription:
     def __init__(self, request_id: str, model: str, max_tokens: int = 0, cursor: int = -1) -> None:
         self.request_id = request_id
         self.model = model
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # the most the job can generate, all choices together
+        self.choices = 1  # the request's n
         # A resume's starting_after: deltas at or before it are never merged with later ones, or
         # the merged delta (numbered after the cursor) would send the caller's text again.
         self.cursor = cursor
@@ -91,7 +94,13 @@ class Subscription:
         self._last_position = self._offset + event.seq
         last = self._events[-1] if self._events else None
         across_cursor = bool(self._positions) and self._positions[-1] <= self.cursor < self._last_position
-        if last is not None and last.HasField("delta") and event.HasField("delta") and not across_cursor:
+        if (
+            last is not None
+            and last.HasField("delta")
+            and event.HasField("delta")
+            and last.delta.index == event.delta.index
+            and not across_cursor
+        ):
             last.delta.text += event.delta.text
             last.delta.completion_tokens = event.delta.completion_tokens
             last.delta.logprobs.extend(event.delta.logprobs)

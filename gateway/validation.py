@@ -41,6 +41,7 @@ class ValidRequest:
     presence_penalty: float = 0.0  # in [-2, 2]; 0 = none
     logprobs: bool = False  # return each generated token's log probability
     top_logprobs: int = 0  # with logprobs: and this many of the most likely tokens at each position
+    n: int = 1  # choices to generate, each up to max_tokens
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -58,6 +59,7 @@ class Limits:
     max_stop_chars: int = 256  # per stop sequence
     max_name_chars: int = 64  # per message name
     max_user_chars: int = 256
+    max_choices: int = 8  # largest n
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "Limits":
@@ -67,6 +69,7 @@ class Limits:
             max_stop_chars=settings.max_stop_chars,
             max_name_chars=settings.max_name_chars,
             max_user_chars=settings.max_user_chars,
+            max_choices=settings.max_choices,
         )
 
 
@@ -85,6 +88,9 @@ def validate(
     presence_penalty = _check_range(request, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     stop = _check_stop(list(request.stop), limits)
     top_logprobs = _check_top_logprobs(request)
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= limits.max_choices:
+        raise InvalidField("n", f"must be in [1, {limits.max_choices}], got {n}")
     _check_length("user", request.user, limits.max_user_chars)
     json_mode = _check_response_format(request)
     json_schema = _check_json_schema(request)
@@ -125,6 +131,7 @@ def validate(
         presence_penalty=presence_penalty,
         logprobs=request.logprobs,
         top_logprobs=top_logprobs,
+        n=n,
     )
 
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from common import codec
 from worker.engine.base import (
@@ -67,7 +67,8 @@ class JobEvents:
         # Set when the job is handed to another worker: this attempt must say nothing more.
         self.silenced = False
         self.outcome = ""  # "finished" or the failure kind, once the terminal event is sent
-        self.tokens = 0  # generated so far (by this attempt and the ones it continues)
+        self.tokens = 0  # generated so far, all choices (by this attempt and the ones it continues)
+        self._choice_tokens: dict[int, int] = {}  # of each choice
         self._written: asyncio.Future[None] | None = None  # the batch of the last event published
 
     def continue_from(self, progress: codec.Progress) -> None:
@@ -77,6 +78,7 @@ class JobEvents:
         self._released = progress.released_chars
         self._fresh = False
         self.tokens = len(progress.token_ids)
+        self._choice_tokens = {0: self.tokens}  # (only jobs of one choice are continued)
 
     @property
     def tokens_generated_here(self) -> int:
@@ -117,9 +119,11 @@ class JobEvents:
         completion_tokens: int,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
+        index: int = 0,
     ) -> None:
-        self.tokens = completion_tokens
-        delta = codec.Delta(text=text, completion_tokens=completion_tokens)
+        self._choice_tokens[index] = completion_tokens
+        self.tokens = sum(self._choice_tokens.values())
+        delta = codec.Delta(text=text, completion_tokens=completion_tokens, index=index)
         delta.logprobs.extend(map(_wire_logprob, logprobs))
         self._send(codec.Event(delta=delta), token_ids)
 
@@ -170,24 +174,44 @@ def sampling_params(job: codec.Job) -> SamplingParams:
         frequency_penalty=s.frequency_penalty,
         presence_penalty=s.presence_penalty,
         logprobs=s.top_logprobs if s.logprobs else None,
+        n=max(1, s.n),
     )
 
 
 def can_continue(job: codec.Job) -> bool:
     """JSON mode and JSON Schema jobs start over instead: the engine's grammar state cannot be
-    restored mid-output, and output continued without it would often not be JSON. A unary call
-    loses only time; a stream that already showed text ends ABORTED (gateway/resume.py)."""
-    return not (job.sampling.json_mode or job.sampling.json_schema)
+    restored mid-output, and output continued without it would often not be JSON. So do jobs of
+    several choices: the progress record holds one sequence of tokens (theirs interleaved, for
+    charging). A unary call loses only time; a stream that already showed text ends ABORTED
+    (gateway/resume.py)."""
+    return not (job.sampling.json_mode or job.sampling.json_schema) and job.sampling.n <= 1
 
 
 @dataclass
-class _Generation:
-    """What the engine generated for this attempt, as published."""
+class _Choice:
+    """What the engine generated for one choice in this attempt, as published."""
 
     text: str = ""  # published by this attempt (JSON mode checks it)
     completion_tokens: int = 0  # including the tokens continued
     finish_reason: str | None = None
+    pending: list[int] = field(default_factory=list)  # token ids not published yet (text held back)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, if asked for
+
+
+@dataclass
+class _Generation:
+    """What the engine generated for this attempt: its choices, by index."""
+
+    choices: list[_Choice]
     first_token_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
 
 
 async def run_job(
@@ -220,7 +244,7 @@ async def run_job(
     request = GenerationRequest(
         job.request_id, prompt, params, num_generated=len(generated), trace_headers=dict(trace_headers or {})
     )
-    result = _Generation(completion_tokens=len(generated))
+    result = _Generation([_Choice(completion_tokens=len(generated)) for _ in range(params.n)])
     timeout = job.deadline - taken_at if job.deadline else None
     try:
         async with asyncio.timeout(timeout):
@@ -255,22 +279,25 @@ async def run_job(
             f"generation failed: {why} (request id {job.request_id})",
         )
         return
-    if result.finish_reason is None:
+    if not result.finished:
         events.failed(FailureKind.FAILURE_KIND_CANCELLED, "generation was aborted")
         return
-    if violation := output_violation(result.text, request.params):
-        events.failed(
-            FailureKind.FAILURE_KIND_INVALID_OUTPUT,
-            violation + (" (cut off by max_tokens)" if result.finish_reason == "length" else ""),
-            reason="json_validate_failed",
-            failed_generation=result.text,
-        )
-        return
+    for choice in result.choices:
+        if violation := output_violation(choice.text, request.params):
+            events.failed(
+                FailureKind.FAILURE_KIND_INVALID_OUTPUT,
+                violation + (" (cut off by max_tokens)" if choice.finish_reason == "length" else ""),
+                reason="json_validate_failed",
+                failed_generation=choice.text,
+            )
+            return
     done_at = time.time()
     first_token_at = result.first_token_at or done_at
+    finish_reasons = [str(c.finish_reason) for c in result.choices]
     events.finished(
         codec.Finished(
-            finish_reason=result.finish_reason,
+            finish_reason=finish_reasons[0],
+            choice_finish_reasons=finish_reasons if len(finish_reasons) > 1 else [],
             prompt_tokens=len(job.prompt_token_ids),
             completion_tokens=result.completion_tokens,
             queue_time=max(0.0, taken_at - job.enqueued_at),
@@ -295,7 +322,7 @@ def continued_params(params: SamplingParams, num_generated: int) -> SamplingPara
 async def _generate(
     engine: Engine, request: GenerationRequest, events: JobEvents, result: _Generation
 ) -> None:
-    """Streams the engine's deltas out as events; sets result.finish_reason when it finished.
+    """Streams the engine's deltas out as events; sets each choice's finish_reason as it finishes.
 
     A continuation first publishes the earlier attempts' text that was held back (unless it may
     begin a stop sequence), and looks for stop sequences across the boundary itself: the engine
@@ -308,28 +335,28 @@ async def _generate(
     if events.continued_from is not None and (
         held := stop.feed(held_back_text(engine, events.continued_from))
     ):
-        result.text += held
+        result.choices[0].text += held
         events.delta(held, continued)  # its tokens are in the progress record already
-    pending: list[int] = []
-    pending_logprobs: list[TokenLogprob] = []
     deltas = _engine_deltas(engine, request) if request.params.max_tokens > 0 else _nothing_left()
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
-            if result.finish_reason is not None:
+            choice = result.choices[delta.index]
+            if choice.finish_reason is not None:
                 continue  # the engine's iterator ends right after its last delta
             result.first_token_at = result.first_token_at or time.time()
-            result.completion_tokens = continued + delta.completion_tokens
-            pending.extend(delta.token_ids)
-            pending_logprobs.extend(delta.logprobs)
-            text = stop.feed(delta.text)
+            choice.completion_tokens = continued + delta.completion_tokens
+            choice.pending.extend(delta.token_ids)
+            choice.pending_logprobs.extend(delta.logprobs)
+            text = stop.feed(delta.text)  # a continuation's (of one choice), else as it comes
             finish = "stop" if stop.matched else delta.finish_reason
             if finish:
                 text += stop.flush()
-            if text or (finish and pending_logprobs):
-                result.text += text
-                events.delta(text, result.completion_tokens, tuple(pending), tuple(pending_logprobs))
-                pending, pending_logprobs = [], []
-            result.finish_reason = finish
+            if text or (finish and choice.pending_logprobs):
+                choice.text += text
+                ids, logprobs = tuple(choice.pending), tuple(choice.pending_logprobs)
+                events.delta(text, choice.completion_tokens, ids, logprobs, delta.index)
+                choice.pending, choice.pending_logprobs = [], []
+            choice.finish_reason = finish
             if stop.matched and delta.finish_reason is None:
                 # A stop sequence across the boundary, which the engine cannot see: end it here.
                 await engine.abort(request.request_id)

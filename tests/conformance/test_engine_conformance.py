@@ -168,6 +168,25 @@ async def test_logprobs_cover_the_tokens_of_a_matched_stop_sequence(engine_and_r
     assert tokens.startswith(text + stop) and stop not in text
 
 
+async def test_n_choices_each_sample_from_their_own_seed(engine_and_renderer: Pair) -> None:
+    engine, ids = engine_and_renderer[0], prompt(engine_and_renderer)
+
+    async def choices(seed: int, n: int) -> list[str]:
+        _, deltas = await run(engine, ids, SamplingParams(temperature=1.0, max_tokens=12, seed=seed, n=n))
+        ends = {d.index: d.finish_reason for d in deltas if d.finish_reason}
+        assert sorted(ends) == list(range(n)) and set(ends.values()) <= {"stop", "length"}
+        for index in range(n):
+            counts = [d.completion_tokens for d in deltas if d.index == index]
+            assert counts == sorted(counts)
+        return ["".join(d.text for d in deltas if d.index == index) for index in range(n)]
+
+    three = await choices(seed=42, n=3)
+    assert three == await choices(seed=42, n=3)  # reproducible
+    assert len(set(three)) > 1  # sampled apart
+    # Choice i samples from seed + i: it is what a single choice seeded so would have been.
+    assert [three[1], three[2]] == [(await choices(seed=43, n=1))[0], (await choices(seed=44, n=1))[0]]
+
+
 async def test_a_prompt_that_fills_the_context_window_is_an_engine_error(engine_and_renderer: Pair) -> None:
     # The worker refuses these before the engine (runner.py); the engine must fail loudly, not hang.
     engine = engine_and_renderer[0]

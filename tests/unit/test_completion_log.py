@@ -4,7 +4,7 @@ import pytest
 from google.rpc import code_pb2
 
 from common import keys
-from gateway.completion_log import END_CODE_FIELD, END_MESSAGE_FIELD, parse_entry
+from gateway.completion_log import END_CODE_FIELD, END_MESSAGE_FIELD, CallRecord, parse_entry
 from gateway.errors import ServiceError
 
 
@@ -35,3 +35,10 @@ def test_the_call_record_entry_is_no_event() -> None:
 def test_an_undecodable_event_ends_the_read_as_an_internal_error() -> None:
     error = parse_entry("r", {keys.PAYLOAD_FIELD: b"\xff\xff not protobuf"})
     assert isinstance(error, ServiceError) and error.code == code_pb2.INTERNAL
+
+
+def test_call_records_of_older_and_newer_gateways_both_read() -> None:
+    older = b'{"request_id": "r", "owner": "o", "model": "m", "created": 1, "deadline": 2.0}'
+    assert CallRecord.from_json(older) == CallRecord("r", "o", "m", 1, 2.0, choices=1)
+    newer = older.removesuffix(b"}") + b', "choices": 3, "added_later": 1}'
+    assert CallRecord.from_json(newer).choices == 3

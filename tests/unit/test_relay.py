@@ -70,7 +70,8 @@ class FakeQueue:
         await asyncio.sleep(self.submit_seconds)
         if self.error is not None:
             raise self.error
-        subscription = Subscription(f"id{len(self.released)}", request.model, request.max_tokens)
+        subscription = Subscription(f"id{len(self.released)}", request.model, request.max_tokens * request.n)
+        subscription.choices = request.n
         self._deliver(subscription, 1)
         # Later attempts come after the call has taken in the first one's events, as when a worker dies.
         loop = asyncio.get_running_loop()
@@ -296,6 +297,46 @@ async def test_a_unary_call_whose_job_starts_over_keeps_only_the_new_attempts_lo
     items = await run(make_relay(FakeQueue(events=[first, rerun])), request())
     [text] = [i for i in items if isinstance(i, Text)]
     assert (text.text, [t.token for t in text.logprobs]) == ("x ", ["x "])
+
+
+def of_choice(index: int, event: codec.Event) -> codec.Event:
+    event.delta.index = index
+    return event
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_n_choices_come_apart_by_index_each_with_its_finish_reason(stream: bool) -> None:
+    end = codec.Finished(finish_reason="stop", prompt_tokens=2, completion_tokens=3)
+    end.choice_finish_reasons.extend(["stop", "length"])
+    events = [
+        started(),
+        of_choice(0, delta("a", 1)),
+        of_choice(1, delta("x", 1)),
+        of_choice(0, scored("b", 2, "b")),
+        of_choice(1, delta("y", 2)),
+        codec.Event(finished=end),
+    ]
+    items = await run(make_relay(FakeQueue(events=[events])), request(n=2, max_tokens=2), stream)
+    assert isinstance(items[0], Accepted) and items[0].choices == 2
+    texts = [(i.index, i.text, [t.token for t in i.logprobs]) for i in items if isinstance(i, Text)]
+    if stream:  # each choice's deltas in order, never merged across choices
+        assert texts == [(0, "a", []), (1, "x", []), (0, "b", ["b"]), (1, "y", [])]
+    else:
+        assert texts == [(0, "ab", ["b"]), (1, "xy", [])]
+    finished = items[-1]
+    assert isinstance(finished, Finished) and finished.finish_reasons == ("stop", "length")
+    assert [finished.finish_reason_of(i) for i in (0, 1)] == ["stop", "length"]
+    assert finished.usage.completion_tokens == 3
+
+
+async def test_a_key_budget_counts_max_tokens_once_per_choice() -> None:
+    # KEY allows 1,000 tokens per minute; the prompt is 2.
+    queue = FakeQueue()
+    await run(make_relay(queue, FakeRateLimiter(), default_max_tokens=5000), request(n=4))
+    assert queue.submitted[0].max_tokens == (1000 - 2) // 4  # a default shrinks to fit all choices
+    items = await run(make_relay(FakeQueue(), FakeRateLimiter()), request(n=3, max_tokens=400))
+    assert isinstance(items[-1], Failed) and isinstance(items[-1].error, InvalidField)
+    assert "prompt 2 + max_tokens 400 x n 3 tokens exceed" in items[-1].error.message
 
 
 async def test_a_deadline_that_passes_while_the_transport_writes_still_ends_the_call_with_its_status() -> (

@@ -355,7 +355,50 @@ async def test_a_continuation_sends_logprobs_only_for_the_tokens_it_generates() 
     assert [[t.token for t in d.logprobs[0].top_logprobs] for d in deltas[1:]] == [["t4 "], ["t5 "]]
 
 
+async def test_n_choices_each_publish_their_own_deltas_and_finish_reason() -> None:
+    engine = ScriptedFakeEngine(
+        [
+            Delta("a", 1, None, (1,), index=0),
+            Delta("x", 1, None, (5,), index=1),
+            Delta("b", 2, "stop", (2,), index=0),
+            Delta("y", 2, None, (6,), index=1),
+            Delta("z", 3, "length", (7,), index=1),
+        ]
+    )
+    events = await run(engine, job(n=2, seed=7))
+    assert engine.requests[0].params.n == 2
+    deltas = [(e.delta.index, e.delta.text, e.delta.completion_tokens) for e in events if e.HasField("delta")]
+    assert deltas == [(0, "a", 1), (1, "x", 1), (0, "b", 2), (1, "y", 2), (1, "z", 3)]
+    finished = events[-1].finished
+    assert (finished.finish_reason, list(finished.choice_finish_reasons)) == ("stop", ["stop", "length"])
+    assert finished.completion_tokens == 5  # all choices
+
+
+async def test_a_job_ends_only_when_every_choice_has_finished() -> None:
+    engine = ScriptedFakeEngine([Delta("a", 1, "stop", index=0), Delta("x", 1, None, index=1)])
+    events = await run(engine, job(n=2))
+    assert events[-1].failed.kind == Kind.FAILURE_KIND_CANCELLED
+
+
+async def test_json_mode_checks_every_choice() -> None:
+    engine = ScriptedFakeEngine([Delta("{}", 1, "stop", index=0), Delta("[1]", 1, "stop", index=1)])
+    events = await run(engine, job(n=2, json_mode=True))
+    failed = events[-1].failed
+    assert failed.reason == "json_validate_failed" and failed.failed_generation == "[1]"
+
+
+async def test_the_benchmark_engine_gives_each_choice_the_same_reply() -> None:
+    events = await run(bench_engine(), job(max_tokens=3, n=3))
+    by_choice = {
+        i: "".join(e.delta.text for e in events if e.HasField("delta") and e.delta.index == i)
+        for i in range(3)
+    }
+    assert by_choice == {0: "t1 t2 t3 ", 1: "t1 t2 t3 ", 2: "t1 t2 t3 "}
+    assert events[-1].finished.completion_tokens == 9
+
+
 def test_json_mode_jobs_start_over_instead_of_continuing() -> None:
     assert can_continue(job())
     assert not can_continue(job(json_mode=True))
     assert not can_continue(job(json_schema='{"type": "object"}'))
+    assert not can_continue(job(n=2))  # the progress record holds one sequence

@@ -118,3 +118,13 @@ async def test_merged_deltas_keep_every_logprob_in_order() -> None:
     merged = (await subscription.next()).delta
     assert (merged.text, merged.completion_tokens) == ("abc", 4)
     assert [entry.token for entry in merged.logprobs] == ["a", "b", "c", "</s>"]
+
+
+async def test_deltas_of_different_choices_are_never_merged() -> None:
+    subscription = Subscription("r", "m")
+    second = delta(1, 2, "x", 1)
+    second.delta.index = 1
+    for event in (started(1), delta(1, 1, "a", 1), second, delta(1, 3, "b", 2)):
+        subscription.deliver(event)
+    events = [await subscription.next() for _ in range(4)]
+    assert [(e.delta.index, e.delta.text) for e in events[1:]] == [(0, "a"), (1, "x"), (0, "b")]

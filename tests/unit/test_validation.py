@@ -58,6 +58,14 @@ def test_logprobs_and_top_logprobs_reach_the_valid_request(catalog: ModelCatalog
     assert (valid.logprobs, valid.top_logprobs) == (False, 0)
 
 
+def test_n_up_to_the_gateways_limit_reaches_the_valid_request(catalog: ModelCatalog) -> None:
+    assert validate(request(), catalog, 10).n == 1
+    assert validate(request(n=8), catalog, 10).n == 8
+    with pytest.raises(InvalidField) as caught:
+        validate(request(n=3), catalog, 10, Limits(max_choices=2))
+    assert caught.value.message == "`n` must be in [1, 2], got 3"
+
+
 def test_top_logprobs_without_logprobs_says_what_it_needs(catalog: ModelCatalog) -> None:
     with pytest.raises(InvalidField) as caught:
         validate(request(top_logprobs=5), catalog, 10)
@@ -102,6 +110,9 @@ def test_negative_seed_becomes_uint64(catalog: ModelCatalog) -> None:
         (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
         (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
         (dict(top_logprobs=1), "top_logprobs"),
+        (dict(n=0), "n"),
+        (dict(n=9), "n"),
+        (dict(n=-1), "n"),
     ],
 )
 def test_each_rule_names_its_field(catalog: ModelCatalog, fields: dict[str, object], field: str) -> None:

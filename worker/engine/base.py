@@ -2,7 +2,9 @@
 
 An engine runs many generations at once. `generate()` starts one and returns an
 async iterator of deltas; the last delta carries `finish_reason` ("stop" or
-"length"). Stop sequences are handled inside the engine: no delta ever contains
+"length"). A generation of n > 1 choices interleaves their deltas, each with its
+`index`; each choice's last delta carries its finish reason, and the iterator ends
+once every choice has finished. Stop sequences are handled inside the engine: no delta ever contains
 text of a matched stop sequence. `abort()` ends a generation early; its iterator
 then stops without a finish_reason. Any other way a generation can end in the
 engine raises EngineError (or EngineDead), never a silent early end.
@@ -33,6 +35,8 @@ class SamplingParams:
     # None: no log probabilities. k (0-20): each delta carries the log probability of each of
     # its tokens, and of the k most likely tokens at that position.
     logprobs: int | None = None
+    # Choices to generate from the prompt; with a seed, choice i samples from seed + i.
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     # With SamplingParams.logprobs: one per token id, in the same order.
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the choice (0 to n - 1); completion_tokens and token_ids are this choice's
 
 
 @dataclass

@@ -5,7 +5,8 @@ need many fast, predictable generations. Never a default: select it explicitly w
 WORKER_ENGINE=bench. Token i of a request is the word `t{i}` (with a space) and has id
 i, so a reply is predictable and a resumed stream can be checked token by token; a
 continued generation numbers on after the tokens it continues. It is certain of every
-token: asked for log probabilities, each is 0 and the only likely token is the one generated.
+token: asked for log probabilities, each is 0 and the only likely token is the one generated;
+asked for n choices, it generates the same reply n times.
 """
 
 import asyncio
@@ -56,7 +57,7 @@ class BenchEngine(Engine):
         pending: list[int] = []  # ids whose text the stop matcher still holds back
         top_logprobs = request.params.logprobs
         try:
-            for n, i in enumerate(range(first, first + max_tokens), start=1):
+            for count, i in enumerate(range(first, first + max_tokens), start=1):
                 if self._interval:
                     # Waiting on the abort event both paces the tokens and ends the wait on abort.
                     with contextlib.suppress(TimeoutError):
@@ -68,12 +69,13 @@ class BenchEngine(Engine):
                 text = stop.feed(f"t{i} ")
                 pending.append(i)
                 ids, finish = tuple(pending), "stop" if stop.matched else None
-                if finish is None and n == max_tokens:
+                if finish is None and count == max_tokens:
                     text, finish = text + stop.flush(), "length"
                 if text or finish:
                     pending.clear()
                     logprobs = () if top_logprobs is None else tuple(_certain(i, top_logprobs) for i in ids)
-                    yield Delta(text, n, finish, ids, logprobs)
+                    for index in range(request.params.n):
+                        yield Delta(text, count, finish, ids, logprobs, index)
                 if finish:
                     return
         finally:

@@ -20,7 +20,7 @@ from vllm import AsyncEngineArgs, SamplingParams
 from vllm.config import VllmConfig
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
-from vllm.outputs import RequestOutput
+from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -191,9 +191,6 @@ class VllmEngine(Engine):
         request_id = request.request_id
         self._starting.discard(request_id)
         self._active.add(request_id)
-        generated = 0
-        pending: list[int] = []  # token ids of outputs without text yet (held back by vLLM)
-        pending_logprobs: list[TokenLogprob] = []  # theirs, with logprobs asked for
         try:
             if request_id in self._aborting:
                 return  # aborted before it started
@@ -212,22 +209,15 @@ class VllmEngine(Engine):
                 raise EngineRejected(str(exc)) from exc
             if first is None:
                 return
-            top_logprobs = request.params.logprobs
+            choices = [_Choice(index, request.params.logprobs) for index in range(request.params.n)]
             async for output in _chain(first, outputs):
-                completion = output.outputs[0]
-                generated += len(completion.token_ids)
-                pending.extend(completion.token_ids)
-                if top_logprobs is not None:
-                    pending_logprobs.extend(
-                        token_logprobs(completion.token_ids, completion.logprobs, top_logprobs)
-                    )
-                if completion.finish_reason == "abort" and request_id in self._aborting:
-                    return  # aborted at our request: the iterator ends without a finish reason
-                finish = finish_reason(completion.finish_reason)
-                if completion.text or finish:
-                    yield Delta(completion.text, generated, finish, tuple(pending), tuple(pending_logprobs))
-                    pending.clear()
-                    pending_logprobs.clear()
+                # In DELTA mode an output holds the choices that moved (with n > 1, vLLM runs
+                # each as a child request and reports them as they step).
+                for completion in output.outputs:
+                    if completion.finish_reason == "abort" and request_id in self._aborting:
+                        return  # aborted at our request: the iterator ends without a finish reason
+                    if (delta := choices[completion.index].add(completion)) is not None:
+                        yield delta
                 if output.finished:
                     return
         except EngineDeadError as exc:
@@ -235,6 +225,38 @@ class VllmEngine(Engine):
         finally:
             self._active.discard(request_id)
             self._aborting.discard(request_id)
+
+
+class _Choice:
+    """One choice's tokens on their way to a Delta: held while vLLM holds their text back."""
+
+    def __init__(self, index: int, top_logprobs: int | None) -> None:
+        self._index = index
+        self._top_logprobs = top_logprobs
+        self._generated = 0
+        self._pending: list[int] = []  # token ids of outputs without text yet
+        self._pending_logprobs: list[TokenLogprob] = []  # theirs, with logprobs asked for
+
+    def add(self, completion: CompletionOutput) -> Delta | None:
+        self._generated += len(completion.token_ids)
+        self._pending.extend(completion.token_ids)
+        if self._top_logprobs is not None:
+            entries = token_logprobs(completion.token_ids, completion.logprobs, self._top_logprobs)
+            self._pending_logprobs.extend(entries)
+        finish = finish_reason(completion.finish_reason)
+        if not (completion.text or finish):
+            return None
+        delta = Delta(
+            completion.text,
+            self._generated,
+            finish,
+            tuple(self._pending),
+            tuple(self._pending_logprobs),
+            self._index,
+        )
+        self._pending.clear()
+        self._pending_logprobs.clear()
+        return delta
 
 
 async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -265,6 +287,7 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         # k: the sampled token's logprob and the k most likely; of the model's own distribution
         # (vLLM's default logprobs_mode, raw_logprobs): before temperature, top_p and penalties.
         logprobs=p.logprobs,
+        n=p.n,  # vLLM seeds choice i with seed + i (vllm/v1/engine/parallel_sampling.py)
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
