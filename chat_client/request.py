@@ -31,24 +31,21 @@ def build_request(
         message = request.messages.add(role=m.get("role", ""), content=m.get("content") or "")
         if m.get("name") is not None:
             message.name = m["name"]
-    if temperature is not None:
-        request.temperature = temperature
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if top_p is not None:
-        request.top_p = top_p
-    if seed is not None:
-        request.seed = seed
-    if frequency_penalty is not None:
-        request.frequency_penalty = frequency_penalty
-    if presence_penalty is not None:
-        request.presence_penalty = presence_penalty
-    if logprobs is not None:
-        request.logprobs = logprobs
-    if top_logprobs is not None:
-        request.top_logprobs = top_logprobs
-    if n is not None:
-        request.n = n
+    # The SDK's None means "not set", as the proto's optional fields have it.
+    scalars = {
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "top_p": top_p,
+        "seed": seed,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
+        "n": n,
+    }
+    for name, value in scalars.items():
+        if value is not None:
+            setattr(request, name, value)
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else stop)
     if response_format is not None:
