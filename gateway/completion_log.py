@@ -60,7 +60,10 @@ class CallRecord:
     choices: int = 1  # the request's n
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        record = asdict(self)
+        if self.choices == 1:
+            del record["choices"]  # so that gateways older than n > 1 read the record too
+        return json.dumps(record).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "CallRecord":

@@ -243,7 +243,7 @@ def _completion(
         choices.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(reply.pieces)},
+                "message": {"role": "assistant", "content": reply.text},
                 "logprobs": _logprobs(reply.logprobs),
                 "finish_reason": finished.finish_reason_of(index) if finished is not None else None,
             }
@@ -497,9 +497,7 @@ async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True
         elif isinstance(item, Started):
             fingerprint = item.system_fingerprint
         elif isinstance(item, Text):
-            reply = replies.setdefault(item.index, ChoiceReply())
-            reply.pieces.append(item.text)
-            reply.logprobs.extend(item.logprobs)
+            replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs)
         elif isinstance(item, Failed):
             return error_response(item.error, options)
         elif isinstance(item, Finished) and call is not None:

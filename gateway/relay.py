@@ -315,7 +315,14 @@ class Relay:
         subscription, budget, claim = admitted
         ratelimit = budget.metadata() if budget is not None else ()
         ends_at = asyncio.get_running_loop().time() + timeout
-        call = _OpenCall(subscription, budget, claim, _Translation(stream, recorder), ends_at, deadline)
+        call = _OpenCall(
+            subscription,
+            budget,
+            claim,
+            _Translation(stream, recorder, subscription.choices),
+            ends_at,
+            deadline,
+        )
         translation = call.translation
         error: ServiceError | None = None
         left = False
@@ -562,7 +569,7 @@ class Relay:
             return
         yield Accepted(call.request_id, call.created, call.model, (), call.choices)
         subscription = Subscription(call.request_id, call.model, cursor=starting_after)
-        translation = _Translation(stream, None)
+        translation = _Translation(stream, None, call.choices)
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + min(call.deadline + 5 - time.time(), self._timeout(caller.timeout))
         async with self._log.watching(request_id):
@@ -619,8 +626,9 @@ class Relay:
 class _Translation:
     """Turns one job's queue events into items: taken-over jobs resumed without a gap, unary text joined."""
 
-    def __init__(self, stream: bool, recorder: CallRecorder | None) -> None:
+    def __init__(self, stream: bool, recorder: CallRecorder | None, choices: int = 1) -> None:
         self._stream = stream
+        self._choices = choices  # the request's n
         self._recorder = recorder  # None: a resumed call, whose job the metrics counted already
         self._reply = ReplyProgress(stream)
         self._fingerprint = ""
@@ -668,17 +676,24 @@ class _Translation:
         return []
 
     def _on_finished(self, f: codec.Finished, seq: int) -> list[Item]:
-        self.finished = self.answered = True
+        self.finished = True  # the worker has let go of the job
+        reasons = tuple(f.choice_finish_reasons) or (f.finish_reason,)
+        if len(reasons) != self._choices:
+            # A worker older than n > 1 generated one choice: the others would be made up.
+            raise Unavailable(
+                f"the worker that ran this job generated {len(reasons)} of the {self._choices} choices"
+                " asked for; retry the request"
+            )
+        self.answered = True
         self.completion_tokens = f.completion_tokens
         if self._recorder is not None:
             self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
-        reasons = tuple(f.choice_finish_reasons) or (f.finish_reason,)
         finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq, finish_reasons=reasons)
         if self._stream:
             return [finished]
         replies = sorted(self._reply.choices.items())
-        texts = [Text("".join(c.pieces), seq, tuple(c.logprobs), index) for index, c in replies]
+        texts = [Text(c.text, seq, tuple(c.logprobs), index) for index, c in replies]
         return [*(t for t in texts if t.text or t.logprobs), finished]
 
 
@@ -715,11 +730,14 @@ def _check_fits_budget(record: KeyRecord, prompt_tokens: int, max_tokens: int, n
     """A call larger than the key's whole per-minute budget is refused for good, not "retry later"."""
     tpm = record.tokens_per_minute
     if tpm and prompt_tokens + max_tokens * n > tpm:
-        times_n = f" x n {n}" if n > 1 else ""
+        if n == 1:
+            field, what, fix = "max_tokens", f"max_tokens {max_tokens}", "lower max_tokens"
+        else:  # a default max_tokens is lowered to fit all choices, so n is what does not fit
+            field, what, fix = "n", f"max_tokens {max_tokens} x n {n}", "lower n or max_tokens"
         raise InvalidField(
-            "max_tokens",
-            f"is too large for API key {record.name!r}: prompt {prompt_tokens} + max_tokens {max_tokens}"
-            f"{times_n} tokens exceed its limit of {tpm} tokens per minute; lower max_tokens",
+            field,
+            f"is too large for API key {record.name!r}: prompt {prompt_tokens} + {what}"
+            f" tokens exceed its limit of {tpm} tokens per minute; {fix}",
         )
 
 

@@ -12,6 +12,7 @@ unary call drops what it had gathered. After text was streamed it is not: the ca
 ABORTED, the one case where progress cannot be recovered.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common import codec
@@ -27,6 +28,14 @@ class ChoiceReply:
     pieces: list[str] = field(default_factory=list)
     logprobs: list[codec.TokenLogprob] = field(default_factory=list)  # one per token, if asked for
 
+    def add(self, text: str, logprobs: Sequence[codec.TokenLogprob]) -> None:
+        self.pieces.append(text)
+        self.logprobs.extend(logprobs)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
 
 class ReplyProgress:
     """The reply received so far across a job's attempts: each choice's text, logprobs and tokens."""
@@ -34,7 +43,7 @@ class ReplyProgress:
     def __init__(self, stream: bool) -> None:
         self._stream = stream
         self.choices: dict[int, ChoiceReply] = {}  # unary: by index, the text to join at the end
-        self.chars_sent = 0  # stream: characters forwarded to the caller
+        self.forwarded = False  # stream: text or logprobs went to the caller
         self._tokens: dict[int, int] = {}  # by choice: tokens behind the text received
 
     @property
@@ -46,11 +55,9 @@ class ReplyProgress:
         """Records a delta; returns the text and logprobs to forward now (a stream's only)."""
         self._tokens[delta.index] = delta.completion_tokens
         if not self._stream:
-            choice = self.choices.setdefault(delta.index, ChoiceReply())
-            choice.pieces.append(delta.text)
-            choice.logprobs.extend(delta.logprobs)
+            self.choices.setdefault(delta.index, ChoiceReply()).add(delta.text, delta.logprobs)
             return "", ()
-        self.chars_sent += len(delta.text)
+        self.forwarded = self.forwarded or bool(delta.text or delta.logprobs)
         return delta.text, tuple(delta.logprobs)
 
     def take_over(self, started: codec.Started) -> str:
@@ -63,7 +70,7 @@ class ReplyProgress:
                     " received, so the reply cannot be continued; retry the request"
                 )
             return "continued"
-        if self.chars_sent:
+        if self.forwarded:
             raise Aborted(
                 f"the worker running this job was lost after {self.completion_tokens} tokens were sent,"
                 " and the job had to start over (its progress could not be recovered); retry the request"

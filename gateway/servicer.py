@@ -112,9 +112,7 @@ async def _response(
             elif isinstance(item, Started):
                 fingerprint = item.system_fingerprint
             elif isinstance(item, Text):
-                reply = replies.setdefault(item.index, ChoiceReply())
-                reply.pieces.append(item.text)
-                reply.logprobs.extend(item.logprobs)
+                replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs)
             elif isinstance(item, Finished) and call is not None:
                 return _completion(call, replies, item.system_fingerprint, item)
             elif isinstance(item, Failed):
@@ -172,7 +170,7 @@ def _completion(
         reply = replies.get(index, ChoiceReply())
         choice = chat_pb2.Choice(
             index=index,
-            message=chat_pb2.AssistantMessage(role="assistant", content="".join(reply.pieces)),
+            message=chat_pb2.AssistantMessage(role="assistant", content=reply.text),
             finish_reason=finished.finish_reason_of(index) if finished is not None else "",
             logprobs=_logprobs(reply.logprobs),
         )

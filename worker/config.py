@@ -6,7 +6,7 @@
 | WORKER_MODEL | SmolLM2-135M-Instruct | `NAME=DIR` of the model to serve; `NAME` alone is the bundled model |
 | WORKER_ENGINE | vllm | inference engine: `vllm`, or `bench` (no model: tokens at a set rate) |
 | WORKER_ID | host-pid-random | consumer name in the job stream's consumer group |
-| WORKER_MAX_CONCURRENCY | 8 | jobs run at once (free slots pulled from Redis; vLLM's max_num_seqs) |
+| WORKER_MAX_CONCURRENCY | 8 | sequences run at once, one per choice of a job (vLLM's max_num_seqs) |
 | WORKER_CANCEL_POLL_SECONDS | 0.1 | how often running jobs are checked for cancellation |
 | WORKER_HEARTBEAT_SECONDS | 0.5 | how often the worker marks its jobs alive (seeks orphans twice as often) |
 | WORKER_CLAIM_IDLE_SECONDS | 2 | a job whose worker has not heartbeated for this long is taken over |

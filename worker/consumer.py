@@ -39,6 +39,8 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
         self.handed_back = False  # True: leave it pending for another worker, publish nothing more
         self.aborted = False  # True: stop it, whether or not it has reached the engine yet
+        # What it takes of WORKER_MAX_CONCURRENCY: the engine runs a sequence per choice.
+        self.sequences = max(1, delivery.job.sampling.n) if delivery.job is not None else 1
 
 
 class JobConsumer:
@@ -68,6 +70,13 @@ class JobConsumer:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def free_sequences(self) -> int:
+        """What is left of WORKER_MAX_CONCURRENCY: a job of n choices fills n of the engine's
+        sequences. A job is taken while any is free, so a worker may overshoot by n - 1 (vLLM
+        queues those sequences itself)."""
+        return self._settings.max_concurrency - sum(r.sequences for r in self._running.values())
+
     def stop(self) -> None:
         """Stop taking jobs (SIGTERM); run() returns, then drain() finishes or hands back the rest."""
         self._stopping.set()
@@ -81,7 +90,7 @@ class JobConsumer:
             await self._jobs.ensure_groups()
             await self._advertise()
             while not self._stopping.is_set():
-                free = self._settings.max_concurrency - len(self._running)
+                free = self.free_sequences
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()

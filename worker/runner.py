@@ -347,7 +347,9 @@ async def _generate(
             choice.completion_tokens = continued + delta.completion_tokens
             choice.pending.extend(delta.token_ids)
             choice.pending_logprobs.extend(delta.logprobs)
-            text = stop.feed(delta.text)  # a continuation's (of one choice), else as it comes
+            # One matcher is enough: it holds text only in a continuation, which has one choice
+            # (can_continue); otherwise it has no stop sequences and passes the text through.
+            text = stop.feed(delta.text)
             finish = "stop" if stop.matched else delta.finish_reason
             if finish:
                 text += stop.flush()

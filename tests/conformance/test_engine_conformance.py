@@ -187,6 +187,15 @@ async def test_n_choices_each_sample_from_their_own_seed(engine_and_renderer: Pa
     assert [three[1], three[2]] == [(await choices(seed=43, n=1))[0], (await choices(seed=44, n=1))[0]]
 
 
+async def test_greedy_n_choices_are_the_one_greedy_reply(engine_and_renderer: Pair) -> None:
+    # vLLM itself refuses n > 1 with greedy decoding; the engine generates one and copies it.
+    engine, ids = engine_and_renderer[0], prompt(engine_and_renderer)
+    one, _ = await run(engine, ids, SamplingParams(temperature=0, max_tokens=8))
+    _, deltas = await run(engine, ids, SamplingParams(temperature=0, max_tokens=8, n=3, logprobs=0))
+    assert ["".join(d.text for d in deltas if d.index == i) for i in range(3)] == [one] * 3
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]
+
+
 async def test_a_prompt_that_fills_the_context_window_is_an_engine_error(engine_and_renderer: Pair) -> None:
     # The worker refuses these before the engine (runner.py); the engine must fail loudly, not hang.
     engine = engine_and_renderer[0]

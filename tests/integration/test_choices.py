@@ -74,3 +74,13 @@ def test_both_sdks_get_n_choices_unary_and_streamed(
                 finish[choice.index] = choice.finish_reason
     assert [pieces[i] for i in range(3)] == texts
     assert [finish[i] for i in range(3)] == [c.finish_reason for c in reply.choices]
+
+
+def test_greedy_n_choices_are_the_same_reply(openai_client: openai.OpenAI) -> None:
+    # vLLM refuses n > 1 with greedy decoding; the worker generates once and gives it to each.
+    args = {**ARGS, "temperature": 0, "seed": None}
+    reply = openai_client.chat.completions.create(messages=STORY, **args)
+    one = openai_client.chat.completions.create(messages=STORY, **{**args, "n": 1})
+    assert [c.message.content for c in reply.choices] == [one.choices[0].message.content] * 3
+    assert reply.usage is not None and one.usage is not None
+    assert reply.usage.completion_tokens == 3 * one.usage.completion_tokens

@@ -42,3 +42,9 @@ def test_call_records_of_older_and_newer_gateways_both_read() -> None:
     assert CallRecord.from_json(older) == CallRecord("r", "o", "m", 1, 2.0, choices=1)
     newer = older.removesuffix(b"}") + b', "choices": 3, "added_later": 1}'
     assert CallRecord.from_json(newer).choices == 3
+    # A record of one choice is written as older gateways wrote it, so that they read it too.
+    assert CallRecord.from_json(CallRecord("r", "o", "m", 1, 2.0).to_json()) == CallRecord(
+        "r", "o", "m", 1, 2.0
+    )
+    assert b"choices" not in CallRecord("r", "o", "m", 1, 2.0).to_json()
+    assert CallRecord.from_json(CallRecord("r", "o", "m", 1, 2.0, 4).to_json()).choices == 4

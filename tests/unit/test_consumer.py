@@ -122,3 +122,21 @@ async def test_a_heartbeat_that_fails_unexpectedly_is_restarted(redis_server: Re
     await running
     assert len(beats) >= 3
     await client.aclose()
+
+
+async def test_a_job_of_n_choices_takes_n_of_the_workers_sequences(client: RedisWithHeldExists) -> None:
+    settings = WorkerSettings.from_env(
+        {"WORKER_ENGINE": "bench", "WORKER_ID": "w1", "WORKER_MAX_CONCURRENCY": "8"}
+    )
+    engine = ScriptedFakeEngine([Delta("a", 1, finish_reason="stop")])
+    consumer = JobConsumer(settings, client, engine, FlushingFakePublisher())  # type: ignore[arg-type]
+    three = delivery(uuid.uuid4().hex)
+    assert three.job is not None
+    three.job.sampling.n = 3
+    consumer._accept(three)
+    consumer._accept(delivery(uuid.uuid4().hex))
+    assert (consumer.num_running, consumer.free_sequences) == (2, 8 - 3 - 1)
+    tasks = [r.task for r in consumer._running.values() if r.task is not None]
+    client.release.set()  # the jobs run (the fake engine ends them at once) and give their sequences back
+    await asyncio.gather(*tasks)
+    assert (consumer.num_running, consumer.free_sequences) == (0, 8)

@@ -329,6 +329,22 @@ async def test_n_choices_come_apart_by_index_each_with_its_finish_reason(stream:
     assert finished.usage.completion_tokens == 3
 
 
+async def test_a_stream_that_forwarded_only_logprobs_cannot_start_over_either() -> None:
+    # Choice 0 ended on a token without text (its stop sequence); its entry reached the caller.
+    first = [started(), scored("", 1, "\n")]
+    rerun = [started(), scored("a", 1, "a"), finished(1)]
+    items = await run(make_relay(FakeQueue(events=[first, rerun])), request(), True)
+    assert isinstance(items[-1], Failed) and isinstance(items[-1].error, Aborted)
+
+
+async def test_a_job_that_came_back_with_fewer_choices_than_asked_fails_instead_of_making_them_up() -> None:
+    # A worker older than n > 1 ignores it and generates one choice.
+    events = [started(), delta("a", 1), finished(1)]
+    items = await run(make_relay(FakeQueue(events=[events])), request(n=2))
+    assert isinstance(items[-1], Failed) and isinstance(items[-1].error, Unavailable)
+    assert "generated 1 of the 2 choices" in items[-1].error.message
+
+
 async def test_a_key_budget_counts_max_tokens_once_per_choice() -> None:
     # KEY allows 1,000 tokens per minute; the prompt is 2.
     queue = FakeQueue()
@@ -336,6 +352,7 @@ async def test_a_key_budget_counts_max_tokens_once_per_choice() -> None:
     assert queue.submitted[0].max_tokens == (1000 - 2) // 4  # a default shrinks to fit all choices
     items = await run(make_relay(FakeQueue(), FakeRateLimiter()), request(n=3, max_tokens=400))
     assert isinstance(items[-1], Failed) and isinstance(items[-1].error, InvalidField)
+    assert items[-1].error.field == "n"
     assert "prompt 2 + max_tokens 400 x n 3 tokens exceed" in items[-1].error.message
 
 

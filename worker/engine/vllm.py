@@ -10,6 +10,7 @@ restarted. A reaper process (reaper.py) makes sure vLLM's processes die with the
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -55,6 +56,8 @@ try:  # vLLM >= 0.30 raises its own client errors for bad requests; older ones V
     _REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
 except ImportError:
     _REQUEST_ERRORS = (ValueError,)
+# vLLM decodes greedily below this temperature (its _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
 # KV cache on CPU when WORKER_VLLM_KV_CACHE_GIB is 0 (on GPUs vLLM sizes it from memory utilization).
 CPU_DEFAULT_KV_CACHE_GIB = 2.0
 
@@ -209,7 +212,10 @@ class VllmEngine(Engine):
                 raise EngineRejected(str(exc)) from exc
             if first is None:
                 return
-            choices = [_Choice(index, request.params.logprobs) for index in range(request.params.n)]
+            choices = [_ChoiceTokens(index, request.params.logprobs) for index in range(params.n)]
+            # vLLM refuses n > 1 with greedy decoding, whose choices would all be the same: it
+            # generates one, and each of its deltas goes to every choice.
+            copies = request.params.n if params.n == 1 else 1
             async for output in _chain(first, outputs):
                 # In DELTA mode an output holds the choices that moved (with n > 1, vLLM runs
                 # each as a child request and reports them as they step).
@@ -217,7 +223,8 @@ class VllmEngine(Engine):
                     if completion.finish_reason == "abort" and request_id in self._aborting:
                         return  # aborted at our request: the iterator ends without a finish reason
                     if (delta := choices[completion.index].add(completion)) is not None:
-                        yield delta
+                        for index in range(copies):
+                            yield dataclasses.replace(delta, index=index) if index else delta
                 if output.finished:
                     return
         except EngineDeadError as exc:
@@ -227,7 +234,7 @@ class VllmEngine(Engine):
             self._aborting.discard(request_id)
 
 
-class _Choice:
+class _ChoiceTokens:
     """One choice's tokens on their way to a Delta: held while vLLM holds their text back."""
 
     def __init__(self, index: int, top_logprobs: int | None) -> None:
@@ -287,7 +294,9 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         # k: the sampled token's logprob and the k most likely; of the model's own distribution
         # (vLLM's default logprobs_mode, raw_logprobs): before temperature, top_p and penalties.
         logprobs=p.logprobs,
-        n=p.n,  # vLLM seeds choice i with seed + i (vllm/v1/engine/parallel_sampling.py)
+        # vLLM seeds choice i with seed + i (vllm/v1/engine/parallel_sampling.py); greedy, it
+        # takes only n = 1 (the engine copies that choice).
+        n=1 if p.temperature < GREEDY_BELOW else p.n,
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
