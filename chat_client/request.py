@@ -25,6 +25,7 @@ def build_request(
     logprobs: bool | None = None,
     top_logprobs: int | None = None,
     n: int | None = None,
+    service_tier: str | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
     for m in messages:
@@ -42,6 +43,7 @@ def build_request(
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
         "n": n,
+        "service_tier": service_tier,
     }
     for name, value in scalars.items():
         if value is not None:

@@ -88,6 +88,7 @@ class ChatCompletion:
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str
+    service_tier: str = ""
 
     @classmethod
     def from_proto(cls, r: chat_pb2.ChatCompletionResponse) -> "ChatCompletion":
@@ -100,9 +101,8 @@ class ChatCompletion:
             )
             for c in r.choices
         ]
-        return cls(
-            r.id, r.object, r.created, r.model, choices, Usage.from_proto(r.usage), r.system_fingerprint
-        )
+        usage = Usage.from_proto(r.usage)
+        return cls(r.id, r.object, r.created, r.model, choices, usage, r.system_fingerprint, r.service_tier)
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ class ChatCompletionChunk:
     system_fingerprint: str
     # Grows along the stream (not by one); the clients resume a dropped stream after the last one seen.
     sequence_number: int = 0
+    service_tier: str = ""
 
     @classmethod
     def from_proto(cls, c: chat_pb2.ChatCompletionChunk) -> "ChatCompletionChunk":
@@ -144,7 +145,15 @@ class ChatCompletionChunk:
         ]
         usage = Usage.from_proto(c.usage) if c.HasField("usage") else None
         return cls(
-            c.id, c.object, c.created, c.model, choices, usage, c.system_fingerprint, c.sequence_number
+            c.id,
+            c.object,
+            c.created,
+            c.model,
+            choices,
+            usage,
+            c.system_fingerprint,
+            c.sequence_number,
+            c.service_tier,
         )
 
 

@@ -42,6 +42,7 @@ from gateway.errors import (
 from gateway.idempotency import METADATA_KEY as IDEMPOTENCY_METADATA
 from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
 from gateway.resume import ChoiceReply
+from gateway.validation import SERVED_TIER
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _INT64 = 1 << 63
 # are refused, naming the parameter, never silently ignored.
 _UNSUPPORTED = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-    "reasoning_effort", "reasoning_format", "include_reasoning", "service_tier",
+    "reasoning_effort", "reasoning_format", "include_reasoning",
     "metadata", "store", "modalities", "audio", "prediction", "search_settings", "documents",
     "web_search_options", "citation_options", "compound_custom", "exclude_domains", "include_domains",
 )  # fmt: skip
@@ -98,6 +99,8 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     if "response_format" in body:
         _set_response_format(request, _typed(body.pop("response_format"), "response_format", dict))
     request.user = _typed(body.pop("user", ""), "user", str)
+    if "service_tier" in body:
+        request.service_tier = _typed(body.pop("service_tier"), "service_tier", str)
     options.stream = _typed(body.pop("stream", False), "stream", bool)
     if "stream_options" in body:
         stream_options = _typed(body.pop("stream_options"), "stream_options", dict)
@@ -256,6 +259,7 @@ def _completion(
         "choices": choices,
         "usage": _usage(finished.usage) if finished is not None else None,
         "system_fingerprint": finished.system_fingerprint if finished is not None else fingerprint,
+        "service_tier": SERVED_TIER,
         "x_groq": {"id": f"req_{call.request_id}"},
     }
 
@@ -267,6 +271,7 @@ def _chunk(call: Accepted, fingerprint: str, choices: list[dict[str, Any]]) -> d
         "created": call.created,
         "model": call.model,
         "system_fingerprint": fingerprint,
+        "service_tier": SERVED_TIER,
         "choices": choices,
     }
 

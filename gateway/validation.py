@@ -16,11 +16,13 @@ from chat.v1 import chat_pb2
 from common.models import Message
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.config import GatewaySettings
-from gateway.errors import InvalidField, ModelNotFound, shown
+from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, shown
 
 ROLES = ("system", "user", "assistant")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
+SERVICE_TIERS = ("auto", "on_demand")  # every request is served on demand: no priority lanes yet
+SERVED_TIER = "on_demand"  # what responses report
 MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too
 _UINT64 = (1 << 64) - 1
 
@@ -88,6 +90,12 @@ def validate(
     presence_penalty = _check_range(request, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     stop = _check_stop(list(request.stop), limits)
     top_logprobs = _check_top_logprobs(request)
+    if request.HasField("service_tier") and request.service_tier not in SERVICE_TIERS:
+        raise UnsupportedParameter(
+            "service_tier",
+            f"must be one of {', '.join(SERVICE_TIERS)} (every request is served on demand),"
+            f" got {shown(request.service_tier)}",
+        )
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= limits.max_choices:
         raise InvalidField("n", f"must be in [1, {limits.max_choices}], got {n}")

@@ -84,3 +84,20 @@ def test_greedy_n_choices_are_the_same_reply(openai_client: openai.OpenAI) -> No
     assert [c.message.content for c in reply.choices] == [one.choices[0].message.content] * 3
     assert reply.usage is not None and one.usage is not None
     assert reply.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+def test_the_sdks_service_tier_auto_is_served_on_demand(
+    sdk: str, openai_client: openai.OpenAI, groq_client: groq.Groq, stub: chat_pb2_grpc.ChatServiceStub
+) -> None:
+    client: Any = openai_client if sdk == "openai" else groq_client
+    reply = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=2, service_tier="auto")
+    assert reply.service_tier == "on_demand"
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=STORY, max_tokens=2, service_tier="on_demand", stream=True
+        )
+    )
+    assert {c.service_tier for c in chunks} == {"on_demand"}
+    response = stub.ChatCompletion(chat_request("Hi", max_tokens=2, service_tier="auto"), timeout=60)
+    assert response.service_tier == "on_demand"

@@ -21,7 +21,7 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
             "temperature": 0.5, "top_p": 1, "max_completion_tokens": 9, "seed": -3, "stop": ", 6",
             "user": "u", "stream": True, "stream_options": {"include_usage": True}, "n": 3,
             "response_format": {"type": "json_object"}, "frequency_penalty": 1, "presence_penalty": -0.5,
-            "logprobs": True, "top_logprobs": 3,
+            "logprobs": True, "top_logprobs": 3, "service_tier": "auto",
         }
     )  # fmt: skip
     assert request.model == "m" and request.messages[0].content == "hi"
@@ -29,7 +29,9 @@ def test_a_full_body_maps_to_the_request_and_options() -> None:
     assert request.frequency_penalty == 1.0 and request.presence_penalty == -0.5
     assert request.seed == -3 and list(request.stop) == [", 6"] and request.user == "u"
     assert request.response_format.type == "json_object"
-    assert request.logprobs and request.top_logprobs == 3 and request.n == 3
+    assert (
+        request.logprobs and request.top_logprobs == 3 and request.n == 3 and request.service_tier == "auto"
+    )
     assert (
         options.stream
         and options.include_usage
@@ -67,6 +69,7 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
     [
         ({"tools": []}, UnsupportedParameter, "tools"),
         ({"n": "2"}, InvalidField, "n"),
+        ({"service_tier": 1}, InvalidField, "service_tier"),
         ({"n": 1.5}, InvalidField, "n"),
         ({"presence_penalty": "high"}, InvalidField, "presence_penalty"),
         ({"presence_penalty": [1]}, InvalidField, "presence_penalty"),

@@ -8,7 +8,7 @@ from chat.v1 import chat_pb2
 from common.models import ModelSpec
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewaySettings
-from gateway.errors import InvalidField, ModelNotFound
+from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter
 from gateway.http import parse_request
 from gateway.validation import Limits, validate
 from tests.integration.stack import chat_request
@@ -64,6 +64,18 @@ def test_n_up_to_the_gateways_limit_reaches_the_valid_request(catalog: ModelCata
     with pytest.raises(InvalidField) as caught:
         validate(request(n=3), catalog, 10, Limits(max_choices=2))
     assert caught.value.message == "`n` must be in [1, 2], got 3"
+
+
+@pytest.mark.parametrize("tier", ["auto", "on_demand"])
+def test_the_on_demand_service_tiers_are_accepted(catalog: ModelCatalog, tier: str) -> None:
+    validate(request(service_tier=tier), catalog, 10)
+
+
+@pytest.mark.parametrize("tier", ["flex", "performance", ""])
+def test_other_service_tiers_are_refused_by_name(catalog: ModelCatalog, tier: str) -> None:
+    with pytest.raises(UnsupportedParameter) as caught:
+        validate(request(service_tier=tier), catalog, 10)
+    assert caught.value.field == "service_tier" and "served on demand" in caught.value.message
 
 
 def test_top_logprobs_without_logprobs_says_what_it_needs(catalog: ModelCatalog) -> None:
