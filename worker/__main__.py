@@ -43,7 +43,7 @@ async def serve(settings: WorkerSettings) -> None:
     model = settings.model.name
     metrics.initialize(model)
     metrics.observe_engine(model, engine)
-    metrics.FREE_SLOTS.labels(model).set_function(lambda: settings.max_concurrency - consumer.num_running)
+    metrics.FREE_SLOTS.labels(model).set_function(lambda: consumer.free_sequences)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, consumer.stop)

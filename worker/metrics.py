@@ -22,7 +22,9 @@ WAITING = Gauge(
     ["model"],
 )
 FREE_SLOTS = Gauge(
-    "chat_worker_free_slots", "Jobs this worker can still take (max concurrency - taken)", ["model"]
+    "chat_worker_free_slots",
+    "Sequences this worker can still take (max concurrency - one per choice of the jobs taken)",
+    ["model"],
 )
 KV_CACHE_USAGE = Gauge(
     "chat_worker_kv_cache_usage_ratio", "Fraction of the engine's KV cache in use (0-1)", ["model"]
