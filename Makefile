@@ -82,6 +82,7 @@ bench: setup
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.cluster
+	$(BIN)/python -m bench.affinity
 
 # The stack on a real GPU (docs/gpu-check.md). gpu-prepare fills the git-ignored folders the
 # device tool carries (.gpu-kit, .gpu-deps; gen from make proto); gpu-check runs there, without
