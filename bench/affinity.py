@@ -5,8 +5,9 @@ after turn: turn k + 1's prompt extends turn k's, so a worker that served turn k
 turn k + 1's prompt in its prefix cache, if nothing evicted it. Each worker's KV cache holds
 about half of all the conversations' contexts. Two layouts, one after the other in one run:
   two  2 vLLM workers, each with the KV cache below, taking jobs as they come (today's placement)
+  pinned  2 stacks of 1 such worker, each conversation always on the same one: perfect affinity
+       with no load balance, at the same compute and cache as `two` (what placement aims at)
   one  1 vLLM worker with twice that KV cache: the same total cache, every turn where its history is
-       (the ceiling a placement can reach)
 Per layout: the prefix cache hit rate (tokens found / tokens looked up, from the workers' own
 counters), TTFT p50/p99, output tokens/s, and each worker's share of the jobs.
 
@@ -87,6 +88,7 @@ class Layout:
                 "WORKER_METRICS_PORT": str(port),
                 "WORKER_VLLM_KV_CACHE_GIB": f"{self.kv_cache_gib:.3f}",
                 "WORKER_MAX_CONCURRENCY": "4",
+                "WORKER_VLLM_DTYPE": "float32",  # the KV cache sizes below assume it (auto may be bf16)
                 # vLLM wants room for one whole context in the KV cache: these small caches need
                 # a context window to match (the longest prompt here is well under it).
                 "WORKER_VLLM_MAX_MODEL_LEN": "2048",
@@ -150,19 +152,26 @@ async def converse(
     return results
 
 
-async def run_load(layout: Layout, docs: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    before = layout.counters()
+async def run_load(stacks: list[Layout], docs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The conversations, conversation i on stacks[i % len(stacks)], `concurrency` turns in flight
+    in all; the counters of every stack's workers, in order."""
+    before = [row for stack in stacks for row in stack.counters()]
     gate = asyncio.Semaphore(args.concurrency)
-    async with grpc.aio.insecure_channel(layout.address) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        start = time.perf_counter()
-        per_conversation = await asyncio.gather(
-            *(converse(stub, doc, args.turns, args.reply_tokens, gate) for doc in docs)
+    channels = [grpc.aio.insecure_channel(stack.address) for stack in stacks]
+    stubs = [chat_pb2_grpc.ChatServiceStub(channel) for channel in channels]
+    start = time.perf_counter()
+    per_conversation = await asyncio.gather(
+        *(
+            converse(stubs[i % len(stubs)], doc, args.turns, args.reply_tokens, gate)
+            for i, doc in enumerate(docs)
         )
-        seconds = time.perf_counter() - start
-    after = layout.counters()
+    )
+    seconds = time.perf_counter() - start
+    for channel in channels:
+        await channel.close()
+    after = [row for stack in stacks for row in stack.counters()]
     turns = [t for conversation in per_conversation for t in conversation]
-    ttfts = sorted(t for t, _ in turns)
+    ttfts = sorted(t for t, _ in turns if t > 0)  # a reply without text has no first token
     queries = [a["queries"] - b["queries"] for a, b in zip(after, before, strict=True)]
     hits = [a["hits"] - b["hits"] for a, b in zip(after, before, strict=True)]
     jobs = [a["jobs"] - b["jobs"] for a, b in zip(after, before, strict=True)]
@@ -176,6 +185,16 @@ async def run_load(layout: Layout, docs: list[str], args: argparse.Namespace) ->
         "seconds": seconds,
         "requests": len(turns),
     }
+
+
+def run_layout(stacks: list[Layout], docs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        for stack in stacks:
+            stack.start()
+        return asyncio.run(run_load(stacks, docs, args))
+    finally:
+        for stack in stacks:
+            stack.stop()
 
 
 def main() -> None:
@@ -197,13 +216,16 @@ def main() -> None:
     all_contexts_gib = args.conversations * context * KV_BYTES_PER_TOKEN / (1 << 30)
     per_worker = all_contexts_gib / 2  # each of two workers holds about half of them
     results: dict[str, Any] = {}
-    for layout in (Layout("two", 2, per_worker), Layout("one", 1, 2 * per_worker)):
-        try:
-            layout.start()
-            results[layout.name] = asyncio.run(run_load(layout, docs, args))
-            print(layout.name, json.dumps(results[layout.name]), flush=True)
-        finally:
-            layout.stop()
+    layouts = {
+        "two": [Layout("two", 2, per_worker)],
+        # Two stacks of one worker, each conversation always on the same one: perfect affinity
+        # without load balance, at the same compute and KV cache as `two`.
+        "pinned": [Layout("pinned-a", 1, per_worker), Layout("pinned-b", 1, per_worker)],
+        "one": [Layout("one", 1, 2 * per_worker)],
+    }
+    for name, stacks in layouts.items():
+        results[name] = run_layout(stacks, docs, args)
+        print(name, json.dumps(results[name]), flush=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
@@ -225,7 +247,7 @@ def write_markdown(meta: dict[str, Any], results: dict[str, Any], path: Path) ->
         for name, r in results.items()
     ]
     path.write_text(
-        "# Prefix cache under pressure: today's placement against the one-worker ceiling\n\n"
+        "# Prefix cache under pressure: today's placement, perfect affinity, one worker\n\n"
         f"`.venv/bin/python -m bench.affinity` ({meta['date']}, {meta['machine']}; vLLM on CPU, float32).\n"
         f"{a['conversations']} conversations, each over its own document of about"
         f" {a['document_tokens']} tokens, {a['turns']} turns of {a['reply_tokens']}-token greedy replies,"
@@ -233,10 +255,12 @@ def write_markdown(meta: dict[str, Any], results: dict[str, Any], path: Path) ->
         f" a conversation's context reaches about {meta['context_tokens']} tokens, all of them"
         f" {meta['all_contexts_gib']} GiB of KV cache. Layout `two`: 2 workers of"
         f" {meta['kv_cache_gib_per_worker_two']} GiB each (half of all contexts each); `one`: 1 worker with"
-        " twice that. vLLM on CPU binds each engine to core 0 (core 1 is left to the processes' front"
-        " ends), so both layouts run their engines on the same one core: they differ in where each"
-        " conversation's history is cached, not in compute. Turn 1 of each conversation cannot hit"
-        " (no worker has its document yet), which bounds the hit rate below 1 in both.\n\n"
+        " twice that; `pinned`: 2 stacks of one such worker, each conversation always on the same one"
+        " (perfect affinity, no load balance). vLLM on CPU binds each engine to core 0 (core 1 is left"
+        " to the processes' front ends), so all layouts run their engines on the same one core: `two`"
+        " and `pinned` differ only in where each turn runs; `one` also batches in one engine instead of"
+        " two taking turns on the core. Turn 1 of each conversation cannot hit (no worker has its"
+        " document yet), which bounds every hit rate below 1.\n\n"
         "| layout | prefix cache hit rate (per worker) | TTFT p50 / p99 ms | output tokens/s"
         " | jobs per worker | seconds |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )

@@ -21,7 +21,9 @@ from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, sh
 ROLES = ("system", "user", "assistant")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
-SERVICE_TIERS = ("auto", "on_demand")  # every request is served on demand: no priority lanes yet
+# Every request is served on demand (no priority lanes yet): the tiers that ask for nothing else.
+# "default" is the openai SDK's name for it.
+SERVICE_TIERS = ("auto", "on_demand", "default")
 SERVED_TIER = "on_demand"  # what responses report
 MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too
 _UINT64 = (1 << 64) - 1

@@ -21,7 +21,7 @@ from common import codec, engine_registry, keys, tracing
 from common.supervise import supervised
 from worker import metrics
 from worker.config import WorkerSettings
-from worker.engine.base import Engine, EngineDead
+from worker.engine.base import GREEDY_BELOW, Engine, EngineDead
 from worker.jobs import Delivery, ModelJobs
 from worker.publisher import EventPublisher
 from worker.runner import FailureKind, JobEvents, can_continue, run_job
@@ -32,6 +32,12 @@ _BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
 _ENGINE_DEATH_GRACE_SECONDS = 2.0
 
 
+def _sequences(job: codec.Job | None) -> int:
+    if job is None or job.sampling.temperature < GREEDY_BELOW:
+        return 1
+    return max(1, job.sampling.n)
+
+
 class _Running:
     def __init__(self, delivery: Delivery, events: JobEvents) -> None:
         self.delivery = delivery
@@ -39,8 +45,9 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
         self.handed_back = False  # True: leave it pending for another worker, publish nothing more
         self.aborted = False  # True: stop it, whether or not it has reached the engine yet
-        # What it takes of WORKER_MAX_CONCURRENCY: the engine runs a sequence per choice.
-        self.sequences = max(1, delivery.job.sampling.n) if delivery.job is not None else 1
+        # What it takes of WORKER_MAX_CONCURRENCY: the engine runs a sequence per choice (one
+        # for greedy choices, which are all the same: worker/engine/vllm.py).
+        self.sequences = _sequences(delivery.job)
 
 
 class JobConsumer:
@@ -60,6 +67,7 @@ class JobConsumer:
         self._model = settings.model.name
         self._jobs = ModelJobs(redis, self._model, settings.worker_id, settings.job_streams)
         self._running: dict[str, _Running] = {}  # by request_id
+        self._widest_job = 1  # the most sequences a job taken here has had: reads take free // it
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._next_reclaim = 0.0
@@ -73,9 +81,17 @@ class JobConsumer:
     @property
     def free_sequences(self) -> int:
         """What is left of WORKER_MAX_CONCURRENCY: a job of n choices fills n of the engine's
-        sequences. A job is taken while any is free, so a worker may overshoot by n - 1 (vLLM
-        queues those sequences itself)."""
-        return self._settings.max_concurrency - sum(r.sequences for r in self._running.values())
+        sequences. Reads take free // (the most sequences a job here has had) jobs at a time, at
+        least one, so once a worker has seen jobs of n choices it overshoots by at most n - 1
+        (vLLM queues those sequences itself); the first read of a burst of them, before any was
+        seen, can overshoot by more. Never below 0."""
+        return max(0, self._settings.max_concurrency - sum(r.sequences for r in self._running.values()))
+
+    def jobs_to_read(self) -> int:
+        """How many jobs the next read may take: at least one while a sequence is free, more only
+        as many as surely fit, counting each as the widest job seen here."""
+        free = self.free_sequences
+        return max(1, free // self._widest_job) if free else 0
 
     def stop(self) -> None:
         """Stop taking jobs (SIGTERM); run() returns, then drain() finishes or hands back the rest."""
@@ -90,7 +106,7 @@ class JobConsumer:
             await self._jobs.ensure_groups()
             await self._advertise()
             while not self._stopping.is_set():
-                free = self.free_sequences
+                free = self.jobs_to_read()
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
@@ -188,6 +204,7 @@ class JobConsumer:
             )
             return
         self._running[delivery.request_id] = running
+        self._widest_job = max(self._widest_job, running.sequences)
         running.task = asyncio.create_task(self._run(running), name=f"job-{delivery.request_id}")
 
     async def _run(self, running: _Running) -> None:

@@ -18,7 +18,7 @@ from common import codec, keys
 from devstack.redis_server import RedisServer
 from tests.unit.test_runner import CollectingFakePublisher, ScriptedFakeEngine
 from worker.config import WorkerSettings
-from worker.consumer import JobConsumer
+from worker.consumer import JobConsumer, _Running
 from worker.engine.base import Delta
 from worker.jobs import Delivery
 
@@ -132,7 +132,7 @@ async def test_a_job_of_n_choices_takes_n_of_the_workers_sequences(client: Redis
     consumer = JobConsumer(settings, client, engine, FlushingFakePublisher())  # type: ignore[arg-type]
     three = delivery(uuid.uuid4().hex)
     assert three.job is not None
-    three.job.sampling.n = 3
+    three.job.sampling.n, three.job.sampling.temperature = 3, 1.0  # sampled: three sequences
     consumer._accept(three)
     consumer._accept(delivery(uuid.uuid4().hex))
     assert (consumer.num_running, consumer.free_sequences) == (2, 8 - 3 - 1)
@@ -140,3 +140,26 @@ async def test_a_job_of_n_choices_takes_n_of_the_workers_sequences(client: Redis
     client.release.set()  # the jobs run (the fake engine ends them at once) and give their sequences back
     await asyncio.gather(*tasks)
     assert (consumer.num_running, consumer.free_sequences) == (0, 8)
+
+
+async def test_reads_take_as_many_jobs_as_surely_fit_and_greedy_choices_take_one_sequence(
+    client: RedisWithHeldExists,
+) -> None:
+    settings = WorkerSettings.from_env(
+        {"WORKER_ENGINE": "bench", "WORKER_ID": "w1", "WORKER_MAX_CONCURRENCY": "8"}
+    )
+    consumer = JobConsumer(settings, client, ScriptedFakeEngine([]), FlushingFakePublisher())  # type: ignore[arg-type]
+    assert consumer.jobs_to_read() == 8  # nothing wider than one sequence seen yet
+    greedy = delivery("g")
+    assert greedy.job is not None
+    greedy.job.sampling.n, greedy.job.sampling.temperature = 3, 0.0
+    consumer._running["g"] = _Running(greedy, None)  # type: ignore[arg-type]
+    assert consumer.free_sequences == 7  # the engine generates greedy choices once
+    sampled = delivery("s")
+    assert sampled.job is not None
+    sampled.job.sampling.n, sampled.job.sampling.temperature = 4, 1.0
+    consumer._running["s"] = _Running(sampled, None)  # type: ignore[arg-type]
+    consumer._widest_job = 4
+    assert (consumer.free_sequences, consumer.jobs_to_read()) == (3, 1)  # at least one
+    consumer._running["s2"] = _Running(sampled, None)  # type: ignore[arg-type]
+    assert (consumer.free_sequences, consumer.jobs_to_read()) == (0, 0)  # over: never below 0

@@ -66,7 +66,7 @@ def test_n_up_to_the_gateways_limit_reaches_the_valid_request(catalog: ModelCata
     assert caught.value.message == "`n` must be in [1, 2], got 3"
 
 
-@pytest.mark.parametrize("tier", ["auto", "on_demand"])
+@pytest.mark.parametrize("tier", ["auto", "on_demand", "default"])
 def test_the_on_demand_service_tiers_are_accepted(catalog: ModelCatalog, tier: str) -> None:
     validate(request(service_tier=tier), catalog, 10)
 

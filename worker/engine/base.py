@@ -61,6 +61,10 @@ class TokenLogprob:
     top: tuple["TokenLogprob", ...] = ()
 
 
+# Below this temperature vLLM decodes greedily (its _SAMPLING_EPS): every choice is the same.
+GREEDY_BELOW = 1e-5
+
+
 # Stands for an impossible token (log probability -inf), which JSON cannot carry; as vLLM's server.
 MIN_LOGPROB = -9999.0
 

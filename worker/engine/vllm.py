@@ -32,6 +32,7 @@ from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 from common.models import ModelSpec
 from worker.config import VllmSettings
 from worker.engine.base import (
+    GREEDY_BELOW,
     Delta,
     Engine,
     EngineDead,
@@ -56,8 +57,6 @@ try:  # vLLM >= 0.30 raises its own client errors for bad requests; older ones V
     _REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
 except ImportError:
     _REQUEST_ERRORS = (ValueError,)
-# vLLM decodes greedily below this temperature (its _SAMPLING_EPS).
-GREEDY_BELOW = 1e-5
 # KV cache on CPU when WORKER_VLLM_KV_CACHE_GIB is 0 (on GPUs vLLM sizes it from memory utilization).
 CPU_DEFAULT_KV_CACHE_GIB = 2.0
 
