@@ -34,6 +34,11 @@ def check_entries(
         )
         if top:
             assert e.top_logprobs[0].token == e.token  # greedy: the likeliest token was generated
+    return pairs(entries)
+
+
+def pairs(entries: Any) -> list[tuple[str, float]]:
+    """(token, logprob) of each entry, rounded: what transports must agree on."""
     return [(e.token, round(e.logprob, 3)) for e in entries]
 
 
@@ -51,12 +56,12 @@ def test_grpc_unary_stream_and_get_return_the_same_logprobs(stub: chat_pb2_grpc.
     request = chat_request(ASK, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=2)
     chunks = list(stub.StreamChatCompletion(request, timeout=60))
     streamed = [e for c in chunks for e in c.choices[0].logprobs.content]
-    assert [(e.token, round(e.logprob, 3)) for e in streamed] == expected
+    assert pairs(streamed) == expected
     # Chunks without tokens (the role chunk, the last one) have no logprobs at all.
     assert not chunks[0].choices[0].HasField("logprobs") and not chunks[-1].choices[0].HasField("logprobs")
     # Read back by id from the completion log: the same entries.
     again = stub.GetChatCompletion(chat_pb2.GetChatCompletionRequest(id=chunks[0].id), timeout=30)
-    assert [(e.token, round(e.logprob, 3)) for e in again.choices[0].logprobs.content] == expected
+    assert pairs(again.choices[0].logprobs.content) == expected
 
 
 def test_without_logprobs_the_field_is_unset(stub: chat_pb2_grpc.ChatServiceStub) -> None:
@@ -97,7 +102,7 @@ def test_the_python_client_returns_logprobs(stack: Stack, stub: chat_pb2_grpc.Ch
         reply.choices[0].message.content, logprobs.content, reply.usage.completion_tokens, 2
     )
     streamed = [e for c in chunks if (lp := c.choices[0].logprobs) is not None for e in lp.content]
-    assert [(e.token, round(e.logprob, 3)) for e in streamed] == expected
+    assert pairs(streamed) == expected
 
 
 @pytest.mark.parametrize("sdk", ["openai", "groq"])
@@ -114,7 +119,7 @@ def test_both_sdks_get_logprobs_unary_and_streamed(
         choice.message.content, choice.logprobs.content, reply.usage.completion_tokens, 3
     )
     grpc_reply = grpc_unary(stub, top=3).choices[0].logprobs.content
-    assert [(e.token, round(e.logprob, 3)) for e in grpc_reply] == expected
+    assert pairs(grpc_reply) == expected
 
     stream = create(
         model=MODEL,
@@ -129,7 +134,7 @@ def test_both_sdks_get_logprobs_unary_and_streamed(
     streamed = [
         e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
     ]
-    assert [(e.token, round(e.logprob, 3)) for e in streamed] == expected
+    assert pairs(streamed) == expected
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
 
     plain = create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
