@@ -21,10 +21,10 @@ from common import codec, engine_registry, keys, tracing
 from common.supervise import supervised
 from worker import metrics
 from worker.config import WorkerSettings
-from worker.engine.base import GREEDY_BELOW, Engine, EngineDead
+from worker.engine.base import Engine, EngineDead, sequences
 from worker.jobs import Delivery, ModelJobs
 from worker.publisher import EventPublisher
-from worker.runner import FailureKind, JobEvents, can_continue, run_job
+from worker.runner import FailureKind, JobEvents, can_continue, run_job, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ _ENGINE_DEATH_GRACE_SECONDS = 2.0
 
 
 def _sequences(job: codec.Job | None) -> int:
-    if job is None or job.sampling.temperature < GREEDY_BELOW:
-        return 1
-    return max(1, job.sampling.n)
+    return 1 if job is None else sequences(sampling_params(job))
 
 
 class _Running:
@@ -46,7 +44,7 @@ class _Running:
         self.handed_back = False  # True: leave it pending for another worker, publish nothing more
         self.aborted = False  # True: stop it, whether or not it has reached the engine yet
         # What it takes of WORKER_MAX_CONCURRENCY: the engine runs a sequence per choice (one
-        # for greedy choices, which are all the same: worker/engine/vllm.py).
+        # for greedy choices, which are all the same: worker/engine/base.py sequences).
         self.sequences = _sequences(delivery.job)
 
 

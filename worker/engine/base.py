@@ -65,6 +65,12 @@ class TokenLogprob:
 GREEDY_BELOW = 1e-5
 
 
+def sequences(params: SamplingParams) -> int:
+    """Sequences an engine runs for a generation: one per choice, but one for greedy choices,
+    which are all the same (the engine copies it)."""
+    return 1 if params.temperature < GREEDY_BELOW else params.n
+
+
 # Stands for an impossible token (log probability -inf), which JSON cannot carry; as vLLM's server.
 MIN_LOGPROB = -9999.0
 

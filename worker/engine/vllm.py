@@ -32,7 +32,6 @@ from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 from common.models import ModelSpec
 from worker.config import VllmSettings
 from worker.engine.base import (
-    GREEDY_BELOW,
     Delta,
     Engine,
     EngineDead,
@@ -42,6 +41,7 @@ from worker.engine.base import (
     EngineUnavailable,
     GenerationRequest,
     TokenLogprob,
+    sequences,
 )
 from worker.engine.base import SamplingParams as EngineParams
 from worker.engine.dtype import DtypeChoice, choose_dtype, detect_cpu_features
@@ -295,7 +295,7 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         logprobs=p.logprobs,
         # vLLM seeds choice i with seed + i (vllm/v1/engine/parallel_sampling.py); greedy, it
         # takes only n = 1 (the engine copies that choice).
-        n=1 if p.temperature < GREEDY_BELOW else p.n,
+        n=sequences(p),
         structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
