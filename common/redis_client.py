@@ -371,7 +371,7 @@ _CLUSTER_UNREACHABLE = ("Redis Cluster cannot be connected", "startup_nodes coul
 class ClusterClient(RedisCluster):
     """redis-py's RedisCluster, except that it finds the keys of XREAD and XREADGROUP itself.
 
-    redis-py 8.1.0 asks a node for the keys of a command whose key positions vary (COMMAND
+    redis-py (8.1.0, 8.2.0) asks a node for the keys of a command whose key positions vary (COMMAND
     GETKEYS, twice per command, once in a pipeline), always the node that was its default one
     when it last loaded the slot map: each blocking read cost two more round trips, all to that
     node, and once that node died every XREAD failed, without a retry, until some other command
