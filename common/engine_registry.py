@@ -11,29 +11,40 @@ gateways need not agree and a refresh cannot race with the removal of an expired
 Each entry also says how many job streams its worker reads (REDIS_JOB_STREAMS): gateways
 queue only on streams every live worker reads, so a setting that differs between gateways
 and workers (or a rolling change of it) strands no job.
+
+And what cache-affine placement needs (gateway/placement.py): the worker's own job stream, its
+engine's KV cache block size, and its load (sequences running, of how many), as of its last
+heartbeat.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from common import keys
 
-# KEYS[1] engines hash; ARGV worker id, context window, time to live (ms), job streams read.
+# KEYS[1] engines hash; ARGV worker id, context window, time to live (ms), job streams read,
+# and the placement fields as JSON (an object, possibly empty).
 _ADVERTISE = """
 local now = redis.call('TIME')
 local expires = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({
-  context_window = tonumber(ARGV[2]), expires_ms = expires, job_streams = tonumber(ARGV[4])}))
+local entry = cjson.decode(ARGV[5])
+entry.context_window = tonumber(ARGV[2])
+entry.expires_ms = expires
+entry.job_streams = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
 """
 
 # KEYS[1] engines hash. Removes expired or unreadable entries; returns the smallest live window
-# and the fewest job streams a live worker reads (an entry without it: 1), or {-1, -1}.
+# and the fewest job streams a live worker reads (an entry without it: 1), or {-1, -1}; then
+# each live worker's id and entry.
 _LIVE_ENGINES = """
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 local entries = redis.call('HGETALL', KEYS[1])
 local smallest, fewest = -1, -1
+local live = {}
 for i = 1, #entries, 2 do
   local ok, info = pcall(cjson.decode, entries[i + 1])
   local window = ok and type(info) == 'table' and tonumber(info.context_window)
@@ -42,12 +53,26 @@ for i = 1, #entries, 2 do
     local streams = tonumber(info.job_streams) or 1
     if smallest < 0 or window < smallest then smallest = window end
     if fewest < 0 or streams < fewest then fewest = streams end
+    table.insert(live, entries[i])
+    table.insert(live, entries[i + 1])
   else
     redis.call('HDEL', KEYS[1], entries[i])
   end
 end
-return {smallest, fewest}
+local reply = {smallest, fewest}
+for _, v in ipairs(live) do table.insert(reply, v) end
+return reply
 """
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What a worker tells gateways for cache-affine placement, as of its last heartbeat."""
+
+    stream: str  # its own job stream (common/keys.py worker_stream)
+    block_size: int  # its engine's KV cache block: the prefix cache holds whole blocks only
+    running: int  # sequences its engine runs
+    capacity: int  # the most it runs (WORKER_MAX_CONCURRENCY)
 
 
 @dataclass(frozen=True)
@@ -56,13 +81,35 @@ class LiveEngines:
 
     context_window: int  # the smallest engine's
     job_streams: int  # the fewest job streams a worker reads
+    # By worker id, those that advertise a stream of their own (workers older than placement don't).
+    loads: dict[str, WorkerLoad] = field(default_factory=dict, compare=False)
+    worker_ids: frozenset[str] = field(default=frozenset(), compare=False)  # every live worker
 
 
 async def advertise(
-    redis: Redis, model: str, worker_id: str, context_window: int, ttl: float, job_streams: int = 1
+    redis: Redis,
+    model: str,
+    worker_id: str,
+    context_window: int,
+    ttl: float,
+    job_streams: int = 1,
+    load: WorkerLoad | None = None,
 ) -> None:
     script = redis.register_script(_ADVERTISE)
-    await script(keys=[keys.engines(model)], args=[worker_id, context_window, int(ttl * 1000), job_streams])
+    fields = (
+        {
+            "stream": load.stream,
+            "block_size": load.block_size,
+            "running": load.running,
+            "capacity": load.capacity,
+        }
+        if load is not None
+        else {}
+    )
+    await script(
+        keys=[keys.engines(model)],
+        args=[worker_id, context_window, int(ttl * 1000), job_streams, json.dumps(fields)],
+    )
 
 
 async def withdraw(redis: Redis, model: str, worker_id: str) -> None:
@@ -74,5 +121,27 @@ async def live_engines(redis: Redis, model: str) -> LiveEngines | None:
 
     Entries of workers that died without withdrawing (SIGKILL, lost node) are removed."""
     script = redis.register_script(_LIVE_ENGINES)
-    smallest, fewest = (int(n) for n in await script(keys=[keys.engines(model)]))
-    return LiveEngines(smallest, fewest) if smallest >= 0 else None
+    reply = await script(keys=[keys.engines(model)])
+    smallest, fewest = int(reply[0]), int(reply[1])
+    if smallest < 0:
+        return None
+    loads = {}
+    for worker_id, entry in zip(reply[2::2], reply[3::2], strict=True):
+        if (load := _load(entry)) is not None:
+            loads[bytes(worker_id).decode()] = load
+    ids = frozenset(bytes(worker_id).decode() for worker_id in reply[2::2])
+    return LiveEngines(smallest, fewest, loads, ids)
+
+
+def _load(entry: bytes) -> WorkerLoad | None:
+    """The placement fields of a live entry; None for a worker that advertises none."""
+    info = json.loads(entry)
+    try:
+        return WorkerLoad(
+            stream=str(info["stream"]),
+            block_size=int(info["block_size"]),
+            running=int(info["running"]),
+            capacity=int(info["capacity"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -63,6 +63,37 @@ def job_stream(model: str, shard: int = 0) -> str:
     return f"{PREFIX}:jobs:{{{model}#{shard}}}"
 
 
+def worker_stream(model: str, shard: int, worker_id: str) -> str:
+    """The job stream of one worker (consumer group WORKER_GROUP): jobs placed on it because the
+    worker holds their prompt's prefix in its cache (gateway/placement.py). In the slot of the
+    model's shard `shard`, so that the worker blocks on both in one read, and the job's marker,
+    cancel flag and dead letters are the same keys whichever of the two streams holds it."""
+    return f"{job_stream(model, shard)}:w:{worker_id}"
+
+
+def is_worker_stream(job_stream: str) -> bool:
+    """Whether a job stream is a worker's own (worker_stream), not one of a model's shards."""
+    return ":w:" in job_stream[job_stream.find("}") :]
+
+
+def shard_of(job_stream: str) -> int:
+    """The shard in whose slot a job stream lives, a model's (job_stream) or a worker's (worker_stream)."""
+    return int(slot_of(job_stream)[1:-1].rpartition("#")[2])
+
+
+def worker_streams(model: str, shard: int) -> str:
+    """Set of the worker streams in shard `shard`'s slot: where other workers look for the jobs
+    of a worker that died, and a gateway checks that a stream it places on still exists."""
+    return f"{PREFIX}:workerstreams:{{{model}#{shard}}}"
+
+
+def prefix_index(model: str, tag: str, digest: str) -> str:
+    """The worker that last ran a prompt whose leading tokens (or affinity key) hash to `digest`
+    (gateway/placement.py). `tag` is the digest of the prompt's first block: one conversation's
+    keys share a slot, so one MGET reads them, and conversations spread over the shards."""
+    return f"{PREFIX}:prefix:{{{model}:{tag}}}:{digest}"
+
+
 def dead_letter_stream(job_stream: str) -> str:
     """Jobs of one job stream given up on (undecodable, or delivered too many times), for people
     to inspect; in the job stream's slot, since the step that ends a job writes it."""

@@ -99,6 +99,7 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     if "response_format" in body:
         _set_response_format(request, _typed(body.pop("response_format"), "response_format", dict))
     request.user = _typed(body.pop("user", ""), "user", str)
+    request.prompt_cache_key = _typed(body.pop("prompt_cache_key", ""), "prompt_cache_key", str)
     if "service_tier" in body:
         request.service_tier = _typed(body.pop("service_tier"), "service_tier", str)
     options.stream = _typed(body.pop("stream", False), "stream", bool)

@@ -77,6 +77,15 @@ UNREPLICATED_SUBMITS = Counter(
     " (a failover then may lose them; the lost-job check ends their calls UNAVAILABLE)",
 )
 REDIS_UP = Gauge("chat_gateway_redis_up", "1 while Redis answers this gateway, else 0")
+PLACEMENTS = Counter(
+    "chat_gateway_placements_total",
+    "Jobs placed for the prefix cache (GATEWAY_CACHE_AFFINITY, with two or more workers), by outcome:"
+    " preferred (on the worker that ran the longest matching prefix), spilled (that worker was over"
+    " its share of the load or full: elsewhere), unmatched (no worker known to hold the prefix: any"
+    " worker), moved (placed, not taken within GATEWAY_AFFINITY_DELAY_MS: moved to any worker)",
+    ["model", "outcome"],
+)
+PLACEMENT_OUTCOMES = ("preferred", "spilled", "unmatched", "moved")
 
 
 REJECTION_REASONS = (
@@ -103,6 +112,8 @@ def initialize(models: list[str]) -> None:
             RESUMED_STREAMS.labels(model, outcome)
         for outcome in ("finished", "cancelled", "failed"):
             DETACHED_JOBS.labels(model, outcome)
+        for outcome in PLACEMENT_OUTCOMES:
+            PLACEMENTS.labels(model, outcome)
         PROMPT_TOKENS.labels(model)
         COMPLETION_TOKENS.labels(model)
 

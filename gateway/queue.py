@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, OutOfMemoryError, RedisError
 
 from common import codec, engine_registry, keys, streams
 from common.redis_client import on_node_of
 from common.supervise import being_cancelled, supervised
-from gateway import metrics
+from gateway import metrics, placement
 from gateway.completion_log import CallRecord
 from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
+from gateway.placement import Placement
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
 from gateway.validation import ValidRequest
@@ -71,19 +73,59 @@ return 1
 # Step 2, _QUEUE. KEYS: job stream, the request's submitted marker. ARGV: group, limit, marker
 # TTL, 6 entry fields. Returns the entry id, or the number of jobs waiting when the queue is
 # full. Run again (a retry after a reply timeout), it returns the entry it added the first time.
-_QUEUE = (
-    """
+_ALREADY_QUEUED = """
 local queued = redis.call('GET', KEYS[2])
 if queued then return queued end
 """
-    + _WAITING
-    + """
-if waiting >= tonumber(ARGV[2]) then return waiting end
+_ADD = """
 local id = redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
 return id
 """
+_QUEUE = _ALREADY_QUEUED + _WAITING + "if waiting >= tonumber(ARGV[2]) then return waiting end\n" + _ADD
+# Or step 2, _PLACE: the job on a worker's own stream (gateway/placement.py), as _QUEUE does but
+# only while that stream is listed (its worker has not been removed for good) and holds fewer
+# undelivered jobs than ARGV[2], the worker's free sequences as last known. KEYS: worker stream,
+# submitted marker, the set of worker streams of its slot. Returns the entry id, or -1: the job
+# goes to the shared streams instead.
+_PLACE = (
+    _ALREADY_QUEUED
+    + "if redis.call('SISMEMBER', KEYS[3], KEYS[1]) == 0 then return -1 end\n"
+    + _WAITING
+    + "if waiting >= tonumber(ARGV[2]) then return -1 end\n"
+    + _ADD
 )
+# Moves a placed job from its worker's stream to the shard stream of the same slot, if no worker
+# has read it yet (its id is past the group's last-delivered id), so that any worker takes it;
+# a job cancelled meanwhile is dropped instead. Atomic against the workers' reads: a job is
+# either delivered where it was placed or moved, never both. KEYS: worker stream, shard stream,
+# submitted marker, cancel flag. ARGV: group, entry id, marker TTL. Returns the new entry id, or
+# false when the job was delivered, had ended, or was dropped.
+_MOVE = """
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])[1]
+if not entry then return false end
+local delivered = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, group in ipairs(groups) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    if info['name'] == ARGV[1] then delivered = info['last-delivered-id'] end
+  end
+end
+local ems, eseq = string.match(ARGV[2], '^(%d+)-(%d+)$')
+local dms, dseq = string.match(delivered, '^(%d+)-(%d+)$')
+ems, eseq, dms, dseq = tonumber(ems), tonumber(eseq), tonumber(dms), tonumber(dseq)
+if ems < dms or (ems == dms and eseq <= dseq) then return false end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('DEL', KEYS[3], KEYS[4])
+  return false
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(entry[2]))
+redis.call('SET', KEYS[3], id, 'EX', ARGV[3])
+return id
+"""
 
 
 # Sets a job's cancel flag only while its entry is still in the job stream: a worker deletes
@@ -139,6 +181,9 @@ class JobQueue:
         self._reply_stream = keys.reply_stream(gateway_id)
         self._open_call = redis.register_script(_OPEN_CALL)
         self._queue = redis.register_script(_QUEUE)
+        self._place = redis.register_script(_PLACE)
+        self._move = redis.register_script(_MOVE)
+        self.placement: Placement | None = None  # GATEWAY_CACHE_AFFINITY: None places no job
         self._waiting = redis.register_script(_WAITING + "return waiting")
         self._cancel_script = redis.register_script(_CANCEL)
         self._create_reply_stream = redis.register_script(_CREATE_REPLY_STREAM)
@@ -156,6 +201,7 @@ class JobQueue:
         self.presence: WorkerPresence | None = None  # None: queue whether or not a worker is live
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._moves: set[asyncio.Task[None]] = set()  # placed jobs waiting for their delay
 
     async def start(self) -> None:
         await self._touch_reply_stream()
@@ -166,9 +212,10 @@ class JobQueue:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        moves = list(self._moves)  # placed jobs not moved stay where they are: their workers take them
+        for task in [*self._tasks, *moves]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *moves, *self._background, return_exceptions=True)
         with contextlib.suppress(RedisError):  # it expires on its own otherwise
             await self._redis.delete(self._reply_stream)
 
@@ -188,6 +235,8 @@ class JobQueue:
         live = await engine_registry.live_engines(self._redis, model)
         if live is not None:
             self._streams_read[model] = live.job_streams
+        if self.placement is not None:
+            self.placement.observe(model, live)
         return live
 
     async def generated_tokens(self, request_id: str) -> int:
@@ -262,6 +311,11 @@ class JobQueue:
         )
         # The most the job can generate: what the call's charge is capped at.
         subscription = Subscription(request_id, request.model, request.max_tokens * request.n)
+        if self.placement is not None:
+            caller_key = request.prompt_cache_key or request.user
+            subscription.affinity = self.placement.affinity(
+                request.model, request.prompt_token_ids, caller_key
+            )
         subscription.deadline = deadline
         subscription.choices = request.n
         subscription.created = int(time.time())
@@ -297,6 +351,10 @@ class JobQueue:
             return None
         subscription.entry_id = added
         self._relay_state(reply_stream_ok=True)  # the script found the reply stream there
+        if self.placement is not None and keys.is_worker_stream(subscription.job_stream):
+            move = asyncio.create_task(self._move_unless_taken(subscription, self.placement.delay_seconds))
+            self._moves.add(move)
+            move.add_done_callback(self._moves.discard)
         return subscription
 
     async def _queue_job(self, subscription: Subscription, call: list[Any], fields: tuple[bytes, ...]) -> Any:
@@ -309,6 +367,8 @@ class JobQueue:
         log_key = keys.completion_log(request_id)
         if await self._open_call(keys=[self._reply_stream, log_key], args=call) == _REPLY_STREAM_GONE:
             return _REPLY_STREAM_GONE
+        if (placed := await self._place_on_worker(subscription, fields)) is not None:
+            return placed
         streams = max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
         # Each stream takes its share of the model's limit; jobs spread evenly over them.
         per_stream = -(-self._max_queued_jobs // streams)
@@ -317,6 +377,7 @@ class JobQueue:
         for i in range(streams):
             stream = subscription.job_stream = keys.job_stream(model, (first + i) % streams)
             added = await self._queue_on(
+                self._queue,
                 [stream, keys.submitted(stream, request_id)],
                 [keys.WORKER_GROUP, per_stream, keys.RETRY_MARKER_TTL_SECONDS, *fields],
             )
@@ -327,8 +388,76 @@ class JobQueue:
             await self._redis.delete(log_key)
         return _QueueFull(waiting)
 
-    async def _queue_on(self, keys: list[str], args: list[Any]) -> Any:
-        """Runs _QUEUE: the entry id, or the number waiting on that stream when it is full. With
+    async def _place_on_worker(self, subscription: Subscription, fields: tuple[bytes, ...]) -> bytes | None:
+        """Queues the job on the worker placement picks (gateway/placement.py): its entry id, or
+        None when placement picks none or that worker's stream takes no more (then the shared
+        streams get it). Counts the placement's outcome."""
+        if self.placement is None or subscription.affinity is None:
+            return None
+        model = subscription.model
+        target, outcome = await self.placement.place(
+            model, subscription.request_id, subscription.affinity, subscription.choices
+        )
+        if target is not None:
+            subscription.job_stream = target.stream  # a cancel from now on looks there
+            try:
+                added = await self._queue_on(
+                    self._place,
+                    [
+                        target.stream,
+                        keys.submitted(target.stream, subscription.request_id),
+                        keys.worker_streams(model, keys.shard_of(target.stream)),
+                    ],
+                    [keys.WORKER_GROUP, target.room, keys.RETRY_MARKER_TTL_SECONDS, *fields],
+                )
+            except BaseException:
+                self.placement.forget(subscription.request_id)
+                raise
+            if isinstance(added, bytes):
+                self.placement.count(model, outcome)
+                return added
+            self.placement.forget(subscription.request_id)
+            outcome = placement.SPILLED  # its stream was full, or gone
+        self.placement.count(model, outcome)
+        return None
+
+    async def _move_unless_taken(self, subscription: Subscription, delay: float) -> None:
+        """After the delay, moves a placed job that its worker has not taken (busy, frozen, dead
+        or draining) to the shared stream of its slot, where any worker takes it."""
+        await asyncio.sleep(delay)
+        if subscription.ran_on or subscription.done or not keys.is_worker_stream(subscription.job_stream):
+            return
+        placed, entry_id = subscription.job_stream, subscription.entry_id
+        shared = keys.job_stream(subscription.model, keys.shard_of(placed))
+        request_id = subscription.request_id
+        subscription.moving = True  # the lost-job check must not take the moved entry for lost
+        moved = None
+        try:
+            moved = await self._move(
+                keys=[
+                    placed,
+                    shared,
+                    keys.submitted(placed, request_id),
+                    keys.cancel_flag(placed, request_id),
+                ],
+                args=[keys.WORKER_GROUP, entry_id, keys.RETRY_MARKER_TTL_SECONDS],
+            )
+            if moved:
+                subscription.job_stream, subscription.entry_id = shared, bytes(moved)
+                if self.placement is not None:
+                    self.placement.forget(request_id)
+                    self.placement.count(subscription.model, placement.MOVED)
+        except RedisError as exc:
+            # Left where it is: its worker takes it, or, once that worker is no longer live, any other.
+            log.warning("cannot move job %s off its worker's stream: %s", request_id, exc)
+        finally:
+            subscription.moving = False
+        if moved and request_id not in self._subscriptions and not subscription.done:
+            # Released while it moved: a cancel sent meanwhile looked at the old entry.
+            await self._cancel(subscription, subscription.deadline)
+
+    async def _queue_on(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Runs _QUEUE or _PLACE: the entry id, or what says the stream takes no more. With
         GATEWAY_SUBMIT_REPLICAS, then waits (up to GATEWAY_SUBMIT_WAIT_MS) until that many
         replicas have the job, so that a failover right after the caller was told "queued" does
         not lose it. WAIT covers the writes of its own connection, so both go down one pipeline
@@ -337,12 +466,12 @@ class JobQueue:
         lost reply finds its job queued and writes nothing, so its WAIT says nothing about that
         job: it counts as replicated.)"""
         if not self._submit_replicas:
-            return await self._queue(keys=keys, args=args)
+            return await script(keys=keys, args=args)
         for attempt in range(3):
             # Down one connection in order (on Redis Cluster: the job stream's node, as WAIT has no
             # key of its own). Errors come back as results, so a failed WAIT keeps the job's id.
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", self._queue.sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 pipe.execute_command(
                     "WAIT", self._submit_replicas, self._submit_wait_ms, **on_node_of(self._redis, keys[0])
                 )
@@ -350,7 +479,7 @@ class JobQueue:
             if isinstance(added, NoScriptError):
                 # A Redis that has not seen the script (restarted, or a replica just promoted): load
                 # it and run again; the submitted marker makes a second run return the same job.
-                await self._redis.script_load(self._queue.script)
+                await self._redis.script_load(script.script)
             elif not isinstance(added, ConnectionError) or attempt:
                 break
             # else: a pipeline is not retried by the client itself (on a cluster, after a failover
@@ -371,6 +500,8 @@ class JobQueue:
     def release(self, subscription: Subscription, cancel_until: float | None = None) -> None:
         """Stops routing the job's events; with cancel_until, also tells workers to drop the job."""
         self._subscriptions.pop(subscription.request_id, None)
+        if self.placement is not None:
+            self.placement.forget(subscription.request_id)
         if cancel_until is not None:
             self._in_background(self._cancel(subscription, cancel_until))
 
@@ -491,15 +622,21 @@ class JobQueue:
         Returns how many calls were ended.
         """
         now = time.time()
-        waiting = [s for s in self._subscriptions.values() if s.entry_id and not s.done and s.deadline > now]
+        # Where each job was when looked for: a placed job moved since (gateway/placement.py) is
+        # elsewhere, not lost.
+        waiting = [
+            (s, s.job_stream, s.entry_id)
+            for s in self._subscriptions.values()
+            if s.entry_id and not s.done and not s.moving and s.deadline > now
+        ]
         if not waiting:
             return 0
         generation = self._generation
         async with self._redis.pipeline(transaction=False) as pipe:  # job streams on any shard
-            for s in waiting:
-                pipe.xrange(s.job_stream, s.entry_id, s.entry_id, count=1)
+            for _, stream, entry_id in waiting:
+                pipe.xrange(stream, entry_id, entry_id, count=1)
             found = await pipe.execute()
-        missing = [s for s, entries in zip(waiting, found, strict=True) if not entries]
+        missing = [looked for looked, entries in zip(waiting, found, strict=True) if not entries]
         if not missing:
             return 0
         # Read after the entries were found missing: it covers every event their workers wrote
@@ -513,7 +650,14 @@ class JobQueue:
             await asyncio.sleep(0.05)
         if generation != self._generation:
             return 0  # the reply stream was renewed, which ended those calls already
-        lost = [s for s in missing if not s.done and s.request_id in self._subscriptions]
+        lost = [
+            s
+            for s, stream, entry_id in missing
+            if not s.done
+            and not s.moving
+            and (s.job_stream, s.entry_id) == (stream, entry_id)
+            and s.request_id in self._subscriptions
+        ]
         if lost:
             log.error("the job queue lost %d queued or running jobs (Redis restarted?)", len(lost))
         error = Unavailable("the job queue lost this job (Redis restarted); retry the request")
@@ -535,7 +679,17 @@ class JobQueue:
             return
         subscription = self._subscriptions.get(event.request_id)
         if subscription is not None:
+            if event.HasField("started"):
+                self._ran_on(subscription, event.started.worker_id)
             subscription.deliver(event)
+
+    def _ran_on(self, subscription: Subscription, worker_id: str) -> None:
+        """A worker started the job: placement remembers that it holds the job's prefix now."""
+        subscription.ran_on = worker_id
+        if self.placement is not None:
+            self.placement.forget(subscription.request_id)
+        if self.placement is not None and subscription.affinity is not None:
+            self._in_background(self.placement.record(subscription.model, subscription.affinity, worker_id))
 
     async def _trim(self, last_id: bytes) -> None:
         try:

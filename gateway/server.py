@@ -24,6 +24,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import Overloaded
 from gateway.http import HttpApi
 from gateway.idempotency import IdempotencyKeys
+from gateway.placement import Placement
 from gateway.presence import WorkerPresence
 from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
@@ -109,6 +110,10 @@ class Gateway:
             settings.submit_wait_ms,
             settings.job_streams,
         )
+        if settings.cache_affinity:
+            self.queue.placement = Placement(
+                self._redis, settings.affinity_epsilon, settings.affinity_delay_ms / 1000
+            )
         auth = Authenticator(self._redis, settings.auth_cache_seconds) if settings.auth else None
         idempotency = IdempotencyKeys(self._redis, settings.idempotency_window_seconds, settings.gateway_id)
         self.relay = Relay(

@@ -5,6 +5,7 @@ from collections import deque
 
 from common import codec
 from gateway.errors import Aborted, ServiceError, Unavailable
+from gateway.placement import Affinity
 
 
 class Subscription:
@@ -36,6 +37,9 @@ class Subscription:
         self.entry_id = b""  # the job's entry in that stream, once queued
         self.deadline = 0.0  # unix seconds: workers drop the job after it
         self.created = 0  # unix seconds: when the job was queued
+        self.affinity: Affinity | None = None  # what placement recorded for it (gateway/placement.py)
+        self.ran_on = ""  # the worker of the latest Started event
+        self.moving = False  # its entry is being moved between streams (job_stream, entry_id change)
         self._events: deque[codec.Event] = deque()
         self._positions: deque[int] = deque()  # of the events queued
         self._offset = 0  # added to seq: an attempt that starts over numbers on after the one before

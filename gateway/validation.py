@@ -46,6 +46,7 @@ class ValidRequest:
     logprobs: bool = False  # return each generated token's log probability
     top_logprobs: int = 0  # with logprobs: and this many of the most likely tokens at each position
     n: int = 1  # choices to generate, each up to max_tokens
+    prompt_cache_key: str = ""  # the caller's affinity key (gateway/placement.py); "" = none
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -102,6 +103,7 @@ def validate(
     if not 1 <= n <= limits.max_choices:
         raise InvalidField("n", f"must be in [1, {limits.max_choices}], got {n}")
     _check_length("user", request.user, limits.max_user_chars)
+    _check_length("prompt_cache_key", request.prompt_cache_key, limits.max_user_chars)
     json_mode = _check_response_format(request)
     json_schema = _check_json_schema(request)
     if json_mode and stop:
@@ -136,6 +138,7 @@ def validate(
         stop=stop,
         json_mode=json_mode,
         user=request.user,
+        prompt_cache_key=request.prompt_cache_key,
         json_schema=json_schema,
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,

@@ -323,7 +323,17 @@ class JobConsumer:
         self.stop()
 
     async def _advertise(self) -> None:
-        # Valid for the claim timeout: a worker silent that long is considered dead anyway.
+        # Valid for the claim timeout: a worker silent that long is considered dead anyway. A
+        # worker that is stopping advertises no load: gateways place no more jobs on it.
+        load = None
+        if not self._stopping.is_set():
+            capacity = self._settings.max_concurrency
+            load = engine_registry.WorkerLoad(
+                stream=self._jobs.own.stream,
+                block_size=self._engine.block_size,
+                running=capacity - self.free_sequences,
+                capacity=capacity,
+            )
         await engine_registry.advertise(
             self._redis,
             self._model,
@@ -331,12 +341,17 @@ class JobConsumer:
             self._engine.context_window,
             ttl=self._settings.claim_idle_seconds,
             job_streams=self._settings.job_streams,
+            load=load,
         )
 
     async def _housekeeping(self) -> None:
-        """Besides the heartbeat, and never in its way: advertise the engine, forget dead workers."""
+        """Besides the heartbeat, and never in its way: advertise the engine, keep our own stream
+        listed, learn which workers live, forget dead ones."""
         try:
             await self._advertise()
+            await self._jobs.ensure_own()
+            live = await engine_registry.live_engines(self._redis, self._model)
+            self._jobs.live_workers = live.worker_ids if live is not None else frozenset()
             now = time.monotonic()
             if now >= self._next_forget:
                 self._next_forget = now + self._settings.claim_idle_seconds

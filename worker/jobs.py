@@ -9,6 +9,7 @@ That count is the job's attempt number; past the limit the job is dead-lettered.
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -132,9 +133,11 @@ class Delivery:
 
 
 class JobStream:
-    def __init__(self, redis: Redis, model: str, worker_id: str, shard: int = 0) -> None:
+    """One job stream: a model's shard (keys.job_stream), or a worker's own (keys.worker_stream)."""
+
+    def __init__(self, redis: Redis, model: str, worker_id: str, shard: int = 0, stream: str = "") -> None:
         self._redis = redis
-        self.stream = keys.job_stream(model, shard)
+        self.stream = stream or keys.job_stream(model, shard)
         self._dead_letters = keys.dead_letter_stream(self.stream)
         self._worker_id = worker_id
         self._touch_owned = redis.register_script(_TOUCH_OWNED)
@@ -156,14 +159,7 @@ class JobStream:
 
     async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
         """Up to count new jobs, waiting up to block_ms for the first (None: not at all)."""
-        if block_ms is not None:  # capped, so the read ends well within the connection's socket timeout
-            block_ms = min(block_ms, int(MAX_BLOCK_SECONDS * 1000))
-        reply = await self._redis.xreadgroup(
-            keys.WORKER_GROUP, self._worker_id, {self.stream: ">"}, count=count, block=block_ms
-        )
-        return [
-            Delivery.parse(entry_id, fields, 1, self.stream) for entry_id, fields in streams.entries(reply)
-        ]
+        return await read_together(self._redis, self._worker_id, [self.stream], count, block_ms)
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
         """Takes over jobs whose worker has not heartbeated for min_idle_ms.
@@ -275,22 +271,71 @@ class JobStream:
         return bool(ended)
 
 
+async def read_together(
+    redis: Redis, worker_id: str, names: list[str], count: int, block_ms: int | None
+) -> list[Delivery]:
+    """New jobs from one XREADGROUP over job streams of one slot (up to count from each), waiting
+    up to block_ms for the first (None: not at all)."""
+    if block_ms is not None:  # capped, so the read ends well within the connection's socket timeout
+        block_ms = min(block_ms, int(MAX_BLOCK_SECONDS * 1000))
+    reply = await redis.xreadgroup(
+        keys.WORKER_GROUP, worker_id, {name: ">" for name in names}, count=count, block=block_ms
+    )
+    return [
+        Delivery.parse(entry_id, fields, 1, name)
+        for name, (entry_id, fields) in streams.entries_by_stream(reply)
+    ]
+
+
+# Deletes a worker stream whose worker is gone, once it holds no entry and none is pending, and
+# drops it from its shard's set. Atomic with the gateways' placing script, which checks the set:
+# nothing is placed on a stream once it is gone. KEYS: worker stream, its shard's set of them.
+_DROP_WORKER_STREAM = """
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+if ok and pending[1] > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], KEYS[1])
+return 1
+"""
+
 # How long an idle worker of a model with several job streams blocks on one of them before it
 # looks at the others again: the most a job waits for it when no idle worker blocks on its stream.
 SHARD_BLOCK_MS = 100
 
 
+def home_shard(worker_id: str, shards: int) -> int:
+    """The shard whose slot holds a worker's own stream: any fixed one does, spread by the id."""
+    return int(hashlib.sha256(worker_id.encode()).hexdigest(), 16) % shards
+
+
 class ModelJobs:
-    """All job streams of one model (REDIS_JOB_STREAMS of them, common/keys.py job_stream), read
-    fairly: each read starts at the next stream in turn, so none starves while others are busy,
-    and within a stream jobs are taken in order. Deliveries remember their stream, and what is
-    done with a job goes to that stream. On Redis Cluster the streams live on several shards: a
-    shard that fails costs only its own streams' jobs, never what the others delivered."""
+    """All job streams a worker reads for one model: the model's REDIS_JOB_STREAMS shards
+    (common/keys.py job_stream), read fairly: each read starts at the next shard in turn, so none
+    starves while others are busy, and within a stream jobs are taken in order; and the worker's
+    own stream (keys.worker_stream), where gateways place jobs whose prompt prefix its engine
+    holds (gateway/placement.py), read first. Deliveries remember their stream, and what is done
+    with a job goes to that stream. On Redis Cluster the shards live on several nodes: a shard
+    that fails costs only its own streams' jobs, never what the others delivered.
+
+    The own streams of other workers are read too, in the reclaim round: their pending jobs once
+    the claim timeout passed (as on the shards), their undelivered ones once their worker is no
+    longer live, so a worker's death strands nothing placed on it."""
 
     def __init__(self, redis: Redis, model: str, worker_id: str, shards: int = 1) -> None:
+        self._redis = redis
+        self._model = model
+        self._worker_id = worker_id
         self.shards = [JobStream(redis, model, worker_id, shard) for shard in range(shards)]
-        self._by_name = {s.stream: s for s in self.shards}
+        self.home = home_shard(worker_id, shards)
+        self.own = JobStream(redis, model, worker_id, stream=keys.worker_stream(model, self.home, worker_id))
+        self._by_name = {s.stream: s for s in [*self.shards, self.own]}
+        self._owners: dict[str, str] = {self.own.stream: worker_id}  # worker stream -> its worker
         self._next = secrets.randbelow(shards)  # workers spread their blocking reads over the streams
+        # The model's live workers (engine registry), set by the consumer at each heartbeat; until
+        # then no other worker's undelivered jobs are taken.
+        self.live_workers: frozenset[str] | None = None
+        self._gone: set[str] = set()  # worker streams whose worker was not live at the last round
 
     def of(self, delivery: Delivery) -> JobStream:
         if not delivery.stream and len(self.shards) == 1:
@@ -302,8 +347,9 @@ class ModelJobs:
         return self.of(delivery).stream, delivery.entry_id
 
     async def ensure_groups(self) -> None:
-        """Makes each stream's consumer group where missing; raises only if no stream answered
-        (one that failed gets its group when a read of it finds none, _from_each)."""
+        """Makes each stream's consumer group where missing, and lists our own stream in its
+        shard's set; raises only if no shard answered (one that failed gets its group when a
+        read of it finds none, _from_each)."""
         errors: list[RedisError] = []
         for shard in self.shards:
             try:
@@ -312,24 +358,70 @@ class ModelJobs:
                 errors.append(exc)
         if len(errors) == len(self.shards):
             raise errors[0]
+        with contextlib.suppress(RedisError):  # placement waits for it; jobs are served without
+            await self.ensure_own()
+
+    async def ensure_own(self) -> None:
+        """Makes our own stream's group and lists the stream in its shard's set, where missing:
+        gateways place only on a listed stream. Run at every heartbeat too, since a worker whose
+        registry entry lapsed (Redis away for a while) may find its empty stream removed."""
+        await self.own.ensure_group()
+        await self._redis.sadd(keys.worker_streams(self._model, self.home), self.own.stream)
 
     def _in_turn(self) -> list[JobStream]:
         start, self._next = self._next, (self._next + 1) % len(self.shards)
         return self.shards[start:] + self.shards[:start]
 
     async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
-        """Up to count new jobs from the streams in turn; when there are none, waits up to
-        block_ms on one stream (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
-        if len(self.shards) == 1:
-            return await self.shards[0].read_new(count, block_ms)
+        """Up to count new jobs, our own stream's first, then the shards' in turn; when there are
+        none, waits up to block_ms on our own stream and one shard together when they share a
+        slot, else on the shard (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
         order = self._in_turn()
-        taken = await self._from_each(order, count, lambda shard, n: shard.read_new(n, block_ms=None))
+        taken = await self._from_each(
+            [self.own, *order], count, lambda stream, n: stream.read_new(n, block_ms=None)
+        )
         if taken or block_ms is None:
             return taken
-        return await order[0].read_new(count, min(block_ms, SHARD_BLOCK_MS))
+        if len(self.shards) > 1:
+            block_ms = min(block_ms, SHARD_BLOCK_MS)
+        together = (
+            [self.own, order[0]] if order[0].stream == keys.job_stream(self._model, self.home) else [order[0]]
+        )
+        return await read_together(
+            self._redis, self._worker_id, [s.stream for s in together], count, block_ms
+        )
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Delivery]:
-        return await self._from_each(self._in_turn(), count, lambda shard, n: shard.reclaim(n, min_idle_ms))
+        """Jobs of workers that died: pending ones past the claim timeout, on the shards and on
+        every worker's own stream; then undelivered ones on the own streams of workers gone."""
+        theirs = await self._worker_streams()
+        taken = await self._from_each(
+            [*self._in_turn(), *theirs], count, lambda stream, n: stream.reclaim(n, min_idle_ms)
+        )
+        live = self.live_workers
+        gone = [s for s in theirs if live is not None and self._owners[s.stream] not in live]
+        if len(taken) < count and gone:
+            taken += await self._from_each(
+                gone, count - len(taken), lambda stream, n: stream.read_new(n, None)
+            )
+        return taken
+
+    async def _worker_streams(self) -> list[JobStream]:
+        """The own streams of every worker of the model, ours included (the sets of all shards).
+        A shard that does not answer adds none (its shard stream's reclaim reports the error)."""
+        found: list[JobStream] = []
+        for shard in range(len(self.shards)):
+            try:
+                names = await self._redis.smembers(keys.worker_streams(self._model, shard))
+            except RedisError:
+                continue
+            for raw in sorted(names):
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if name not in self._by_name:
+                    self._by_name[name] = JobStream(self._redis, self._model, self._worker_id, stream=name)
+                    self._owners[name] = name.rpartition(":w:")[2]
+                found.append(self._by_name[name])
+        return found
 
     async def _from_each(
         self,
@@ -357,10 +449,30 @@ class ModelJobs:
         return taken
 
     async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
+        """Removes consumers of workers gone for good, and their own streams once empty."""
         forgotten: list[str] = []
-        for shard in self.shards:
+        for shard in [*self.shards, self.own]:
             with contextlib.suppress(RedisError):  # tried again at the next round
                 forgotten += await shard.forget_dead_consumers(claim_idle_ms)
+        live = self.live_workers
+        if live is None:
+            return forgotten
+        drop = self._redis.register_script(_DROP_WORKER_STREAM)
+        # Only streams whose worker was gone at the previous round too: a worker that just started
+        # lists its stream before the registry (and our view of it) says it lives.
+        gone_before, self._gone = self._gone, set()
+        for stream in await self._worker_streams():
+            owner = self._owners[stream.stream]
+            if owner in live or stream is self.own:
+                continue
+            self._gone.add(stream.stream)
+            if stream.stream not in gone_before:
+                continue
+            with contextlib.suppress(RedisError):
+                listed_in = keys.worker_streams(self._model, keys.shard_of(stream.stream))
+                if await drop(keys=[stream.stream, listed_in], args=[keys.WORKER_GROUP]):
+                    log.info("removed the job stream of worker %s, gone", owner)
+                    del self._by_name[stream.stream], self._owners[stream.stream]
         return forgotten
 
     async def heartbeat(self, deliveries: list[Delivery]) -> set[tuple[str, bytes]]:
@@ -368,26 +480,32 @@ class ModelJobs:
         a stream whose heartbeat failed counts as ours: that cannot be told, and stopping it
         would throw away work that is most likely still ours."""
 
-        async def beat(shard: JobStream) -> set[tuple[str, bytes]]:
-            mine = [d.entry_id for d in deliveries if self.of(d) is shard]
+        async def beat(stream: JobStream, mine: list[bytes]) -> set[tuple[str, bytes]]:
             try:
-                owned = await shard.heartbeat(mine)
+                owned = await stream.heartbeat(mine)
             except RedisError as exc:
-                log.warning("heartbeat on %s failed: %s", shard.stream, exc)
+                log.warning("heartbeat on %s failed: %s", stream.stream, exc)
                 owned = set(mine)
-            return {(shard.stream, entry_id) for entry_id in owned}
+            return {(stream.stream, entry_id) for entry_id in owned}
 
-        beats = await asyncio.gather(*(beat(shard) for shard in self.shards))
+        beats = await asyncio.gather(*(beat(stream, mine) for stream, mine in self._by_stream(deliveries)))
         return set().union(*beats)
 
     async def hand_back(self, deliveries: list[Delivery]) -> None:
         """Makes our unfinished jobs claimable by other workers at once; raises the first error
         after trying every stream."""
         errors: list[RedisError] = []
-        for shard in self.shards:
+        for stream, mine in self._by_stream(deliveries):
             try:
-                await shard.hand_back([d.entry_id for d in deliveries if self.of(d) is shard])
+                await stream.hand_back(mine)
             except RedisError as exc:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    def _by_stream(self, deliveries: list[Delivery]) -> list[tuple[JobStream, list[bytes]]]:
+        """The entry ids of deliveries grouped by their stream."""
+        grouped: dict[str, list[bytes]] = {}
+        for delivery in deliveries:
+            grouped.setdefault(self.of(delivery).stream, []).append(delivery.entry_id)
+        return [(self._by_name[name], ids) for name, ids in grouped.items()]

@@ -8,7 +8,7 @@ import redis
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common import keys
-from tests.integration.stack import MODEL, Stack
+from tests.integration.stack import Stack, job_streams_of, pending_jobs
 
 
 def started(stack: Stack, workers: int, **worker_env: str) -> chat_pb2_grpc.ChatServiceStub:
@@ -22,12 +22,15 @@ def started(stack: Stack, workers: int, **worker_env: str) -> chat_pb2_grpc.Chat
 
 def owner_of_only_job(stack: Stack, client: redis.Redis) -> Popen[bytes]:
     """The worker process holding the one pending job (consumer names are worker-N)."""
-    [entry] = client.xpending_range(keys.job_stream(MODEL), keys.WORKER_GROUP, "-", "+", 10)
+    [entry] = pending_jobs(client)
     return stack.workers[int(entry["consumer"].decode().split("-")[1])]
 
 
 def only_job_request_id(client: redis.Redis) -> str:
-    [(_id, fields)] = client.xrange(keys.job_stream(MODEL), "-", "+")
+    """The request id of the one job queued or running, on whichever of the model's streams."""
+    [(_id, fields)] = [
+        entry for stream in job_streams_of(client) for entry in client.xrange(stream, "-", "+")
+    ]
     return str(fields[keys.REQUEST_ID_FIELD].decode())
 
 

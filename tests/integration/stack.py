@@ -5,7 +5,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import redis
@@ -154,10 +154,14 @@ def leaks(client: redis.Redis) -> list[str]:
         if name.startswith(f"{keys.PREFIX}:idempotency:"):
             if not client.hexists(key, "kept"):
                 problems.append(f"idempotency key neither kept nor given up: {name}")
-        elif name.startswith((f"{keys.PREFIX}:completion:", f"{keys.PREFIX}:watched:")):
+        elif name.startswith(
+            (f"{keys.PREFIX}:completion:", f"{keys.PREFIX}:watched:", f"{keys.PREFIX}:prefix:")
+        ):
             if client.pttl(key) < 0:
-                problems.append(f"completion log or lease that never expires: {name}")
-        elif not name.startswith(tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines"))):
+                problems.append(f"completion log, lease or placement index entry that never expires: {name}")
+        elif not name.startswith(
+            tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines", "workerstreams"))
+        ):
             problems.append(f"stray key {name}")
     return problems
 
@@ -169,6 +173,24 @@ def running_requests(port: int) -> float:
     except OSError:
         return 0.0
     return sum(v for k, v in samples.items() if k.startswith("chat_worker_running_requests{"))
+
+
+def job_streams_of(client: redis.Redis, model: str = MODEL) -> list[str]:
+    """Every job stream of the model: its shards' and its workers' own (gateway/placement.py)."""
+    return sorted(k.decode() for k in client.scan_iter(f"{keys.PREFIX}:jobs:{{{model}#*"))
+
+
+def pending_jobs(client: redis.Redis, model: str = MODEL) -> list[dict[str, Any]]:
+    """The model's delivered, unfinished jobs on all its streams (XPENDING entries: consumer,
+    message_id, times_delivered, ...), each with its `stream`."""
+    pending: list[dict[str, Any]] = []
+    for stream in job_streams_of(client, model):
+        try:
+            entries = client.xpending_range(stream, keys.WORKER_GROUP, "-", "+", 100)
+        except redis.ResponseError:  # no group yet
+            continue
+        pending += [{**entry, "stream": stream} for entry in entries]
+    return pending
 
 
 def jobs_ever_queued(client: redis.Redis) -> int:

@@ -25,7 +25,15 @@ from common import keys
 from devstack.otlp_receiver import OtlpReceiver, ReceivedSpan
 from devstack.redis_server import RedisServer
 from gateway import apikeys
-from tests.integration.stack import MODEL, Stack, chat_request, leaks, print_log_tails, running_requests
+from tests.integration.stack import (
+    MODEL,
+    Stack,
+    chat_request,
+    leaks,
+    pending_jobs,
+    print_log_tails,
+    running_requests,
+)
 
 SERVER, CONSUMER = 2, 5  # opentelemetry.proto.trace.v1.Span.SpanKind
 PROMPT = "The secret prompt text that must never reach a span."
@@ -222,7 +230,7 @@ def test_a_continuation_after_a_worker_death_is_another_span_of_the_same_trace(
         call = stub.StreamChatCompletion(chat_request(max_tokens=40), metadata=metadata, timeout=60)
         chunks = iter(call)
         text = "".join(next(chunks).choices[0].delta.content for _ in range(6))
-        [entry] = client.xpending_range(keys.job_stream(MODEL), keys.WORKER_GROUP, "-", "+", 10)
+        [entry] = pending_jobs(client)
         owner = entry["consumer"].decode()  # worker-N
         survivor = "worker-1" if owner == "worker-0" else "worker-0"
         traced_stack.workers[int(owner.split("-")[1])].send_signal(signal.SIGKILL)

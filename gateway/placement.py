@@ -1,0 +1,191 @@
+"""Cache-affine placement: the worker whose engine most likely holds a job's prompt prefix in its
+prefix cache, unless that worker is loaded beyond its share (docs/cache-affinity.md).
+
+A job's affinity is a list of digests, shortest prefix first: of the caller's key
+(`prompt_cache_key`, else `user`) when one is given, else of the prompt's leading 1, 2, 4, 8, ...
+whole KV cache blocks and of all its whole blocks, each digest chained over the blocks before it.
+Turn k + 1 of a conversation extends turn k's prompt, so it shares turn k's digests up to the
+longest power of two of turn k's blocks; requests that share a system prompt share its digests.
+
+The index in Redis maps a digest to the worker that last *ran* a job with it (written when the
+job's Started event names the worker, not at placement: a moved or reclaimed job ran elsewhere),
+so every gateway replica places alike. Placement takes the worker of the longest digest found,
+unless it would then run more than ceil((1 + epsilon) x (m + n) / N) sequences, m being the
+sequences running on the N placement-aware live workers and n the job's (consistent hashing with
+bounded loads): then the next longest match under the bound, else any worker (the shared
+streams). Loads are the workers' own, from their heartbeats (common/engine_registry.py), plus
+what this gateway placed since it last read them.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from common import engine_registry, keys
+from common.engine_registry import LiveEngines, WorkerLoad
+from gateway import metrics
+
+log = logging.getLogger(__name__)
+
+# How long the index remembers which worker ran a prefix: about as long as an engine under load
+# keeps an idle conversation's blocks; a stale entry costs one placement on a worker that evicted it.
+INDEX_TTL_SECONDS = 600
+_DIGEST_BYTES = 8
+# How old the workers' loads may be when a job is placed: they change at every heartbeat (0.5 s).
+VIEW_SECONDS = 0.25
+
+# Outcomes of a placement (chat_gateway_placements_total's label, gateway/metrics.py): on the
+# worker that ran the longest matching prefix; elsewhere, as that one was over its share or full;
+# anywhere, as no worker is known to hold the prefix; moved, as not taken within the delay.
+PREFERRED, SPILLED, UNMATCHED, MOVED = metrics.PLACEMENT_OUTCOMES
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """What a job's placement looks up, and records once a worker runs it."""
+
+    tag: str  # hash tag of its index keys (common/keys.py prefix_index): one slot per conversation
+    digests: tuple[str, ...]  # shortest prefix first
+
+
+@dataclass(frozen=True)
+class Target:
+    """A worker a job is placed on."""
+
+    worker_id: str
+    stream: str  # its own job stream
+    room: int  # jobs its stream may hold undelivered: its free sequences as last known here
+    outcome: str  # PREFERRED or SPILLED (to a shorter match)
+
+
+def affinity_of(token_ids: list[int], block_size: int, caller_key: str = "") -> Affinity | None:
+    """The job's affinity: of caller_key when given, else of the prompt's whole blocks; None when
+    the prompt fills no block (nothing of it can be cached)."""
+    if caller_key:
+        digest = hashlib.blake2b(b"key\0" + caller_key.encode(), digest_size=_DIGEST_BYTES).hexdigest()
+        return Affinity(digest, (digest,))
+    blocks = len(token_ids) // block_size if block_size > 0 else 0
+    if blocks == 0:
+        return None
+    chain = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    digests: list[str] = []
+    for block in range(blocks):
+        chain.update(array("I", token_ids[block * block_size : (block + 1) * block_size]).tobytes())
+        covered = block + 1
+        if covered & (covered - 1) == 0 or covered == blocks:  # a power of two, or all of them
+            digests.append(chain.hexdigest())
+    return Affinity(digests[0], tuple(digests))
+
+
+def choose(
+    matches: list[str | None], loads: dict[str, WorkerLoad], sequences: int, epsilon: float
+) -> tuple[Target | None, str]:
+    """Where a job goes: matches are the workers the index names for its digests, shortest prefix
+    first (None where it names none). Returns the target (None: the shared streams) and the
+    outcome."""
+    found = [worker for worker in reversed(matches) if worker is not None]
+    if not found:
+        return None, UNMATCHED
+    running = sum(load.running for load in loads.values())
+    bound = math.ceil((1 + epsilon) * (running + sequences) / max(1, len(loads)))
+    seen: set[str] = set()
+    for worker in found:
+        if worker in seen or (load := loads.get(worker)) is None:
+            continue  # named twice, or not live
+        seen.add(worker)
+        after = load.running + sequences
+        if after <= bound and after <= load.capacity:
+            outcome = PREFERRED if worker == found[0] else SPILLED
+            return Target(worker, load.stream, load.capacity - load.running, outcome), outcome
+    return None, SPILLED
+
+
+class Placement:
+    """Places jobs of each model on its workers (GATEWAY_CACHE_AFFINITY): reads the workers'
+    loads from the engine registry, the index from Redis, and records who ran what.
+
+    A worker's load is what its last heartbeat said (read again when older than VIEW_SECONDS),
+    plus the jobs this gateway placed on it that it has not started yet: those its heartbeat
+    cannot count, and without them a burst would all go to one worker between two reads."""
+
+    def __init__(self, redis: Redis, epsilon: float, delay_seconds: float) -> None:
+        self._redis = redis
+        self.epsilon = epsilon  # GATEWAY_AFFINITY_EPSILON
+        self.delay_seconds = delay_seconds  # GATEWAY_AFFINITY_DELAY_MS
+        self._loads: dict[str, dict[str, WorkerLoad]] = {}  # model -> worker id -> load
+        self._read_at: dict[str, float] = {}  # model -> when its loads were read (monotonic)
+        self._placed: dict[str, tuple[str, str]] = {}  # request id -> (model, worker), until started
+
+    def observe(self, model: str, live: LiveEngines | None) -> None:
+        """The model's live workers as the registry says now."""
+        self._loads[model] = dict(live.loads) if live is not None else {}
+        self._read_at[model] = time.monotonic()
+
+    def affinity(self, model: str, token_ids: list[int], caller_key: str) -> Affinity | None:
+        """The job's affinity, or None where placement has no choice to make (fewer than two
+        placement-aware workers live: one worker serves as today)."""
+        loads = self._loads.get(model, {})
+        if len(loads) < 2:
+            return None
+        return affinity_of(token_ids, min(load.block_size for load in loads.values()), caller_key)
+
+    async def place(
+        self, model: str, request_id: str, affinity: Affinity, sequences: int
+    ) -> tuple[Target | None, str]:
+        """The worker the job goes to (None: the shared streams), and the outcome."""
+        if time.monotonic() - self._read_at.get(model, 0.0) > VIEW_SECONDS:
+            try:
+                self.observe(model, await engine_registry.live_engines(self._redis, model))
+            except RedisError as exc:
+                log.warning("cannot read the workers' loads: %s", exc)
+        index = [keys.prefix_index(model, affinity.tag, digest) for digest in affinity.digests]
+        try:
+            matches = [_text(w) for w in await self._redis.mget(index)]
+        except RedisError as exc:
+            log.warning("cannot read the placement index: %s", exc)
+            matches = []
+        target, outcome = choose(matches, self._effective_loads(model), sequences, self.epsilon)
+        if target is not None:
+            self._placed[request_id] = (model, target.worker_id)
+            # What may wait on its stream: its free sequences as it said. Redis counts the jobs
+            # waiting there, placed by any gateway (gateway/queue.py _PLACE).
+            heartbeat = self._loads[model][target.worker_id]
+            target = dataclasses.replace(target, room=heartbeat.capacity - heartbeat.running)
+        return target, outcome
+
+    def _effective_loads(self, model: str) -> dict[str, WorkerLoad]:
+        waiting = Counter(worker for placed_model, worker in self._placed.values() if placed_model == model)
+        return {
+            worker: dataclasses.replace(load, running=load.running + waiting[worker])
+            for worker, load in self._loads.get(model, {}).items()
+        }
+
+    def forget(self, request_id: str) -> None:
+        """The job started (its worker's heartbeat counts it from now), moved, or ended."""
+        self._placed.pop(request_id, None)
+
+    @staticmethod
+    def count(model: str, outcome: str) -> None:
+        metrics.PLACEMENTS.labels(model, outcome).inc()
+
+    async def record(self, model: str, affinity: Affinity, worker_id: str) -> None:
+        """Remembers that worker_id runs (so caches) the job's prefixes."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for digest in affinity.digests:
+                    pipe.set(keys.prefix_index(model, affinity.tag, digest), worker_id, ex=INDEX_TTL_SECONDS)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("cannot update the placement index: %s", exc)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

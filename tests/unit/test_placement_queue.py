@@ -1,0 +1,198 @@
+"""Placed jobs on their way through Redis (gateway/queue.py _PLACE and _MOVE, worker/jobs.py's
+own streams), against a real redis-server: a job goes to the worker that ran its prefix, is moved
+to the shared stream when that worker does not take it within the delay, and is never stranded
+by a worker that died."""
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+
+from common import engine_registry, keys
+from gateway.placement import Placement
+from gateway.queue import JobQueue
+from gateway.subscription import Subscription
+from gateway.validation import ValidRequest
+from tests.unit.queue_helpers import deadline, valid_request
+from worker.jobs import ModelJobs
+
+BLOCK = 4
+
+
+@dataclass
+class Pool:
+    """A gateway's queue and two workers' job streams of one model, the workers advertised."""
+
+    queue: JobQueue
+    placement: Placement
+    w1: ModelJobs
+    w2: ModelJobs
+    request: ValidRequest
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    async def advertise(self, *workers: ModelJobs) -> None:
+        for jobs in workers:
+            load = engine_registry.WorkerLoad(jobs.own.stream, BLOCK, running=0, capacity=8)
+            await engine_registry.advertise(
+                self.queue._redis, self.model, jobs.own.stream.rpartition(":w:")[2], 4096, ttl=30, load=load
+            )
+        await self.queue.live_engines(self.model)  # the gateway's view, as its refresh makes it
+
+    async def submit(self) -> Subscription:
+        return await self.queue.submit(self.request, deadline())
+
+    async def ran_on(self, subscription: Subscription, jobs: ModelJobs) -> None:
+        """What the gateway records when the worker's Started event arrives."""
+        assert subscription.affinity is not None
+        await self.placement.record(self.model, subscription.affinity, jobs.own.stream.rpartition(":w:")[2])
+
+
+async def pool_of(client: Redis, delay: float) -> Pool:
+    queue = JobQueue(client, client, f"gw-{uuid.uuid4().hex[:6]}", 1000)
+    placement = queue.placement = Placement(client, epsilon=0.25, delay_seconds=delay)
+    await queue.start()
+    request = dataclasses.replace(valid_request(), prompt_token_ids=list(range(10)), prompt_cache_key="")
+    w1, w2 = (ModelJobs(client, request.model, name) for name in ("w1", "w2"))
+    for jobs in (w1, w2):
+        await jobs.ensure_groups()
+    pool = Pool(queue, placement, w1, w2, request)
+    await pool.advertise(w1, w2)
+    return pool
+
+
+@pytest.fixture
+async def pool(client: Redis) -> AsyncIterator[Pool]:
+    pool = await pool_of(client, delay=60.0)  # nothing is moved in these tests unless they say so
+    yield pool
+    await pool.queue.stop()
+
+
+async def test_a_prompt_goes_to_the_worker_that_ran_its_prefix(pool: Pool) -> None:
+    first = await pool.submit()
+    assert first.job_stream == keys.job_stream(pool.model)  # nobody ran it before: any worker
+    [taken] = await pool.w1.read_new(8, block_ms=None)
+    await pool.ran_on(first, pool.w1)
+
+    second = await pool.submit()
+    assert second.job_stream == pool.w1.own.stream
+    assert await pool.w2.read_new(8, block_ms=None) == []  # not w2's
+    [placed] = await pool.w1.read_new(8, block_ms=None)
+    assert placed.request_id == second.request_id and placed.stream == pool.w1.own.stream
+    for delivery in (taken, placed):  # ended as any job: entry, marker and cancel flag go
+        assert await pool.w1.of(delivery).acknowledge(delivery)
+    assert await pool.queue._redis.xlen(pool.w1.own.stream) == 0
+
+
+async def test_the_callers_key_keeps_a_conversation_together(pool: Pool) -> None:
+    pool.request = dataclasses.replace(pool.request, prompt_cache_key="conversation-1")
+    first = await pool.submit()
+    await pool.ran_on(first, pool.w2)
+    pool.request = dataclasses.replace(pool.request, prompt_token_ids=list(range(50, 90)))  # another prompt
+    assert (await pool.submit()).job_stream == pool.w2.own.stream
+
+
+async def test_a_job_its_worker_does_not_take_within_the_delay_goes_to_any_worker(client: Redis) -> None:
+    pool = await pool_of(client, delay=0.05)
+    try:
+        await pool.ran_on(await pool.submit(), pool.w1)
+        await pool.w2.read_new(8, block_ms=None)  # the first job
+        placed = await pool.submit()
+        assert placed.job_stream == pool.w1.own.stream
+        placed_entry = placed.entry_id
+        await asyncio.sleep(0.3)  # w1 is busy (or frozen): it reads nothing
+        assert placed.job_stream == keys.job_stream(pool.model) and placed.entry_id != placed_entry
+        [moved] = await pool.w2.read_new(8, block_ms=None)
+        assert moved.request_id == placed.request_id and moved.attempt == 1
+        assert await pool.w1.read_new(8, block_ms=None) == []  # moved, not copied
+        assert await client.get(keys.submitted(moved.stream, moved.request_id)) == placed.entry_id
+        assert await pool.queue.fail_lost_jobs() == 0  # moved is not lost
+    finally:
+        await pool.queue.stop()
+
+
+async def test_a_job_its_worker_took_stays_with_it(client: Redis) -> None:
+    pool = await pool_of(client, delay=0.05)
+    try:
+        await pool.ran_on(await pool.submit(), pool.w1)
+        placed = await pool.submit()
+        assert len(await pool.w1.read_new(8, block_ms=None)) == 1 + 1  # the first job, then the placed one
+        await asyncio.sleep(0.3)
+        assert placed.job_stream == pool.w1.own.stream  # delivered: never moved
+        assert await pool.w2.read_new(8, block_ms=None) == []
+    finally:
+        await pool.queue.stop()
+
+
+async def test_a_job_cancelled_before_its_worker_took_it_is_dropped_not_moved(client: Redis) -> None:
+    pool = await pool_of(client, delay=0.1)
+    try:
+        await pool.ran_on(await pool.submit(), pool.w1)
+        placed = await pool.submit()
+        assert placed.job_stream == pool.w1.own.stream
+        pool.queue.release(placed, cancel_until=deadline())
+        await asyncio.sleep(0.4)
+        assert await client.xlen(pool.w1.own.stream) == 0
+        assert not await client.exists(keys.cancel_flag(pool.w1.own.stream, placed.request_id))
+        assert not await client.exists(keys.submitted(pool.w1.own.stream, placed.request_id))
+    finally:
+        await pool.queue.stop()
+
+
+async def test_a_dead_workers_placed_jobs_are_taken_by_another(pool: Pool) -> None:
+    await pool.ran_on(await pool.submit(), pool.w1)
+    [first] = await pool.w2.read_new(8, block_ms=None)
+    assert await pool.w2.of(first).acknowledge(first)
+    delivered, waiting = await pool.submit(), await pool.submit()
+    assert delivered.job_stream == waiting.job_stream == pool.w1.own.stream
+    await pool.w1.read_new(1, block_ms=None)  # w1 took one, then died
+    pool.w2.live_workers = frozenset({"w2"})  # as the registry says once w1's entry expired
+    # Its delivered job once the claim timeout passed (0 here), its undelivered one at once.
+    reclaimed = await pool.w2.reclaim(8, min_idle_ms=0)
+    assert sorted(d.request_id for d in reclaimed) == sorted([delivered.request_id, waiting.request_id])
+    by_id = {d.request_id: d for d in reclaimed}
+    assert by_id[delivered.request_id].attempt == 2 and by_id[waiting.request_id].attempt == 1
+    for delivery in reclaimed:  # ended on w1's stream, where they are
+        assert delivery.stream == pool.w1.own.stream
+        assert await pool.w2.of(delivery).acknowledge(delivery)
+    # Once empty and gone for two rounds, the stream and its listing go: nothing is placed there.
+    await pool.w2.forget_dead_consumers(claim_idle_ms=60_000)
+    assert await pool.queue._redis.exists(pool.w1.own.stream)
+    await pool.w2.forget_dead_consumers(claim_idle_ms=60_000)
+    assert not await pool.queue._redis.exists(pool.w1.own.stream)
+    assert not await pool.queue._redis.sismember(keys.worker_streams(pool.model, 0), pool.w1.own.stream)
+    assert (await pool.submit()).job_stream == keys.job_stream(pool.model)  # the stale view places not
+
+
+async def test_a_worker_whose_stream_holds_its_free_room_gets_no_more(pool: Pool) -> None:
+    await pool.ran_on(await pool.submit(), pool.w1)
+    await pool.w2.read_new(8, block_ms=None)
+    pool.placement.epsilon = 10.0  # no bound on the share: only the room counts
+    load = engine_registry.WorkerLoad(pool.w1.own.stream, BLOCK, running=6, capacity=8)  # 2 free
+    await engine_registry.advertise(pool.queue._redis, pool.model, "w1", 4096, ttl=30, load=load)
+    await pool.queue.live_engines(pool.model)
+    placed = []
+    for _ in range(3):
+        # As if each came from another gateway, which knows nothing of the others' jobs: Redis
+        # refuses a third job waiting on a worker with 2 free sequences.
+        subscription = await pool.submit()
+        pool.placement.forget(subscription.request_id)
+        placed.append(subscription.job_stream)
+    assert placed == [pool.w1.own.stream, pool.w1.own.stream, keys.job_stream(pool.model)]
+
+
+async def test_the_gateways_view_counts_what_it_placed_until_the_next_heartbeat(pool: Pool) -> None:
+    await pool.ran_on(await pool.submit(), pool.w1)
+    await pool.w2.read_new(8, block_ms=None)
+    # 0 + 0 running, then 1 + 0 (bound ceil(1.25 x 2 / 2) = 2), then 2 + 0: ceil(1.25 x 3 / 2) = 2.
+    subscriptions = [await pool.submit() for _ in range(3)]
+    assert [s.job_stream for s in subscriptions] == [pool.w1.own.stream] * 2 + [keys.job_stream(pool.model)]
+    # Once a job has started, its worker's heartbeat counts it, and this gateway no more.
+    pool.placement.forget(subscriptions[0].request_id)
+    assert (await pool.submit()).job_stream == pool.w1.own.stream
