@@ -25,6 +25,20 @@ def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
     ]
 
 
+# On both dashboards: what cache-affine placement (gateway/placement.py) is for.
+PREFIX_CACHE_HIT_RATE = (
+    "Prefix cache hit rate per worker (prompt tokens found cached)",
+    "percentunit",
+    [
+        (
+            "{{instance}}",
+            f"sum by (instance) (rate(chat_worker_prefix_cache_hits_total{{{M}}}[{RATE}]))"
+            " / clamp_min(sum by (instance)"
+            f" (rate(chat_worker_prefix_cache_queries_total{{{M}}}[{RATE}])), 1)",
+        )
+    ],
+)
+
 OVERVIEW = [
     (
         "Requests per second by transport and RPC",
@@ -88,6 +102,12 @@ OVERVIEW = [
             ("gateways reaching Redis", "sum(chat_gateway_redis_up)"),
         ],
     ),
+    (
+        "Cache-affine placements per second by outcome",
+        "reqps",
+        [("{{outcome}}", f"sum by (outcome) (rate(chat_gateway_placements_total{{{M}}}[{RATE}]))")],
+    ),
+    PREFIX_CACHE_HIT_RATE,
 ]
 
 WORKER = [
@@ -106,18 +126,7 @@ WORKER = [
         "percentunit",
         [("{{instance}}", f"max by (instance) (chat_worker_kv_cache_usage_ratio{{{M}}})")],
     ),
-    (
-        "Prefix cache hit rate (prompt tokens found cached)",
-        "percentunit",
-        [
-            (
-                "{{instance}}",
-                f"sum by (instance) (rate(chat_worker_prefix_cache_hits_total{{{M}}}[{RATE}]))"
-                " / clamp_min(sum by (instance)"
-                f" (rate(chat_worker_prefix_cache_queries_total{{{M}}}[{RATE}])), 1)",
-            )
-        ],
-    ),
+    PREFIX_CACHE_HIT_RATE,
     (
         "Generated tokens per second",
         "short",
