@@ -7,11 +7,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and never one this process was given before: the kernel
+    may hand the same free port to two binds in a row, and a process that asks for two ports
+    before it listens on either (a gateway's HTTP and metrics ports) then fails to start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class RedisServer:
