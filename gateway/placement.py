@@ -122,7 +122,8 @@ class Placement:
         self.delay_seconds = delay_seconds  # GATEWAY_AFFINITY_DELAY_MS
         self._loads: dict[str, dict[str, WorkerLoad]] = {}  # model -> worker id -> load
         self._read_at: dict[str, float] = {}  # model -> when its loads were read (monotonic)
-        self._placed: dict[str, tuple[str, str]] = {}  # request id -> (model, worker), until started
+        # request id -> (model, worker, sequences) of the jobs placed here, until they start
+        self._placed: dict[str, tuple[str, str, int]] = {}
 
     def observe(self, model: str, live: LiveEngines | None) -> None:
         """The model's live workers as the registry says now."""
@@ -138,9 +139,10 @@ class Placement:
         return affinity_of(token_ids, min(load.block_size for load in loads.values()), caller_key)
 
     async def place(
-        self, model: str, request_id: str, affinity: Affinity, sequences: int
+        self, model: str, request_id: str, affinity: Affinity, sequences: int, shards: int = 1
     ) -> tuple[Target | None, str]:
-        """The worker the job goes to (None: the shared streams), and the outcome."""
+        """The worker the job goes to (None: the shared streams), and the outcome. Only workers
+        whose own stream is in the slot of one of the first `shards` shards are candidates."""
         if time.monotonic() - self._read_at.get(model, 0.0) > VIEW_SECONDS:
             try:
                 self.observe(model, await engine_registry.live_engines(self._redis, model))
@@ -152,9 +154,12 @@ class Placement:
         except RedisError as exc:
             log.warning("cannot read the placement index: %s", exc)
             matches = []
-        target, outcome = choose(matches, self._effective_loads(model), sequences, self.epsilon)
+        loads = {
+            w: load for w, load in self._effective_loads(model).items() if keys.shard_of(load.stream) < shards
+        }
+        target, outcome = choose(matches, loads, sequences, self.epsilon)
         if target is not None:
-            self._placed[request_id] = (model, target.worker_id)
+            self._placed[request_id] = (model, target.worker_id, sequences)
             # What may wait on its stream: its free sequences as it said. Redis counts the jobs
             # waiting there, placed by any gateway (gateway/queue.py _PLACE).
             heartbeat = self._loads[model][target.worker_id]
@@ -162,14 +167,18 @@ class Placement:
         return target, outcome
 
     def _effective_loads(self, model: str) -> dict[str, WorkerLoad]:
-        waiting = Counter(worker for placed_model, worker in self._placed.values() if placed_model == model)
+        waiting: Counter[str] = Counter()
+        for placed_model, worker, sequences in self._placed.values():
+            if placed_model == model:
+                waiting[worker] += sequences
         return {
             worker: dataclasses.replace(load, running=load.running + waiting[worker])
             for worker, load in self._loads.get(model, {}).items()
         }
 
     def forget(self, request_id: str) -> None:
-        """The job started (its worker's heartbeat counts it from now), moved, or ended."""
+        """The job started (its worker's next heartbeat counts it; till then nothing does), moved,
+        or ended."""
         self._placed.pop(request_id, None)
 
     @staticmethod

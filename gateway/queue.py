@@ -103,7 +103,12 @@ _PLACE = (
 # false when the job was delivered, had ended, or was dropped.
 _MOVE = """
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])[1]
-if not entry then return false end
+if not entry then
+  -- Moved already (this script run again after its reply was lost: the same answer), or ended.
+  local moved = redis.call('GET', KEYS[3])
+  if moved and moved ~= ARGV[2] then return moved end
+  return false
+end
 local delivered = '0-0'
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
 if ok then
@@ -337,6 +342,8 @@ class JobQueue:
             # Cancelled, past its deadline, or no reply from Redis: the job may be queued all the
             # same, and nobody waits for it any more.
             self._subscriptions.pop(request_id, None)
+            if self.placement is not None:
+                self.placement.forget(request_id)
             self._in_background(self._cancel_unconfirmed(submitting, subscription, deadline))
             if isinstance(exc, OutOfMemoryError):
                 raise RedisOutOfMemory("cannot queue the job") from exc
@@ -395,8 +402,11 @@ class JobQueue:
         if self.placement is None or subscription.affinity is None:
             return None
         model = subscription.model
+        # Only on a worker whose stream is in the slot of a shard every live worker reads: a job
+        # moved off it lands on that shard (a rolling change of REDIS_JOB_STREAMS strands none).
+        shards = max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
         target, outcome = await self.placement.place(
-            model, subscription.request_id, subscription.affinity, subscription.choices
+            model, subscription.request_id, subscription.affinity, subscription.choices, shards
         )
         if target is not None:
             subscription.job_stream = target.stream  # a cancel from now on looks there
@@ -452,7 +462,7 @@ class JobQueue:
             log.warning("cannot move job %s off its worker's stream: %s", request_id, exc)
         finally:
             subscription.moving = False
-        if moved and request_id not in self._subscriptions and not subscription.done:
+        if moved and request_id not in self._subscriptions:
             # Released while it moved: a cancel sent meanwhile looked at the old entry.
             await self._cancel(subscription, subscription.deadline)
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
 _ENGINE_DEATH_GRACE_SECONDS = 2.0
+_WITHDRAW_LOAD_SECONDS = 1.0
 
 
 def _sequences(job: codec.Job | None) -> int:
@@ -122,6 +123,9 @@ class JobConsumer:
                             await self._jobs.ensure_groups()  # Redis lost its data: start over
                     await asyncio.sleep(delay)
         finally:
+            # Stopping: no load, so gateways place no more jobs here. Briefly: the drain comes first.
+            with contextlib.suppress(RedisError, TimeoutError):
+                await asyncio.wait_for(self._advertise(), _WITHDRAW_LOAD_SECONDS)
             if self.fatal_error is None:
                 await self.drain()
             else:
@@ -349,7 +353,7 @@ class JobConsumer:
         listed, learn which workers live, forget dead ones."""
         try:
             await self._advertise()
-            await self._jobs.ensure_own()
+            await self._jobs.ensure_own(unless_listed=True)
             live = await engine_registry.live_engines(self._redis, self._model)
             self._jobs.live_workers = live.worker_ids if live is not None else frozenset()
             now = time.monotonic()

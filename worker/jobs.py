@@ -330,7 +330,6 @@ class ModelJobs:
         self.home = home_shard(worker_id, shards)
         self.own = JobStream(redis, model, worker_id, stream=keys.worker_stream(model, self.home, worker_id))
         self._by_name = {s.stream: s for s in [*self.shards, self.own]}
-        self._owners: dict[str, str] = {self.own.stream: worker_id}  # worker stream -> its worker
         self._next = secrets.randbelow(shards)  # workers spread their blocking reads over the streams
         # The model's live workers (engine registry), set by the consumer at each heartbeat; until
         # then no other worker's undelivered jobs are taken.
@@ -361,12 +360,16 @@ class ModelJobs:
         with contextlib.suppress(RedisError):  # placement waits for it; jobs are served without
             await self.ensure_own()
 
-    async def ensure_own(self) -> None:
+    async def ensure_own(self, unless_listed: bool = False) -> None:
         """Makes our own stream's group and lists the stream in its shard's set, where missing:
-        gateways place only on a listed stream. Run at every heartbeat too, since a worker whose
-        registry entry lapsed (Redis away for a while) may find its empty stream removed."""
+        gateways place only on a listed stream. At every heartbeat too (unless_listed: only if
+        it is not listed), since a worker whose registry entry lapsed (Redis away for a while)
+        may find its empty stream removed."""
+        listed_in = keys.worker_streams(self._model, self.home)
+        if unless_listed and await self._redis.sismember(listed_in, self.own.stream):
+            return
         await self.own.ensure_group()
-        await self._redis.sadd(keys.worker_streams(self._model, self.home), self.own.stream)
+        await self._redis.sadd(listed_in, self.own.stream)
 
     def _in_turn(self) -> list[JobStream]:
         start, self._next = self._next, (self._next + 1) % len(self.shards)
@@ -399,7 +402,7 @@ class ModelJobs:
             [*self._in_turn(), *theirs], count, lambda stream, n: stream.reclaim(n, min_idle_ms)
         )
         live = self.live_workers
-        gone = [s for s in theirs if live is not None and self._owners[s.stream] not in live]
+        gone = [s for s in theirs if live is not None and _owner(s.stream) not in live]
         if len(taken) < count and gone:
             taken += await self._from_each(
                 gone, count - len(taken), lambda stream, n: stream.read_new(n, None)
@@ -419,7 +422,6 @@ class ModelJobs:
                 name = raw.decode() if isinstance(raw, bytes) else str(raw)
                 if name not in self._by_name:
                     self._by_name[name] = JobStream(self._redis, self._model, self._worker_id, stream=name)
-                    self._owners[name] = name.rpartition(":w:")[2]
                 found.append(self._by_name[name])
         return found
 
@@ -441,7 +443,8 @@ class ModelJobs:
             except RedisError as exc:
                 log.warning("job stream %s unavailable: %s", shard.stream, exc)
                 errors.append(exc)
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                ours = shard is self.own or shard in self.shards  # another worker's is gone: leave it
+                if ours and isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     with contextlib.suppress(RedisError):
                         await shard.ensure_group()  # its Redis lost its data: start it over
         if errors and len(errors) == len(order) and not taken:
@@ -462,7 +465,7 @@ class ModelJobs:
         # lists its stream before the registry (and our view of it) says it lives.
         gone_before, self._gone = self._gone, set()
         for stream in await self._worker_streams():
-            owner = self._owners[stream.stream]
+            owner = _owner(stream.stream)
             if owner in live or stream is self.own:
                 continue
             self._gone.add(stream.stream)
@@ -472,7 +475,7 @@ class ModelJobs:
                 listed_in = keys.worker_streams(self._model, keys.shard_of(stream.stream))
                 if await drop(keys=[stream.stream, listed_in], args=[keys.WORKER_GROUP]):
                     log.info("removed the job stream of worker %s, gone", owner)
-                    del self._by_name[stream.stream], self._owners[stream.stream]
+                    # Kept in _by_name while a delivery of ours may still name it (its jobs end there).
         return forgotten
 
     async def heartbeat(self, deliveries: list[Delivery]) -> set[tuple[str, bytes]]:
@@ -509,3 +512,8 @@ class ModelJobs:
         for delivery in deliveries:
             grouped.setdefault(self.of(delivery).stream, []).append(delivery.entry_id)
         return [(self._by_name[name], ids) for name, ids in grouped.items()]
+
+
+def _owner(worker_stream: str) -> str:
+    """The worker whose own stream it is (keys.worker_stream: ...:w:<worker id>)."""
+    return worker_stream.rpartition(":w:")[2]

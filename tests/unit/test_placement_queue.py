@@ -18,7 +18,7 @@ from gateway.queue import JobQueue
 from gateway.subscription import Subscription
 from gateway.validation import ValidRequest
 from tests.unit.queue_helpers import deadline, valid_request
-from worker.jobs import ModelJobs
+from worker.jobs import ModelJobs, home_shard
 
 BLOCK = 4
 
@@ -196,3 +196,41 @@ async def test_the_gateways_view_counts_what_it_placed_until_the_next_heartbeat(
     # Once a job has started, its worker's heartbeat counts it, and this gateway no more.
     pool.placement.forget(subscriptions[0].request_id)
     assert (await pool.submit()).job_stream == pool.w1.own.stream
+
+
+async def test_a_move_run_again_after_its_reply_was_lost_gives_the_same_answer(client: Redis) -> None:
+    pool = await pool_of(client, delay=60.0)
+    try:
+        await pool.ran_on(await pool.submit(), pool.w1)
+        placed = await pool.submit()
+        shared = keys.job_stream(pool.model)
+        args = dict(
+            keys=[
+                placed.job_stream,
+                shared,
+                keys.submitted(placed.job_stream, placed.request_id),
+                keys.cancel_flag(placed.job_stream, placed.request_id),
+            ],
+            args=[keys.WORKER_GROUP, placed.entry_id, keys.RETRY_MARKER_TTL_SECONDS],
+        )
+        moved = await pool.queue._move(**args)
+        assert moved and await pool.queue._move(**args) == moved  # the client's retry of a timed-out call
+    finally:
+        await pool.queue.stop()
+
+
+async def test_only_workers_on_shards_every_worker_reads_get_placed_jobs(client: Redis) -> None:
+    # A rolling change of REDIS_JOB_STREAMS from 2 to 1: a job moved off a worker's stream lands on
+    # that stream's shard, which the workers with 1 stream do not read.
+    pool = await pool_of(client, delay=60.0)
+    try:
+        on_shard_1 = next(f"w{k}" for k in range(100) if home_shard(f"w{k}", 2) == 1)
+        far = ModelJobs(client, pool.model, on_shard_1, shards=2)
+        await far.ensure_groups()
+        load = engine_registry.WorkerLoad(far.own.stream, BLOCK, running=0, capacity=8)
+        await engine_registry.advertise(client, pool.model, on_shard_1, 4096, ttl=30, load=load)
+        await pool.queue.live_engines(pool.model)  # every worker reads shard 0 only (the fewest)
+        await pool.ran_on(await pool.submit(), far)
+        assert (await pool.submit()).job_stream == keys.job_stream(pool.model)
+    finally:
+        await pool.queue.stop()
