@@ -101,7 +101,7 @@ class GatewaySettings:
     lost_job_check_seconds: float = 2.0
     job_streams: int = 1  # REDIS_JOB_STREAMS (common/settings.py)
     cache_affinity: bool = True  # gateway/placement.py
-    affinity_epsilon: float = 0.25
+    affinity_epsilon: float = 0.5
     affinity_delay_ms: int = 50
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class GatewaySettings:
             lost_job_check_seconds=env_float(env, "GATEWAY_LOST_JOB_CHECK_SECONDS", 2.0, minimum=0.1),
             job_streams=job_streams(env),
             cache_affinity=_on_off(env, "GATEWAY_CACHE_AFFINITY", "on"),
-            affinity_epsilon=env_float(env, "GATEWAY_AFFINITY_EPSILON", 0.25, minimum=0.0),
+            affinity_epsilon=env_float(env, "GATEWAY_AFFINITY_EPSILON", 0.5, minimum=0.0),
             affinity_delay_ms=env_int(env, "GATEWAY_AFFINITY_DELAY_MS", 50, minimum=1),
         )
 

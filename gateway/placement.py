@@ -2,8 +2,10 @@
 prefix cache, unless that worker is loaded beyond its share (docs/cache-affinity.md).
 
 A job's affinity is a list of digests, shortest prefix first: of the caller's key
-(`prompt_cache_key`, else `user`) when one is given, else of the prompt's leading 1, 2, 4, 8, ...
+(`prompt_cache_key`, else `user`) when one is given, then of the prompt's leading 1, 2, 4, 8, ...
 whole KV cache blocks and of all its whole blocks, each digest chained over the blocks before it.
+The key comes first, as the shortest match: a prompt's own prefixes, where a worker is known to
+hold them, say more about its cache than the key does (many conversations may share one key).
 Turn k + 1 of a conversation extends turn k's prompt, so it shares turn k's digests up to the
 longest power of two of turn k's blocks; requests that share a system prompt share its digests.
 
@@ -67,22 +69,22 @@ class Target:
 
 
 def affinity_of(token_ids: list[int], block_size: int, caller_key: str = "") -> Affinity | None:
-    """The job's affinity: of caller_key when given, else of the prompt's whole blocks; None when
-    the prompt fills no block (nothing of it can be cached)."""
-    if caller_key:
-        digest = hashlib.blake2b(b"key\0" + caller_key.encode(), digest_size=_DIGEST_BYTES).hexdigest()
-        return Affinity(digest, (digest,))
-    blocks = len(token_ids) // block_size if block_size > 0 else 0
-    if blocks == 0:
-        return None
-    chain = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    """The job's affinity: the digests of the prompt's whole blocks, after that of caller_key
+    when given (the shortest match: it places a prompt none of whose prefixes a worker is known to
+    hold, the first turn of a conversation under a key for one); None when there is neither."""
     digests: list[str] = []
+    if caller_key:
+        digests.append(hashlib.blake2b(b"key\0" + caller_key.encode(), digest_size=_DIGEST_BYTES).hexdigest())
+    blocks = len(token_ids) // block_size if block_size > 0 else 0
+    chain = hashlib.blake2b(digest_size=_DIGEST_BYTES)
     for block in range(blocks):
         chain.update(array("I", token_ids[block * block_size : (block + 1) * block_size]).tobytes())
         covered = block + 1
         if covered & (covered - 1) == 0 or covered == blocks:  # a power of two, or all of them
             digests.append(chain.hexdigest())
-    return Affinity(digests[0], tuple(digests))
+    # One slot for all of them, so one MGET reads them: the key's, else the first block's (the
+    # keys of one conversation, which all begin with it).
+    return Affinity(digests[0], tuple(digests)) if digests else None
 
 
 def choose(

@@ -105,8 +105,9 @@ _MOVE = """
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])[1]
 if not entry then
   -- Moved already (this script run again after its reply was lost: the same answer), or ended.
+  -- (The new id may equal the old one: ids are per stream.)
   local moved = redis.call('GET', KEYS[3])
-  if moved and moved ~= ARGV[2] then return moved end
+  if moved and redis.call('XRANGE', KEYS[2], moved, moved)[1] then return moved end
   return false
 end
 local delivered = '0-0'

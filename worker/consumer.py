@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from common import codec, engine_registry, keys, tracing
-from common.supervise import supervised
+from common.supervise import being_cancelled, supervised
 from worker import metrics
 from worker.config import WorkerSettings
 from worker.engine.base import Engine, EngineDead, sequences
@@ -301,6 +301,8 @@ class JobConsumer:
     async def _watch_running(self) -> None:
         """Aborts jobs whose caller has gone (cancel flag) or whose gateway died (reply stream gone)."""
         while True:
+            if being_cancelled():  # as in _heartbeat: a cancel turned into a Redis error handled below
+                raise asyncio.CancelledError
             await asyncio.sleep(self._settings.cancel_poll_seconds)
             if self._engine.is_dead and self.fatal_error is None:
                 # Jobs running now fail through their generate(); an idle worker must not take more.
@@ -361,6 +363,8 @@ class JobConsumer:
                 self._next_forget = now + self._settings.claim_idle_seconds
                 await self._jobs.forget_dead_consumers(int(self._settings.claim_idle_seconds * 1000))
         except RedisError as exc:
+            if being_cancelled():  # stopping: redis-py turned the cancel into this error
+                raise
             log.warning("engine advertisement or consumer clean-up failed: %s", exc)
 
     async def _abort(self, running: _Running, reason: str) -> None:
@@ -372,11 +376,17 @@ class JobConsumer:
     async def _heartbeat(self) -> None:
         """Keeps our jobs from being reclaimed; stops jobs another worker has taken over meanwhile."""
         while True:
+            if being_cancelled():
+                # A cancel that redis-py turned into an error which a step here handled (the
+                # clean-up suppresses Redis errors): stop all the same, or stop() waits for ever.
+                raise asyncio.CancelledError
             await asyncio.sleep(self._settings.heartbeat_seconds)
             running = [r for r in self._running.values() if not r.handed_back]
             try:
                 owned = await self._jobs.heartbeat([r.delivery for r in running])
             except RedisError as exc:
+                if being_cancelled():  # stopping: redis-py turned the cancel into this error
+                    raise
                 log.warning("heartbeat failed: %s", exc)
                 continue
             await self._housekeeping()

@@ -79,11 +79,14 @@ def test_nothing_placed_on_a_worker_that_died_is_stranded(
     fault_stack: Stack, fault_redis_client: redis.Redis
 ) -> None:
     stub = placing(fault_stack, fault_redis_client)
+    before = finished_jobs(fault_stack)
     stub.ChatCompletion(chat_request("first", max_tokens=2, prompt_cache_key="conv-2"), timeout=30)
+    [home] = [
+        w for w, b, a in zip(fault_stack.workers, before, finished_jobs(fault_stack), strict=True) if a > b
+    ]
     stream = TimedStream(stub, chat_request("second", max_tokens=40, prompt_cache_key="conv-2"))
     stream.read(content_chunks=5)
     assert placements(fault_stack, "preferred") == 1  # the stream runs where the first turn ran
-    [home] = [p for p, n in zip(fault_stack.workers, finished_jobs(fault_stack), strict=True) if n >= 1]
     home.send_signal(signal.SIGKILL)
     home.wait()
 

@@ -39,15 +39,17 @@ def test_a_prompt_shorter_than_a_block_has_no_affinity() -> None:
     assert affinity_of([1, 2, 3], block_size=4) is None
 
 
-def test_a_callers_key_is_the_affinity_whatever_the_prompt() -> None:
-    one, again = (
+def test_a_callers_key_is_the_shortest_match_before_the_prompts_own() -> None:
+    short, long = (
         affinity_of([1, 2, 3], 4, "conversation-7"),
-        affinity_of(list(range(50)), 4, "conversation-7"),
+        affinity_of(list(range(23)), 4, "conversation-7"),
     )
     other = affinity_of([1, 2, 3], 4, "conversation-8")
-    assert one is not None and again is not None and other is not None
-    assert one == again and len(one.digests) == 1
-    assert one.digests != other.digests
+    unkeyed = affinity_of(list(range(23)), 4)
+    assert short is not None and long is not None and other is not None and unkeyed is not None
+    assert len(short.digests) == 1 and short.digests != other.digests
+    assert long.digests == (short.digests[0], *unkeyed.digests)  # the key, then the prefixes
+    assert long.tag == short.tag  # one slot per key: one MGET reads them all
 
 
 def test_the_worker_of_the_longest_match_is_preferred() -> None:
