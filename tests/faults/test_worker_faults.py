@@ -87,7 +87,13 @@ def test_a_job_that_keeps_killing_workers_is_dead_lettered(
         stream.read()
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "abandoned" in caught.value.details()
-    [(_id, fields)] = fault_redis_client.xrange(keys.dead_letter_stream(keys.job_stream(MODEL)))
+    # The caller hears of it as soon as the failure is published; the dead letter is written just
+    # after, by the step that ends the job.
+    dead = keys.dead_letter_stream(keys.job_stream(MODEL))
+    end = time.monotonic() + 5
+    while not fault_redis_client.xlen(dead) and time.monotonic() < end:
+        time.sleep(0.05)
+    [(_id, fields)] = fault_redis_client.xrange(dead)
     assert b"keep dying" in fields[b"reason"]
     fault_redis_client.delete(keys.dead_letter_stream(keys.job_stream(MODEL)))
     check_clean(fault_stack, fault_redis_client)
