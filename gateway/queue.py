@@ -377,7 +377,7 @@ class JobQueue:
             return _REPLY_STREAM_GONE
         if (placed := await self._place_on_worker(subscription, fields)) is not None:
             return placed
-        streams = max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
+        streams = self._streams_in_use(model)
         # Each stream takes its share of the model's limit; jobs spread evenly over them.
         per_stream = -(-self._max_queued_jobs // streams)
         first = secrets.randbelow(streams)
@@ -396,6 +396,11 @@ class JobQueue:
             await self._redis.delete(log_key)
         return _QueueFull(waiting)
 
+    def _streams_in_use(self, model: str) -> int:
+        """Of the model's job streams, how many jobs go to: this gateway's setting, or fewer when
+        some live worker reads fewer (a rolling change of REDIS_JOB_STREAMS)."""
+        return max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
+
     async def _place_on_worker(self, subscription: Subscription, fields: tuple[bytes, ...]) -> bytes | None:
         """Queues the job on the worker placement picks (gateway/placement.py): its entry id, or
         None when placement picks none or that worker's stream takes no more (then the shared
@@ -405,7 +410,7 @@ class JobQueue:
         model = subscription.model
         # Only on a worker whose stream is in the slot of a shard every live worker reads: a job
         # moved off it lands on that shard (a rolling change of REDIS_JOB_STREAMS strands none).
-        shards = max(1, min(self._job_streams, self._streams_read.get(model, self._job_streams)))
+        shards = self._streams_in_use(model)
         target, outcome = await self.placement.place(
             model, subscription.request_id, subscription.affinity, subscription.choices, shards
         )
