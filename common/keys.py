@@ -94,6 +94,14 @@ def prefix_index(model: str, tag: str, digest: str) -> str:
     return f"{PREFIX}:prefix:{{{model}:{tag}}}:{digest}"
 
 
+def conversations(model: str, worker_id: str) -> str:
+    """Sorted set of the conversations a worker last ran (each the digest of its prompt's first
+    block, scored by when), whose count is the worker's share of the cached conversations
+    (gateway/placement.py: a new conversation goes to the worker with the fewest). In the model's
+    slot, so one script reads or moves a conversation across all of a model's workers."""
+    return f"{PREFIX}:conversations:{{{model}}}:{worker_id}"
+
+
 def dead_letter_stream(job_stream: str) -> str:
     """Jobs of one job stream given up on (undecodable, or delivered too many times), for people
     to inspect; in the job stream's slot, since the step that ends a job writes it."""

@@ -81,8 +81,9 @@ PLACEMENTS = Counter(
     "chat_gateway_placements_total",
     "Jobs placed for the prefix cache (GATEWAY_CACHE_AFFINITY, with two or more workers), by outcome:"
     " preferred (on the worker that ran the longest matching prefix), spilled (that worker was over"
-    " its share of the load or full: elsewhere), unmatched (no worker known to hold the prefix: any"
-    " worker), moved (placed, not taken within GATEWAY_AFFINITY_DELAY_MS: moved to any worker)",
+    " its share of the load or full: elsewhere), unmatched (no live worker known to hold the prefix:"
+    " the one holding the fewest conversations, or any worker), moved (placed, not taken within"
+    " GATEWAY_AFFINITY_DELAY_MS: moved to any worker)",
     ["model", "outcome"],
 )
 PLACEMENT_OUTCOMES = ("preferred", "spilled", "unmatched", "moved")

@@ -17,6 +17,11 @@ sequences running on the N placement-aware live workers and n the job's (consist
 bounded loads): then the next longest match under the bound, else any worker (the shared
 streams). Loads are the workers' own, from their heartbeats (common/engine_registry.py), plus
 what this gateway placed since it last read them.
+
+A prompt no live worker is known to hold (a new conversation) goes to the worker under the bound
+that holds the fewest conversations (a sorted set per worker in Redis, keys.conversations), so
+the pool's caches fill evenly: left to whichever worker reads it first, one worker can end up
+with more conversations than its cache holds while another's has room, and then evicts them.
 """
 
 import dataclasses
@@ -56,6 +61,9 @@ class Affinity:
 
     tag: str  # hash tag of its index keys (common/keys.py prefix_index): one slot per conversation
     digests: tuple[str, ...]  # shortest prefix first
+    # The digest of the prompt's first block (else of the key): the conversation it belongs to, as
+    # the workers' counts of conversations (keys.conversations) know it.
+    conversation: str
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,21 @@ def affinity_of(token_ids: list[int], block_size: int, caller_key: str = "") -> 
             digests.append(chain.hexdigest())
     # One slot for all of them, so one MGET reads them: the key's, else the first block's (the
     # keys of one conversation, which all begin with it).
-    return Affinity(digests[0], tuple(digests)) if digests else None
+    if not digests:
+        return None
+    conversation = digests[1] if caller_key and len(digests) > 1 else digests[0]
+    return Affinity(digests[0], tuple(digests), conversation)
+
+
+def _bound(loads: dict[str, WorkerLoad], sequences: int, epsilon: float) -> int:
+    """The most sequences a worker may run after taking a job of `sequences`."""
+    running = sum(load.running for load in loads.values())
+    return math.ceil((1 + epsilon) * (running + sequences) / max(1, len(loads)))
+
+
+def _fits(load: WorkerLoad, sequences: int, bound: int) -> bool:
+    after = load.running + sequences
+    return after <= bound and after <= load.capacity
 
 
 def choose(
@@ -92,22 +114,41 @@ def choose(
 ) -> tuple[Target | None, str]:
     """Where a job goes: matches are the workers the index names for its digests, shortest prefix
     first (None where it names none). Returns the target (None: the shared streams) and the
-    outcome."""
-    found = [worker for worker in reversed(matches) if worker is not None]
+    outcome: UNMATCHED (and no target) when no live worker is named, a dead one's cache being
+    gone with it."""
+    found = list(dict.fromkeys(worker for worker in reversed(matches) if worker in loads))
     if not found:
         return None, UNMATCHED
-    running = sum(load.running for load in loads.values())
-    bound = math.ceil((1 + epsilon) * (running + sequences) / max(1, len(loads)))
-    seen: set[str] = set()
+    bound = _bound(loads, sequences, epsilon)
     for worker in found:
-        if worker in seen or (load := loads.get(worker)) is None:
-            continue  # named twice, or not live
-        seen.add(worker)
-        after = load.running + sequences
-        if after <= bound and after <= load.capacity:
+        if _fits(load := loads[worker], sequences, bound):
             outcome = PREFERRED if worker == found[0] else SPILLED
             return Target(worker, load.stream, load.capacity - load.running, outcome), outcome
     return None, SPILLED
+
+
+def balance(
+    loads: dict[str, WorkerLoad], conversations: dict[str, int], sequences: int, epsilon: float
+) -> Target | None:
+    """Where an unmatched job (a new conversation) goes: the worker under the bound that holds
+    the fewest conversations, then the least loaded; None (the shared streams) when none fits."""
+    bound = _bound(loads, sequences, epsilon)
+    fitting = [worker for worker, load in loads.items() if _fits(load, sequences, bound)]
+    if not fitting:
+        return None
+    worker = min(fitting, key=lambda w: (conversations.get(w, 0), loads[w].running, w))
+    load = loads[worker]
+    return Target(worker, load.stream, load.capacity - load.running, UNMATCHED)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A job this gateway placed that has not started yet."""
+
+    model: str
+    worker_id: str
+    sequences: int
+    new_conversation: bool  # placed as UNMATCHED: the worker will hold one conversation more
 
 
 class Placement:
@@ -124,8 +165,7 @@ class Placement:
         self.delay_seconds = delay_seconds  # GATEWAY_AFFINITY_DELAY_MS
         self._loads: dict[str, dict[str, WorkerLoad]] = {}  # model -> worker id -> load
         self._read_at: dict[str, float] = {}  # model -> when its loads were read (monotonic)
-        # request id -> (model, worker, sequences) of the jobs placed here, until they start
-        self._placed: dict[str, tuple[str, str, int]] = {}
+        self._placed: dict[str, _Placed] = {}  # request id -> the job, until it starts
 
     def observe(self, model: str, live: LiveEngines | None) -> None:
         """The model's live workers as the registry says now."""
@@ -160,19 +200,38 @@ class Placement:
             w: load for w, load in self._effective_loads(model).items() if keys.shard_of(load.stream) < shards
         }
         target, outcome = choose(matches, loads, sequences, self.epsilon)
+        if outcome == UNMATCHED:
+            target = balance(loads, await self._conversations(model, list(loads)), sequences, self.epsilon)
         if target is not None:
-            self._placed[request_id] = (model, target.worker_id, sequences)
+            self._placed[request_id] = _Placed(model, target.worker_id, sequences, outcome == UNMATCHED)
             # What may wait on its stream: its free sequences as it said. Redis counts the jobs
             # waiting there, placed by any gateway (gateway/queue.py _PLACE).
             heartbeat = self._loads[model][target.worker_id]
             target = dataclasses.replace(target, room=heartbeat.capacity - heartbeat.running)
         return target, outcome
 
+    async def _conversations(self, model: str, workers: list[str]) -> dict[str, int]:
+        """How many conversations each worker holds: those it ran within the index's lifetime,
+        plus the new ones placed on it here that have not started yet (so that a burst of them
+        spreads before the workers' records say where they went)."""
+        since = time.time() - INDEX_TTL_SECONDS
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker in workers:
+                    pipe.zcount(keys.conversations(model, worker), since, "+inf")
+                counts = await pipe.execute()
+        except RedisError as exc:
+            log.warning("cannot read the workers' conversations: %s", exc)
+            counts = [0] * len(workers)
+        placed = self._placed.values()
+        pending = Counter(p.worker_id for p in placed if p.model == model and p.new_conversation)
+        return {worker: int(count) + pending[worker] for worker, count in zip(workers, counts, strict=True)}
+
     def _effective_loads(self, model: str) -> dict[str, WorkerLoad]:
         waiting: Counter[str] = Counter()
-        for placed_model, worker, sequences in self._placed.values():
-            if placed_model == model:
-                waiting[worker] += sequences
+        for placed in self._placed.values():
+            if placed.model == model:
+                waiting[placed.worker_id] += placed.sequences
         return {
             worker: dataclasses.replace(load, running=load.running + waiting[worker])
             for worker, load in self._loads.get(model, {}).items()
@@ -188,11 +247,24 @@ class Placement:
         metrics.PLACEMENTS.labels(model, outcome).inc()
 
     async def record(self, model: str, affinity: Affinity, worker_id: str) -> None:
-        """Remembers that worker_id runs (so caches) the job's prefixes."""
+        """Remembers that worker_id runs (so caches) the job's prefixes, and counts its
+        conversation as worker_id's alone (a spilled turn moves it: the index names the new
+        worker from now on)."""
+        now = time.time()
+        own = keys.conversations(model, worker_id)
+        others = [keys.conversations(model, w) for w in self._loads.get(model, {}) if w != worker_id]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for digest in affinity.digests:
                     pipe.set(keys.prefix_index(model, affinity.tag, digest), worker_id, ex=INDEX_TTL_SECONDS)
+                await pipe.execute()
+            # In the model's slot, not the conversation's: a pipeline of its own.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(own, {affinity.conversation: now})
+                pipe.zremrangebyscore(own, "-inf", now - INDEX_TTL_SECONDS)
+                pipe.expire(own, INDEX_TTL_SECONDS)  # a worker gone for good leaves no set behind
+                for other in others:
+                    pipe.zrem(other, affinity.conversation)
                 await pipe.execute()
         except RedisError as exc:
             log.warning("cannot update the placement index: %s", exc)

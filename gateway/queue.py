@@ -433,7 +433,8 @@ class JobQueue:
                 self.placement.count(model, outcome)
                 return added
             self.placement.forget(subscription.request_id)
-            outcome = placement.SPILLED  # its stream was full, or gone
+            if outcome == placement.PREFERRED:
+                outcome = placement.SPILLED  # its stream was full, or gone
         self.placement.count(model, outcome)
         return None
 

@@ -155,10 +155,10 @@ def leaks(client: redis.Redis) -> list[str]:
             if not client.hexists(key, "kept"):
                 problems.append(f"idempotency key neither kept nor given up: {name}")
         elif name.startswith(
-            (f"{keys.PREFIX}:completion:", f"{keys.PREFIX}:watched:", f"{keys.PREFIX}:prefix:")
+            tuple(f"{keys.PREFIX}:{kind}:" for kind in ("completion", "watched", "prefix", "conversations"))
         ):
             if client.pttl(key) < 0:
-                problems.append(f"completion log, lease or placement index entry that never expires: {name}")
+                problems.append(f"completion log, lease or placement record that never expires: {name}")
         elif not name.startswith(
             tuple(f"{keys.PREFIX}:{kind}:" for kind in ("jobs", "replies", "engines", "workerstreams"))
         ):

@@ -2,7 +2,7 @@
 choice of a worker with bounded load."""
 
 from common.engine_registry import WorkerLoad
-from gateway.placement import PREFERRED, SPILLED, UNMATCHED, affinity_of, choose
+from gateway.placement import PREFERRED, SPILLED, UNMATCHED, affinity_of, balance, choose
 
 
 def load(worker: str, running: int, capacity: int = 8) -> WorkerLoad:
@@ -81,4 +81,28 @@ def test_a_full_worker_is_not_placed_on_whatever_the_bound() -> None:
 def test_no_match_and_matches_of_workers_no_longer_live_go_anywhere() -> None:
     loads = {"w1": load("w1", 0), "w2": load("w2", 0)}
     assert choose([None, None], loads, 1, 0.25) == (None, UNMATCHED)
-    assert choose(["gone"], loads, 1, 0.25) == (None, SPILLED)
+    assert choose(["gone"], loads, 1, 0.25) == (None, UNMATCHED)  # its cache went with it
+
+
+def test_a_new_conversation_goes_to_the_worker_holding_the_fewest_under_the_bound() -> None:
+    loads = {"w1": load("w1", 0), "w2": load("w2", 0), "w3": load("w3", 0)}
+    target = balance(loads, {"w1": 3, "w2": 1, "w3": 2}, sequences=1, epsilon=0.25)
+    assert target is not None and (target.worker_id, target.outcome, target.room) == ("w2", UNMATCHED, 8)
+    # A tie goes to the less loaded.
+    loads = {"w1": load("w1", 2), "w2": load("w2", 1), "w3": load("w3", 1)}
+    target = balance(loads, {"w1": 1, "w2": 1, "w3": 1}, 1, epsilon=10.0)
+    assert target is not None and target.worker_id == "w2"
+    # A worker over the bound (ceil(1.25 x 4 / 3) = 2) gets none, however few it holds.
+    loads = {"w1": load("w1", 0), "w2": load("w2", 3), "w3": load("w3", 0)}
+    target = balance(loads, {"w1": 3, "w2": 0, "w3": 2}, 1, 0.25)
+    assert target is not None and target.worker_id == "w3"
+    assert balance({"w1": load("w1", 8), "w2": load("w2", 8)}, {}, 1, 10.0) is None  # all full
+
+
+def test_a_conversation_is_known_by_its_first_block_with_or_without_a_key() -> None:
+    prompt = list(range(12))
+    unkeyed, keyed = affinity_of(prompt, 4), affinity_of(prompt, 4, caller_key="k")
+    assert unkeyed is not None and keyed is not None
+    assert unkeyed.conversation == keyed.conversation == unkeyed.digests[0]
+    only_key = affinity_of([1, 2], 4, caller_key="k")
+    assert only_key is not None and only_key.conversation == only_key.digests[0]

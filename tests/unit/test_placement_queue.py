@@ -49,8 +49,9 @@ class Pool:
         return await self.queue.submit(self.request, deadline())
 
     async def ran_on(self, subscription: Subscription, jobs: ModelJobs) -> None:
-        """What the gateway records when the worker's Started event arrives."""
+        """What the gateway does when the worker's Started event arrives."""
         assert subscription.affinity is not None
+        self.placement.forget(subscription.request_id)
         await self.placement.record(self.model, subscription.affinity, jobs.own.stream.rpartition(":w:")[2])
 
 
@@ -76,7 +77,8 @@ async def pool(client: Redis) -> AsyncIterator[Pool]:
 
 async def test_a_prompt_goes_to_the_worker_that_ran_its_prefix(pool: Pool) -> None:
     first = await pool.submit()
-    assert first.job_stream == keys.job_stream(pool.model)  # nobody ran it before: any worker
+    # Nobody ran it before: the worker holding the fewest conversations (a tie: the first by name).
+    assert first.job_stream == pool.w1.own.stream
     [taken] = await pool.w1.read_new(8, block_ms=None)
     await pool.ran_on(first, pool.w1)
 
@@ -102,7 +104,7 @@ async def test_a_job_its_worker_does_not_take_within_the_delay_goes_to_any_worke
     pool = await pool_of(client, delay=0.05)
     try:
         await pool.ran_on(await pool.submit(), pool.w1)
-        await pool.w2.read_new(8, block_ms=None)  # the first job
+        await pool.w1.read_new(8, block_ms=None)  # the first job
         placed = await pool.submit()
         assert placed.job_stream == pool.w1.own.stream
         placed_entry = placed.entry_id
@@ -147,8 +149,8 @@ async def test_a_job_cancelled_before_its_worker_took_it_is_dropped_not_moved(cl
 
 async def test_a_dead_workers_placed_jobs_are_taken_by_another(pool: Pool) -> None:
     await pool.ran_on(await pool.submit(), pool.w1)
-    [first] = await pool.w2.read_new(8, block_ms=None)
-    assert await pool.w2.of(first).acknowledge(first)
+    [first] = await pool.w1.read_new(8, block_ms=None)
+    assert await pool.w1.of(first).acknowledge(first)
     delivered, waiting = await pool.submit(), await pool.submit()
     assert delivered.job_stream == waiting.job_stream == pool.w1.own.stream
     await pool.w1.read_new(1, block_ms=None)  # w1 took one, then died
@@ -172,7 +174,7 @@ async def test_a_dead_workers_placed_jobs_are_taken_by_another(pool: Pool) -> No
 
 async def test_a_worker_whose_stream_holds_its_free_room_gets_no_more(pool: Pool) -> None:
     await pool.ran_on(await pool.submit(), pool.w1)
-    await pool.w2.read_new(8, block_ms=None)
+    await pool.w1.read_new(8, block_ms=None)
     pool.placement.epsilon = 10.0  # no bound on the share: only the room counts
     load = engine_registry.WorkerLoad(pool.w1.own.stream, BLOCK, running=6, capacity=8)  # 2 free
     await engine_registry.advertise(pool.queue._redis, pool.model, "w1", 4096, ttl=30, load=load)
@@ -189,7 +191,7 @@ async def test_a_worker_whose_stream_holds_its_free_room_gets_no_more(pool: Pool
 
 async def test_the_gateways_view_counts_what_it_placed_until_the_next_heartbeat(pool: Pool) -> None:
     await pool.ran_on(await pool.submit(), pool.w1)
-    await pool.w2.read_new(8, block_ms=None)
+    await pool.w1.read_new(8, block_ms=None)
     # 0 + 0 running, then 1 + 0 (bound ceil(1.25 x 2 / 2) = 2), then 2 + 0: ceil(1.25 x 3 / 2) = 2.
     subscriptions = [await pool.submit() for _ in range(3)]
     assert [s.job_stream for s in subscriptions] == [pool.w1.own.stream] * 2 + [keys.job_stream(pool.model)]
@@ -231,6 +233,29 @@ async def test_only_workers_on_shards_every_worker_reads_get_placed_jobs(client:
         await engine_registry.advertise(client, pool.model, on_shard_1, 4096, ttl=30, load=load)
         await pool.queue.live_engines(pool.model)  # every worker reads shard 0 only (the fewest)
         await pool.ran_on(await pool.submit(), far)
-        assert (await pool.submit()).job_stream == keys.job_stream(pool.model)
+        # Not on the worker that ran it: on one of those whose streams are in shard 0's slot.
+        assert (await pool.submit()).job_stream in (pool.w1.own.stream, pool.w2.own.stream)
     finally:
         await pool.queue.stop()
+
+
+async def test_a_new_conversation_goes_to_the_worker_holding_the_fewest(pool: Pool) -> None:
+    def conversation(k: int) -> ValidRequest:  # a prompt of 2 blocks no other conversation shares
+        return dataclasses.replace(pool.request, prompt_token_ids=list(range(100 * k, 100 * k + 2 * BLOCK)))
+
+    for k in (1, 2):  # w1 ran two conversations
+        pool.request = conversation(k)
+        await pool.ran_on(await pool.submit(), pool.w1)
+    pool.request = conversation(3)
+    third = await pool.submit()
+    assert third.job_stream == pool.w2.own.stream
+    pool.request = conversation(4)  # w2 holds 0 + 1 placed, w1 2: w2 again, before it started either
+    assert (await pool.submit()).job_stream == pool.w2.own.stream
+
+    # A later turn of conversation 1 run on w2 (spilled there) makes it w2's: w1 keeps conversation 2.
+    later_turn = [*conversation(1).prompt_token_ids, 7, 7, 7, 7]
+    pool.request = dataclasses.replace(pool.request, prompt_token_ids=later_turn)
+    await pool.ran_on(await pool.submit(), pool.w2)
+    assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w1")) == 1
+    assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w2")) == 1
+    assert await pool.queue._redis.ttl(keys.conversations(pool.model, "w2")) > 0
