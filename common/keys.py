@@ -98,7 +98,7 @@ def conversations(model: str, worker_id: str) -> str:
     """Sorted set of the conversations a worker last ran (each the digest of its prompt's first
     block, scored by when), whose count is the worker's share of the cached conversations
     (gateway/placement.py: a new conversation goes to the worker with the fewest). In the model's
-    slot, so one script reads or moves a conversation across all of a model's workers."""
+    slot, so one pipeline reads the counts of all of a model's workers."""
     return f"{PREFIX}:conversations:{{{model}}}:{worker_id}"
 
 

@@ -24,6 +24,7 @@ the pool's caches fill evenly: left to whichever worker reads it first, one work
 with more conversations than its cache holds while another's has room, and then evicts them.
 """
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -51,7 +52,8 @@ VIEW_SECONDS = 0.25
 
 # Outcomes of a placement (chat_gateway_placements_total's label, gateway/metrics.py): on the
 # worker that ran the longest matching prefix; elsewhere, as that one was over its share or full;
-# anywhere, as no worker is known to hold the prefix; moved, as not taken within the delay.
+# on the worker holding the fewest conversations (else anywhere), as no candidate worker is known
+# to hold the prefix; moved, as not taken within the delay.
 PREFERRED, SPILLED, UNMATCHED, MOVED = metrics.PLACEMENT_OUTCOMES
 
 
@@ -73,7 +75,7 @@ class Target:
     worker_id: str
     stream: str  # its own job stream
     room: int  # jobs its stream may hold undelivered: its free sequences as last known here
-    outcome: str  # PREFERRED or SPILLED (to a shorter match)
+    outcome: str  # PREFERRED, SPILLED (to a shorter match), or UNMATCHED (balance)
 
 
 def affinity_of(token_ids: list[int], block_size: int, caller_key: str = "") -> Affinity | None:
@@ -190,30 +192,44 @@ class Placement:
                 self.observe(model, await engine_registry.live_engines(self._redis, model))
             except RedisError as exc:
                 log.warning("cannot read the workers' loads: %s", exc)
-        index = [keys.prefix_index(model, affinity.tag, digest) for digest in affinity.digests]
-        try:
-            matches = [_text(w) for w in await self._redis.mget(index)]
-        except RedisError as exc:
-            log.warning("cannot read the placement index: %s", exc)
-            matches = []
+        # Both reads at once, whether or not the job turns out unmatched: no await may come
+        # between reading this gateway's view and recording the job in it, or a burst of jobs
+        # would all be placed on one view.
+        matches, ran = await asyncio.gather(
+            self._matches(model, affinity), self._conversations_ran(model, list(self._loads.get(model, {})))
+        )
+        heartbeats = self._loads.get(model, {})
         loads = {
             w: load for w, load in self._effective_loads(model).items() if keys.shard_of(load.stream) < shards
         }
         target, outcome = choose(matches, loads, sequences, self.epsilon)
         if outcome == UNMATCHED:
-            target = balance(loads, await self._conversations(model, list(loads)), sequences, self.epsilon)
+            new: Counter[str] = Counter(
+                p.worker_id for p in self._placed.values() if p.model == model and p.new_conversation
+            )
+            held = {worker: ran.get(worker, 0) + new[worker] for worker in loads}
+            target = balance(loads, held, sequences, self.epsilon)
         if target is not None:
             self._placed[request_id] = _Placed(model, target.worker_id, sequences, outcome == UNMATCHED)
             # What may wait on its stream: its free sequences as it said. Redis counts the jobs
             # waiting there, placed by any gateway (gateway/queue.py _PLACE).
-            heartbeat = self._loads[model][target.worker_id]
+            heartbeat = heartbeats[target.worker_id]
             target = dataclasses.replace(target, room=heartbeat.capacity - heartbeat.running)
         return target, outcome
 
-    async def _conversations(self, model: str, workers: list[str]) -> dict[str, int]:
-        """How many conversations each worker holds: those it ran within the index's lifetime,
-        plus the new ones placed on it here that have not started yet (so that a burst of them
-        spreads before the workers' records say where they went)."""
+    async def _matches(self, model: str, affinity: Affinity) -> list[str | None]:
+        """The workers the index names for the job's digests, shortest prefix first."""
+        index = [keys.prefix_index(model, affinity.tag, digest) for digest in affinity.digests]
+        try:
+            return [_text(w) for w in await self._redis.mget(index)]
+        except RedisError as exc:
+            log.warning("cannot read the placement index: %s", exc)
+            return []
+
+    async def _conversations_ran(self, model: str, workers: list[str]) -> dict[str, int]:
+        """How many conversations each worker ran within the index's lifetime (place() adds the
+        new ones placed here that have not started yet, so that a burst of them spreads before
+        the workers' records say where they went)."""
         since = time.time() - INDEX_TTL_SECONDS
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -222,10 +238,8 @@ class Placement:
                 counts = await pipe.execute()
         except RedisError as exc:
             log.warning("cannot read the workers' conversations: %s", exc)
-            counts = [0] * len(workers)
-        placed = self._placed.values()
-        pending = Counter(p.worker_id for p in placed if p.model == model and p.new_conversation)
-        return {worker: int(count) + pending[worker] for worker, count in zip(workers, counts, strict=True)}
+            return {}
+        return {worker: int(count) for worker, count in zip(workers, counts, strict=True)}
 
     def _effective_loads(self, model: str) -> dict[str, WorkerLoad]:
         waiting: Counter[str] = Counter()

@@ -450,14 +450,11 @@ class JobQueue:
         subscription.moving = True  # the lost-job check must not take the moved entry for lost
         moved = None
         try:
-            moved = await self._move(
-                keys=[
-                    placed,
-                    shared,
-                    keys.submitted(placed, request_id),
-                    keys.cancel_flag(placed, request_id),
-                ],
-                args=[keys.WORKER_GROUP, entry_id, keys.RETRY_MARKER_TTL_SECONDS],
+            # Through _queue_on: a move writes the job anew, so it waits for replicas as a submit does.
+            moved = await self._queue_on(
+                self._move,
+                [placed, shared, keys.submitted(placed, request_id), keys.cancel_flag(placed, request_id)],
+                [keys.WORKER_GROUP, entry_id, keys.RETRY_MARKER_TTL_SECONDS],
             )
             if moved:
                 subscription.job_stream, subscription.entry_id = shared, bytes(moved)
@@ -474,7 +471,7 @@ class JobQueue:
             await self._cancel(subscription, subscription.deadline)
 
     async def _queue_on(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """Runs _QUEUE or _PLACE: the entry id, or what says the stream takes no more. With
+        """Runs _QUEUE, _PLACE or _MOVE: the entry id, or what says the stream takes no more. With
         GATEWAY_SUBMIT_REPLICAS, then waits (up to GATEWAY_SUBMIT_WAIT_MS) until that many
         replicas have the job, so that a failover right after the caller was told "queued" does
         not lose it. WAIT covers the writes of its own connection, so both go down one pipeline

@@ -8,6 +8,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -55,8 +56,8 @@ class Pool:
         await self.placement.record(self.model, subscription.affinity, jobs.own.stream.rpartition(":w:")[2])
 
 
-async def pool_of(client: Redis, delay: float) -> Pool:
-    queue = JobQueue(client, client, f"gw-{uuid.uuid4().hex[:6]}", 1000)
+async def pool_of(client: Redis, delay: float, **queue_options: Any) -> Pool:
+    queue = JobQueue(client, client, f"gw-{uuid.uuid4().hex[:6]}", 1000, **queue_options)
     placement = queue.placement = Placement(client, epsilon=0.25, delay_seconds=delay)
     await queue.start()
     request = dataclasses.replace(valid_request(), prompt_token_ids=list(range(10)), prompt_cache_key="")
@@ -243,19 +244,34 @@ async def test_a_new_conversation_goes_to_the_worker_holding_the_fewest(pool: Po
     def conversation(k: int) -> ValidRequest:  # a prompt of 2 blocks no other conversation shares
         return dataclasses.replace(pool.request, prompt_token_ids=list(range(100 * k, 100 * k + 2 * BLOCK)))
 
-    for k in (1, 2):  # w1 ran two conversations
-        pool.request = conversation(k)
-        await pool.ran_on(await pool.submit(), pool.w1)
+    pool.request = conversation(1)  # w1 ran one conversation
+    await pool.ran_on(await pool.submit(), pool.w1)
+    pool.request = conversation(2)
+    assert (await pool.submit()).job_stream == pool.w2.own.stream  # 0 against 1
+    # w2 now holds one placed here that has not started: a tie, and w2 is the busier: w1.
     pool.request = conversation(3)
-    third = await pool.submit()
-    assert third.job_stream == pool.w2.own.stream
-    pool.request = conversation(4)  # w2 holds 0 + 1 placed, w1 2: w2 again, before it started either
-    assert (await pool.submit()).job_stream == pool.w2.own.stream
+    assert (await pool.submit()).job_stream == pool.w1.own.stream
 
-    # A later turn of conversation 1 run on w2 (spilled there) makes it w2's: w1 keeps conversation 2.
+    # A later turn of conversation 1 run on w2 (spilled there) makes it w2's alone.
     later_turn = [*conversation(1).prompt_token_ids, 7, 7, 7, 7]
     pool.request = dataclasses.replace(pool.request, prompt_token_ids=later_turn)
     await pool.ran_on(await pool.submit(), pool.w2)
-    assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w1")) == 1
+    assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w1")) == 0
     assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w2")) == 1
     assert await pool.queue._redis.ttl(keys.conversations(pool.model, "w2")) > 0
+
+
+async def test_a_burst_of_new_conversations_holds_the_bound(pool: Pool) -> None:
+    def conversation(k: int) -> ValidRequest:
+        return dataclasses.replace(pool.request, prompt_token_ids=list(range(100 * k, 100 * k + 2 * BLOCK)))
+
+    for k in range(1, 11):  # w1 ran ten: every new one goes to w2 while the bound lets it
+        pool.request = conversation(k)
+        await pool.ran_on(await pool.submit(), pool.w1)
+    for jobs in (pool.w1, pool.w2):  # taken, wherever they were placed: the streams have room
+        await jobs.read_new(16, block_ms=None)
+    # Six at once, none started: with m placed before it, a job's bound is ceil(1.25 x (m + 1) / 2):
+    # 1, 2, 2, 3, 4, 4. So w2 takes 4 of them, and w1 the two that would take w2 past its bound.
+    burst = [pool.queue.submit(conversation(k), deadline()) for k in range(11, 17)]
+    streams = [s.job_stream for s in await asyncio.gather(*burst)]
+    assert streams.count(pool.w2.own.stream) == 4 and streams.count(pool.w1.own.stream) == 2, streams

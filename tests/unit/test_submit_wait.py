@@ -5,6 +5,7 @@ replicated before the caller hears "queued"; with it gone, the submit is not hel
 GATEWAY_SUBMIT_WAIT_MS, the job is queued all the same, and the shortfall is counted.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from devstack.redis_server import RedisServer
 from gateway import metrics
 from gateway.queue import JobQueue
 from tests.unit.queue_helpers import deadline, queued_request_ids, valid_request
+from tests.unit.test_placement_queue import pool_of
 
 WAIT_MS = 300
 
@@ -99,3 +101,29 @@ async def test_a_primary_that_lost_its_scripts_still_queues_the_job(
         request = valid_request()
         subscription = await queue.submit(request, deadline())
         assert queued_request_ids(on_primary, request.model) == [subscription.request_id]
+
+
+async def test_a_job_moved_off_its_workers_stream_waits_for_the_replica_too(
+    primary: RedisServer, replica: RedisServer
+) -> None:
+    # A placed job its worker did not take moves to the shared stream (gateway/placement.py): the
+    # move is a write of the job like its submit, so it waits for the replica too.
+    client: Redis = connect(primary.url, socket_timeout=5)
+    pool = await pool_of(client, delay=0.05, submit_replicas=1, submit_wait_ms=WAIT_MS)
+    try:
+        first = await pool.submit()
+        await pool.w1.read_new(8, block_ms=None)  # taken: never moved
+        await pool.ran_on(first, pool.w1)
+        replica.stop()
+        before = unreplicated()
+        placed = await pool.submit()
+        assert placed.job_stream == pool.w1.own.stream
+        assert unreplicated() == before + 1  # its submit's WAIT found no replica
+        end = time.monotonic() + 5
+        while placed.job_stream != keys.job_stream(pool.model):
+            assert time.monotonic() < end, "the placed job was never moved"
+            await asyncio.sleep(0.02)
+        assert unreplicated() == before + 2  # and so did its move's
+    finally:
+        await pool.queue.stop()
+        await client.aclose()
