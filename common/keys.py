@@ -63,6 +63,14 @@ def job_stream(model: str, shard: int = 0) -> str:
     return f"{PREFIX}:jobs:{{{model}#{shard}}}"
 
 
+def flex_stream(model: str, shard: int = 0) -> str:
+    """The flex tier's lane of a model's shard (consumer group WORKER_GROUP): jobs of
+    service_tier "flex", which workers take only when the shard's own stream and theirs have
+    none. In the shard's slot, so a worker blocks on both in one read, and the job's marker,
+    cancel flag and dead letters are the shard's keys."""
+    return f"{job_stream(model, shard)}:flex"
+
+
 def worker_stream(model: str, shard: int, worker_id: str) -> str:
     """The job stream of one worker (consumer group WORKER_GROUP): jobs placed on it because the
     worker holds their prompt's prefix in its cache (gateway/placement.py). In the slot of the

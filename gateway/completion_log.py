@@ -58,11 +58,14 @@ class CallRecord:
     created: int
     deadline: float  # Unix time: the job ends by then
     choices: int = 1  # the request's n
+    service_tier: str = "on_demand"  # the tier serving it (gateway/validation.py)
 
     def to_json(self) -> bytes:
         record = asdict(self)
         if self.choices == 1:
             del record["choices"]  # so that gateways older than n > 1 read the record too
+        if self.service_tier == "on_demand":
+            del record["service_tier"]  # likewise, for gateways older than the flex lane
         return json.dumps(record).encode()
 
     @classmethod

@@ -11,6 +11,7 @@
 | GATEWAY_DEFAULT_TIMEOUT_SECONDS | 300 | deadline when the caller sets none; also the longest honoured |
 | GATEWAY_ID | host-pid-random | names this process's reply stream in Redis |
 | GATEWAY_MAX_QUEUED_JOBS | 1000 | jobs waiting per model beyond which calls get RESOURCE_EXHAUSTED |
+| GATEWAY_FLEX_MAX_QUEUED_JOBS | 100 | flex jobs waiting per model beyond which flex calls get HTTP 498 |
 | GATEWAY_MAX_CONCURRENT_CALLS | 2000 | open calls beyond which new ones get RESOURCE_EXHAUSTED |
 | GATEWAY_RETRY_AFTER_SECONDS | 1 | retry delay suggested (google.rpc.RetryInfo) when overloaded |
 | GATEWAY_SHUTDOWN_GRACE_SECONDS | 25 | on SIGTERM, time open calls get to finish |
@@ -68,6 +69,7 @@ class GatewaySettings:
     default_timeout_seconds: float
     gateway_id: str
     max_queued_jobs: int
+    flex_max_queued_jobs: int
     max_concurrent_calls: int
     retry_after_seconds: float
     shutdown_grace_seconds: float
@@ -156,6 +158,7 @@ class GatewaySettings:
                 env, "GATEWAY_ID", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             ),
             max_queued_jobs=env_int(env, "GATEWAY_MAX_QUEUED_JOBS", 1000, minimum=1),
+            flex_max_queued_jobs=env_int(env, "GATEWAY_FLEX_MAX_QUEUED_JOBS", 100, minimum=0),
             max_concurrent_calls=env_int(env, "GATEWAY_MAX_CONCURRENT_CALLS", 2000, minimum=1),
             retry_after_seconds=env_float(env, "GATEWAY_RETRY_AFTER_SECONDS", 1.0, minimum=0.0),
             shutdown_grace_seconds=env_float(env, "GATEWAY_SHUTDOWN_GRACE_SECONDS", 25.0, minimum=0.0),

@@ -17,6 +17,7 @@ ServiceError                     any error the caller is told about
 ├── DeadlineExceeded             DEADLINE_EXCEEDED
 └── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
     ├── QueueFull                too many jobs waiting for the model
+    ├── FlexCapacityExceeded     the model's flex lane is full (service_tier "flex"): HTTP 498
     ├── TooManyCalls             too many calls open on this gateway
     ├── RateLimited              the API key's requests or tokens per minute are used up
     └── RedisOutOfMemory         Redis reached its maxmemory (noeviction): it takes no new jobs
@@ -184,6 +185,24 @@ class QueueFull(Overloaded):
         super().__init__(f"the queue for model {model!r} is full ({waiting} jobs waiting); retry later")
 
 
+class FlexCapacityExceeded(Overloaded):
+    """Groq's flex tier: refused at once when its lane is full, HTTP 498 capacity_exceeded."""
+
+    reason = "capacity_exceeded"
+
+    def __init__(self, model: str, waiting: int) -> None:
+        super().__init__(
+            f"flex capacity for model {model!r} is exceeded ({waiting} flex jobs waiting); retry later,"
+            " or send the request on demand"
+        )
+
+    def details(self) -> list[any_pb2.Any]:
+        return [
+            *super().details(),
+            _pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)),
+        ]
+
+
 class TooManyCalls(Overloaded):
     def __init__(self, limit: int) -> None:
         super().__init__(f"this gateway already serves {limit} calls; retry later")
@@ -229,6 +248,9 @@ STATUSES: dict[type[ServiceError], Status] = {
     RequestTooLarge: Status(code_pb2.RESOURCE_EXHAUSTED, 413, "invalid_request_error", "request_too_large"),
     Overloaded: _OVERLOADED,
     QueueFull: _OVERLOADED,
+    FlexCapacityExceeded: Status(
+        code_pb2.RESOURCE_EXHAUSTED, 498, "api_error", FlexCapacityExceeded.reason, retryable=True
+    ),
     TooManyCalls: _OVERLOADED,
     RateLimited: Status(
         code_pb2.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded", "rate_limit_exceeded", retryable=True

@@ -42,7 +42,6 @@ from gateway.errors import (
 from gateway.idempotency import METADATA_KEY as IDEMPOTENCY_METADATA
 from gateway.relay import Accepted, Caller, Failed, Finished, Relay, Started, Text, Usage
 from gateway.resume import ChoiceReply
-from gateway.validation import SERVED_TIER
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +259,7 @@ def _completion(
         "choices": choices,
         "usage": _usage(finished.usage) if finished is not None else None,
         "system_fingerprint": finished.system_fingerprint if finished is not None else fingerprint,
-        "service_tier": SERVED_TIER,
+        "service_tier": call.service_tier,
         "x_groq": {"id": f"req_{call.request_id}"},
     }
 
@@ -272,7 +271,7 @@ def _chunk(call: Accepted, fingerprint: str, choices: list[dict[str, Any]]) -> d
         "created": call.created,
         "model": call.model,
         "system_fingerprint": fingerprint,
-        "service_tier": SERVED_TIER,
+        "service_tier": call.service_tier,
         "choices": choices,
     }
 

@@ -50,6 +50,12 @@ OPEN_CALLS = Gauge("chat_gateway_open_calls", "Calls (unary and streams) in prog
 QUEUE_DEPTH = Gauge(
     "chat_gateway_queue_depth", "Jobs waiting in Redis for a worker, sampled every second", ["model"]
 )
+FLEX_QUEUE_DEPTH = Gauge(
+    "chat_gateway_flex_queue_depth",
+    "Flex jobs (service_tier flex) waiting in their lane for a worker, sampled every second;"
+    " past GATEWAY_FLEX_MAX_QUEUED_JOBS flex calls are refused",
+    ["model"],
+)
 PROMPT_TOKENS = Counter("chat_gateway_prompt_tokens_total", "Prompt tokens of completed calls", ["model"])
 COMPLETION_TOKENS = Counter(
     "chat_gateway_completion_tokens_total", "Tokens generated for completed calls", ["model"]

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +27,11 @@ from common.redis_client import on_node_of
 from common.supervise import being_cancelled, supervised
 from gateway import metrics, placement
 from gateway.completion_log import CallRecord
-from gateway.errors import QueueFull, RedisOutOfMemory, ServiceError, Unavailable
+from gateway.errors import FlexCapacityExceeded, QueueFull, RedisOutOfMemory, ServiceError, Unavailable
 from gateway.placement import Placement
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
-from gateway.validation import ValidRequest
+from gateway.validation import FLEX, ON_DEMAND, TIER_PRIORITY, ValidRequest
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class JobQueue:
         self._reader = reader  # its own connection: the blocking XREAD holds it
         self._gateway_id = gateway_id
         self._max_queued_jobs = max_queued_jobs
+        self.flex_max_queued_jobs = 100  # GATEWAY_FLEX_MAX_QUEUED_JOBS: the flex lanes' limit
         self._job_streams = job_streams  # REDIS_JOB_STREAMS: a job goes to one of them at random
         # Of a model's streams, how many every live worker reads (common/engine_registry.py): a
         # worker that reads fewer than this gateway's setting would leave jobs on the others.
@@ -225,11 +226,12 @@ class JobQueue:
         with contextlib.suppress(RedisError):  # it expires on its own otherwise
             await self._redis.delete(self._reply_stream)
 
-    async def waiting_jobs(self, model: str) -> int:
-        """Jobs of the model that no worker has taken yet, on all its streams."""
+    async def waiting_jobs(self, model: str, lane: Callable[[str, int], str] = keys.job_stream) -> int:
+        """Jobs of the model that no worker has taken yet, on all its streams of one lane: the
+        on_demand streams (keys.job_stream) or the flex ones (keys.flex_stream)."""
         counts = await asyncio.gather(
             *(
-                self._waiting(keys=[keys.job_stream(model, shard)], args=[keys.WORKER_GROUP])
+                self._waiting(keys=[lane(model, shard)], args=[keys.WORKER_GROUP])
                 for shard in range(self._job_streams)
             )
         )
@@ -314,10 +316,12 @@ class JobQueue:
             reply_to=self._reply_stream,
             gateway_id=self._gateway_id,
             trace_context=dict(request.trace_context),
+            priority=TIER_PRIORITY[request.service_tier],
         )
         # The most the job can generate: what the call's charge is capped at.
         subscription = Subscription(request_id, request.model, request.max_tokens * request.n)
-        if self.placement is not None:
+        subscription.service_tier = request.service_tier
+        if self.placement is not None and request.service_tier == ON_DEMAND:  # flex has its own lane
             caller_key = request.prompt_cache_key or request.user
             subscription.affinity = self.placement.affinity(
                 request.model, request.prompt_token_ids, caller_key
@@ -325,7 +329,9 @@ class JobQueue:
         subscription.deadline = deadline
         subscription.choices = request.n
         subscription.created = int(time.time())
-        record = CallRecord(request_id, owner, request.model, subscription.created, deadline, request.n)
+        record = CallRecord(
+            request_id, owner, request.model, subscription.created, deadline, request.n, request.service_tier
+        )
         log_ttl_ms = int((deadline - time.time() + self._log_window_seconds) * 1000)
         self._subscriptions[request_id] = subscription  # before XADD: no event can be missed
         fields = (
@@ -353,6 +359,8 @@ class JobQueue:
             raise
         if isinstance(added, _QueueFull):
             self._subscriptions.pop(request_id, None)
+            if request.service_tier == FLEX:
+                raise FlexCapacityExceeded(request.model, added.waiting)
             raise QueueFull(request.model, added.waiting)
         if added == _REPLY_STREAM_GONE:
             self._subscriptions.pop(request_id, None)
@@ -378,12 +386,18 @@ class JobQueue:
         if (placed := await self._place_on_worker(subscription, fields)) is not None:
             return placed
         streams = self._streams_in_use(model)
-        # Each stream takes its share of the model's limit; jobs spread evenly over them.
-        per_stream = -(-self._max_queued_jobs // streams)
+        # Each stream takes its share of its lane's limit; jobs spread evenly over them.
+        flex = subscription.service_tier == FLEX
+        lane, limit = (
+            (keys.flex_stream, self.flex_max_queued_jobs)
+            if flex
+            else (keys.job_stream, self._max_queued_jobs)
+        )
+        per_stream = -(-limit // streams)
         first = secrets.randbelow(streams)
         waiting = 0
         for i in range(streams):
-            stream = subscription.job_stream = keys.job_stream(model, (first + i) % streams)
+            stream = subscription.job_stream = lane(model, (first + i) % streams)
             added = await self._queue_on(
                 self._queue,
                 [stream, keys.submitted(stream, request_id)],

@@ -116,6 +116,7 @@ class Accepted:
     model: str
     ratelimit: tuple[tuple[str, str], ...]  # x-ratelimit-* headers; empty without limits
     choices: int = 1  # the request's n: responses have this many choices, indexed from 0
+    service_tier: str = "on_demand"  # the tier serving the call, which responses report
 
     @property
     def completion_id(self) -> str:
@@ -332,7 +333,12 @@ class Relay:
                 await self._idempotency.bind(claim, subscription.request_id)
             created = subscription.created or int(time.time())
             accepted = Accepted(
-                subscription.request_id, created, subscription.model, ratelimit, subscription.choices
+                subscription.request_id,
+                created,
+                subscription.model,
+                ratelimit,
+                subscription.choices,
+                subscription.service_tier,
             )
             recorder.span.accepted(accepted.request_id)
             yield accepted
@@ -567,7 +573,7 @@ class Relay:
         except ServiceError as exc:
             yield Failed(exc)
             return
-        yield Accepted(call.request_id, call.created, call.model, (), call.choices)
+        yield Accepted(call.request_id, call.created, call.model, (), call.choices, call.service_tier)
         subscription = Subscription(call.request_id, call.model, cursor=starting_after)
         translation = _Translation(stream, None, call.choices)
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
 from chat.v1 import chat_pb2
+from common import keys
 from common.metrics_server import serve_metrics
 from common.redis_client import connect
 from common.supervise import supervised
@@ -110,6 +111,7 @@ class Gateway:
             settings.submit_wait_ms,
             settings.job_streams,
         )
+        self.queue.flex_max_queued_jobs = settings.flex_max_queued_jobs
         if settings.cache_affinity:
             self.queue.placement = Placement(
                 self._redis, settings.affinity_epsilon, settings.affinity_delay_ms / 1000
@@ -190,6 +192,7 @@ class Gateway:
         """Queue depths for the metrics, and the context windows the workers' engines run with."""
         for model in self._models:
             metrics.QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model))
+            metrics.FLEX_QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model, keys.flex_stream))
             live = await self.queue.live_engines(model)
             window = live.context_window if live is not None else None
             self._catalog.set_engine_context_window(model, window)

@@ -19,7 +19,6 @@ from gateway.access import ModelDirectory
 from gateway.errors import MalformedRequest, ServiceError
 from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Started, Text, Usage
 from gateway.resume import ChoiceReply
-from gateway.validation import SERVED_TIER
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,7 @@ def _completion(
         choices=choices,
         usage=_usage(finished.usage) if finished is not None else None,
         system_fingerprint=fingerprint,
-        service_tier=SERVED_TIER,
+        service_tier=call.service_tier,
     )
 
 
@@ -211,7 +210,7 @@ def _chunk(
         choices=choices,
         usage=usage,
         system_fingerprint=fingerprint,
-        service_tier=SERVED_TIER,
+        service_tier=call.service_tier,
         sequence_number=seq,
     )
 

@@ -40,6 +40,7 @@ class Subscription:
         self.affinity: Affinity | None = None  # what placement recorded for it (gateway/placement.py)
         self.ran_on = ""  # the worker of the latest Started event
         self.moving = False  # its entry is being moved between streams (job_stream, entry_id change)
+        self.service_tier = "on_demand"  # the lane it is queued in: "on_demand" or "flex"
         self._events: deque[codec.Event] = deque()
         self._positions: deque[int] = deque()  # of the events queued
         self._offset = 0  # added to seq: an attempt that starts over numbers on after the one before

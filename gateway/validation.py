@@ -21,10 +21,13 @@ from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, sh
 ROLES = ("system", "user", "assistant")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
-# Every request is served on demand (no priority lanes yet): the tiers that ask for nothing else.
-# "default" is the openai SDK's name for it.
-SERVICE_TIERS = ("auto", "on_demand", "default")
-SERVED_TIER = "on_demand"  # what responses report
+# Tiers a request may ask for, and the one that serves it (what responses report): "auto" and
+# "default" (the openai SDK's name) are served on demand; "flex" takes a lower-priority lane
+# (gateway/queue.py, worker/jobs.py) that is refused fast when full.
+ON_DEMAND, FLEX = "on_demand", "flex"
+SERVICE_TIERS = {"auto": ON_DEMAND, "default": ON_DEMAND, ON_DEMAND: ON_DEMAND, FLEX: FLEX}
+# The engine's request priority of each tier (vLLM: lower is scheduled first).
+TIER_PRIORITY = {ON_DEMAND: 0, FLEX: 1}
 MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too
 _UINT64 = (1 << 64) - 1
 
@@ -47,6 +50,7 @@ class ValidRequest:
     top_logprobs: int = 0  # with logprobs: and this many of the most likely tokens at each position
     n: int = 1  # choices to generate, each up to max_tokens
     prompt_cache_key: str = ""  # the caller's affinity key (gateway/placement.py); "" = none
+    service_tier: str = "on_demand"  # the tier that serves it: ON_DEMAND or FLEX
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -93,12 +97,14 @@ def validate(
     presence_penalty = _check_range(request, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False)
     stop = _check_stop(list(request.stop), limits)
     top_logprobs = _check_top_logprobs(request)
-    if request.HasField("service_tier") and request.service_tier not in SERVICE_TIERS:
-        raise UnsupportedParameter(
-            "service_tier",
-            f"must be one of {', '.join(SERVICE_TIERS)} (every request is served on demand),"
-            f" got {shown(request.service_tier)}",
-        )
+    service_tier = ON_DEMAND
+    if request.HasField("service_tier"):
+        if request.service_tier not in SERVICE_TIERS:
+            raise UnsupportedParameter(
+                "service_tier",
+                f"must be one of {', '.join(SERVICE_TIERS)}, got {shown(request.service_tier)}",
+            )
+        service_tier = SERVICE_TIERS[request.service_tier]
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= limits.max_choices:
         raise InvalidField("n", f"must be in [1, {limits.max_choices}], got {n}")
@@ -145,6 +151,7 @@ def validate(
         logprobs=request.logprobs,
         top_logprobs=top_logprobs,
         n=n,
+        service_tier=service_tier,
     )
 
 

@@ -320,16 +320,24 @@ class ModelJobs:
 
     The own streams of other workers are read too, in the reclaim round: their pending jobs once
     the claim timeout passed (as on the shards), their undelivered ones once their worker is no
-    longer live, so a worker's death strands nothing placed on it."""
+    longer live, so a worker's death strands nothing placed on it.
+
+    Each shard has a flex lane (keys.flex_stream: jobs of service_tier "flex"), read only with
+    the room the on_demand streams leave, and never blocked on: a flex job that arrives while the
+    worker waits for work is taken at its next read, within half a heartbeat."""
 
     def __init__(self, redis: Redis, model: str, worker_id: str, shards: int = 1) -> None:
         self._redis = redis
         self._model = model
         self._worker_id = worker_id
         self.shards = [JobStream(redis, model, worker_id, shard) for shard in range(shards)]
+        self.flex = [
+            JobStream(redis, model, worker_id, stream=keys.flex_stream(model, shard))
+            for shard in range(shards)
+        ]
         self.home = home_shard(worker_id, shards)
         self.own = JobStream(redis, model, worker_id, stream=keys.worker_stream(model, self.home, worker_id))
-        self._by_name = {s.stream: s for s in [*self.shards, self.own]}
+        self._by_name = {s.stream: s for s in [*self.shards, *self.flex, self.own]}
         self._next = secrets.randbelow(shards)  # workers spread their blocking reads over the streams
         # The model's live workers (engine registry), set by the consumer at each heartbeat; until
         # then no other worker's undelivered jobs are taken.
@@ -350,12 +358,13 @@ class ModelJobs:
         shard's set; raises only if no shard answered (one that failed gets its group when a
         read of it finds none, _from_each)."""
         errors: list[RedisError] = []
-        for shard in self.shards:
+        lanes = [*self.shards, *self.flex]
+        for lane in lanes:
             try:
-                await shard.ensure_group()
+                await lane.ensure_group()
             except RedisError as exc:
                 errors.append(exc)
-        if len(errors) == len(self.shards):
+        if len(errors) == len(lanes):
             raise errors[0]
         with contextlib.suppress(RedisError):  # placement waits for it; jobs are served without
             await self.ensure_own()
@@ -371,18 +380,27 @@ class ModelJobs:
         await self.own.ensure_group()
         await self._redis.sadd(listed_in, self.own.stream)
 
-    def _in_turn(self) -> list[JobStream]:
+    def _in_turn(self) -> tuple[list[JobStream], list[JobStream]]:
+        """The shards and their flex lanes, each read starting at the next shard in turn."""
         start, self._next = self._next, (self._next + 1) % len(self.shards)
-        return self.shards[start:] + self.shards[:start]
+        return self.shards[start:] + self.shards[:start], self.flex[start:] + self.flex[:start]
 
     async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
         """Up to count new jobs, our own stream's first, then the shards' in turn; when there are
         none, waits up to block_ms on our own stream and one shard together when they share a
         slot, else on the shard (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
-        order = self._in_turn()
-        taken = await self._from_each(
-            [self.own, *order], count, lambda stream, n: stream.read_new(n, block_ms=None)
-        )
+        order, flex = self._in_turn()
+
+        async def read(stream: JobStream, n: int) -> list[Delivery]:
+            return await stream.read_new(n, block_ms=None)
+
+        taken = await self._from_each([self.own, *order], count, read)
+        if len(taken) < count:  # flex jobs only with the room on_demand ones leave
+            try:
+                taken += await self._from_each(flex, count - len(taken), read)
+            except RedisError:
+                if not taken:
+                    raise
         if taken or block_ms is None:
             return taken
         if len(self.shards) > 1:
@@ -398,8 +416,11 @@ class ModelJobs:
         """Jobs of workers that died: pending ones past the claim timeout, on the shards and on
         every worker's own stream; then undelivered ones on the own streams of workers gone."""
         theirs = await self._worker_streams()
+        order, flex = self._in_turn()
         taken = await self._from_each(
-            [*self._in_turn(), *theirs], count, lambda stream, n: stream.reclaim(n, min_idle_ms)
+            [*order, *flex, *theirs],
+            count,
+            lambda stream, n: stream.reclaim(n, min_idle_ms),
         )
         live = self.live_workers
         gone = [s for s in theirs if live is not None and _owner(s.stream) not in live]
@@ -443,7 +464,8 @@ class ModelJobs:
             except RedisError as exc:
                 log.warning("job stream %s unavailable: %s", shard.stream, exc)
                 errors.append(exc)
-                ours = shard is self.own or shard in self.shards  # another worker's is gone: leave it
+                # Another worker's stream is gone: leave it.
+                ours = shard is self.own or shard in self.shards or shard in self.flex
                 if ours and isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     with contextlib.suppress(RedisError):
                         await shard.ensure_group()  # its Redis lost its data: start it over
@@ -454,7 +476,7 @@ class ModelJobs:
     async def forget_dead_consumers(self, claim_idle_ms: int) -> list[str]:
         """Removes consumers of workers gone for good, and their own streams once empty."""
         forgotten: list[str] = []
-        for shard in [*self.shards, self.own]:
+        for shard in [*self.shards, *self.flex, self.own]:
             with contextlib.suppress(RedisError):  # tried again at the next round
                 forgotten += await shard.forget_dead_consumers(claim_idle_ms)
         live = self.live_workers

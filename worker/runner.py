@@ -242,7 +242,12 @@ async def run_job(
         )
         return
     request = GenerationRequest(
-        job.request_id, prompt, params, num_generated=len(generated), trace_headers=dict(trace_headers or {})
+        job.request_id,
+        prompt,
+        params,
+        num_generated=len(generated),
+        trace_headers=dict(trace_headers or {}),
+        priority=job.priority,
     )
     result = _Generation([_Choice(completion_tokens=len(generated)) for _ in range(params.n)])
     timeout = job.deadline - taken_at if job.deadline else None

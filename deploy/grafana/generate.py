@@ -69,7 +69,10 @@ OVERVIEW = [
     (
         "Queue depth (jobs waiting)",
         "short",
-        [("{{model}}", f"max by (model) (chat_gateway_queue_depth{{{M}}})")],
+        [
+            ("{{model}}", f"max by (model) (chat_gateway_queue_depth{{{M}}})"),
+            ("{{model}} flex", f"max by (model) (chat_gateway_flex_queue_depth{{{M}}})"),
+        ],
     ),
     ("Queue wait", "s", quantiles("chat_gateway_queue_wait_seconds")),
     (

@@ -101,3 +101,20 @@ def test_the_sdks_service_tier_auto_is_served_on_demand(
     assert {c.service_tier for c in chunks} == {"on_demand"}
     response = stub.ChatCompletion(chat_request("Hi", max_tokens=2, service_tier="auto"), timeout=60)
     assert response.service_tier == "on_demand"
+
+
+@pytest.mark.parametrize("sdk", ["openai", "groq"])
+def test_a_flex_request_is_served_in_the_flex_lane_and_says_so(
+    sdk: str, openai_client: openai.OpenAI, groq_client: groq.Groq, stub: chat_pb2_grpc.ChatServiceStub
+) -> None:
+    client: Any = openai_client if sdk == "openai" else groq_client
+    args = {"model": MODEL, "messages": STORY, "max_tokens": 4, "temperature": 0}
+    on_demand = client.chat.completions.create(**args)
+    reply = client.chat.completions.create(**args, service_tier="flex")
+    assert reply.service_tier == "flex"
+    # The same engine, at a lower priority: the same greedy text.
+    assert reply.choices[0].message.content == on_demand.choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, service_tier="flex", stream=True))
+    assert {c.service_tier for c in chunks} == {"flex"}
+    response = stub.ChatCompletion(chat_request("Hi", max_tokens=2, service_tier="flex"), timeout=60)
+    assert response.service_tier == "flex" and response.choices[0].finish_reason == "length"

@@ -26,7 +26,7 @@ ESSAY = [{"role": "user", "content": "Write a long essay about mountains."}]
         ({"max_tokens": 100_000}, "max_tokens", None),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
         ({"n": 9}, "n", None),
-        ({"service_tier": "flex"}, "service_tier", "unsupported_parameter"),
+        ({"service_tier": "scale"}, "service_tier", "unsupported_parameter"),
         ({"n": 0}, "n", None),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
         ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),

@@ -1,4 +1,4 @@
-"""503 (queue full, Redis down), 504 (deadline) and readiness over HTTP.
+"""503 (queue full, Redis down), 498 (flex lane full), 504 (deadline) and readiness over HTTP.
 
 A gateway of its own with no worker, on its own redis-server: jobs stay queued.
 """
@@ -10,7 +10,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import groq
 import openai
 import pytest
 import redis
@@ -33,6 +35,7 @@ def idle_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "GATEWAY_MAX_QUEUED_JOBS": "1",
             "GATEWAY_DEFAULT_TIMEOUT_SECONDS": "1.5",
             "GATEWAY_RETRY_AFTER_SECONDS": "2",
+            "GATEWAY_FLEX_MAX_QUEUED_JOBS": "1",
         },
     )
     stack.start_gateway()
@@ -67,6 +70,26 @@ async def test_queue_full_is_503_with_retry_after_and_the_deadline_504(idle_stac
         assert late.value.status_code == 504 and late.value.code == "timeout"
         assert late.value.response.headers["x-should-retry"] == "false"
         assert time.monotonic() - start < 2.5
+
+
+async def test_a_full_flex_lane_is_498_capacity_exceeded_at_once(idle_stack: Stack) -> None:
+    async with groq.AsyncGroq(base_url=idle_stack.http_url, api_key="x", max_retries=0) as client:
+        flex: Any = {"model": MODEL, "messages": HI, "service_tier": "flex"}
+        queued = asyncio.create_task(client.chat.completions.create(**flex))
+        await asyncio.sleep(0.3)  # the first flex job is queued; no worker takes it
+        start = time.monotonic()
+        with pytest.raises(groq.APIStatusError) as full:
+            await client.chat.completions.create(**flex)
+        refused_in = time.monotonic() - start
+        assert full.value.status_code == 498 and refused_in < 1.0, refused_in
+        assert isinstance(full.value.body, dict)
+        error = full.value.body["error"]  # the groq SDK keeps the whole body for a status it does not type
+        assert error["code"] == "capacity_exceeded" and "flex capacity" in error["message"], error
+        headers = full.value.response.headers
+        assert headers["retry-after"] == "2" and headers["x-should-retry"] == "true"
+        with pytest.raises(groq.APIStatusError) as late:
+            await queued  # waited in its lane until the deadline, as any job
+        assert late.value.status_code == 504
 
 
 async def test_readiness_follows_redis(idle_stack: Stack) -> None:

@@ -66,16 +66,20 @@ def test_n_up_to_the_gateways_limit_reaches_the_valid_request(catalog: ModelCata
     assert caught.value.message == "`n` must be in [1, 2], got 3"
 
 
-@pytest.mark.parametrize("tier", ["auto", "on_demand", "default"])
-def test_the_on_demand_service_tiers_are_accepted(catalog: ModelCatalog, tier: str) -> None:
-    validate(request(service_tier=tier), catalog, 10)
+@pytest.mark.parametrize(
+    ("tier", "served"),
+    [("auto", "on_demand"), ("on_demand", "on_demand"), ("default", "on_demand"), ("flex", "flex")],
+)
+def test_each_service_tier_is_served_by_its_lane(catalog: ModelCatalog, tier: str, served: str) -> None:
+    assert validate(request(service_tier=tier), catalog, 10).service_tier == served
+    assert validate(request(), catalog, 10).service_tier == "on_demand"
 
 
-@pytest.mark.parametrize("tier", ["flex", "performance", ""])
+@pytest.mark.parametrize("tier", ["performance", "scale", ""])
 def test_other_service_tiers_are_refused_by_name(catalog: ModelCatalog, tier: str) -> None:
     with pytest.raises(UnsupportedParameter) as caught:
         validate(request(service_tier=tier), catalog, 10)
-    assert caught.value.field == "service_tier" and "served on demand" in caught.value.message
+    assert caught.value.field == "service_tier" and "auto, default, on_demand, flex" in caught.value.message
 
 
 def test_top_logprobs_without_logprobs_says_what_it_needs(catalog: ModelCatalog) -> None:

@@ -49,6 +49,8 @@ class GenerationRequest:
     num_generated: int = 0
     # W3C trace headers of the worker's span; vLLM traces its llm_request span under it.
     trace_headers: dict[str, str] = field(default_factory=dict)
+    # The job's priority (its service tier): the engine schedules lower values first.
+    priority: int = 0
 
 
 @dataclass(frozen=True)

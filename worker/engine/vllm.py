@@ -109,6 +109,9 @@ class VllmEngine(Engine):
             # Our own stats logger only: vLLM's default ones would log every 10 s and register
             # vllm:* metrics beside ours.
             disable_log_stats=True,
+            # Service tiers (flex after on_demand): each request's priority orders the waiting
+            # queue, and a higher-priority request may preempt a running lower one.
+            scheduling_policy="priority",
             **optional,
         )
 
@@ -203,7 +206,11 @@ class VllmEngine(Engine):
             try:
                 params = sampling_params(request, ignore_eos=self._settings.ignore_eos)
                 outputs = self._engine.generate(
-                    prompt, params, request_id, trace_headers=request.trace_headers or None
+                    prompt,
+                    params,
+                    request_id,
+                    trace_headers=request.trace_headers or None,
+                    priority=request.priority,
                 )
                 first = await anext(aiter(outputs), None)
             except _REQUEST_ERRORS as exc:
