@@ -260,18 +260,24 @@ class Placement:
     def count(model: str, outcome: str) -> None:
         metrics.PLACEMENTS.labels(model, outcome).inc()
 
-    async def record(self, model: str, affinity: Affinity, worker_id: str) -> None:
+    async def record(self, model: str, affinity: Affinity, worker_id: str, takes_home: bool = True) -> None:
         """Remembers that worker_id runs (so caches) the job's prefixes, and counts its
-        conversation as worker_id's alone (a spilled turn moves it: the index names the new
-        worker from now on)."""
+        conversation as worker_id's alone. A job that does not take its conversation home
+        (spilled or moved for a moment of load) names worker_id only for prefixes no worker is
+        known to hold, and leaves the conversation where it was: measured, moving it on every
+        spill left each spilled conversation's cache behind and a cold copy on the other worker
+        (bench.affinity, 3 spills: 0.60-0.64 against the ceiling's 0.69)."""
         now = time.time()
         own = keys.conversations(model, worker_id)
         others = [keys.conversations(model, w) for w in self._loads.get(model, {}) if w != worker_id]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for digest in affinity.digests:
-                    pipe.set(keys.prefix_index(model, affinity.tag, digest), worker_id, ex=INDEX_TTL_SECONDS)
+                    index = keys.prefix_index(model, affinity.tag, digest)
+                    pipe.set(index, worker_id, ex=INDEX_TTL_SECONDS, nx=not takes_home)
                 await pipe.execute()
+            if not takes_home:
+                return
             # In the model's slot, not the conversation's: a pipeline of its own.
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(own, {affinity.conversation: now})

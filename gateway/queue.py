@@ -445,11 +445,13 @@ class JobQueue:
                 raise
             if isinstance(added, bytes):
                 self.placement.count(model, outcome)
+                subscription.placed_as = outcome
                 return added
             self.placement.forget(subscription.request_id)
             if outcome == placement.PREFERRED:
                 outcome = placement.SPILLED  # its stream was full, or gone
         self.placement.count(model, outcome)
+        subscription.placed_as = outcome
         return None
 
     async def _move_unless_taken(self, subscription: Subscription, delay: float) -> None:
@@ -475,6 +477,7 @@ class JobQueue:
                 if self.placement is not None:
                     self.placement.forget(request_id)
                     self.placement.count(subscription.model, placement.MOVED)
+                subscription.placed_as = placement.MOVED
         except RedisError as exc:
             # Left where it is: its worker takes it, or, once that worker is no longer live, any other.
             log.warning("cannot move job %s off its worker's stream: %s", request_id, exc)
@@ -717,7 +720,12 @@ class JobQueue:
         if self.placement is not None:
             self.placement.forget(subscription.request_id)
         if self.placement is not None and subscription.affinity is not None:
-            self._in_background(self.placement.record(subscription.model, subscription.affinity, worker_id))
+            # A job spilled or moved off the worker that holds its conversation (over its share of
+            # the load, or busy, for a moment) leaves the conversation there: its next turn goes
+            # back to that worker's cache. Placed where it was preferred, or new: it is the worker's.
+            takes_home = subscription.placed_as in (placement.PREFERRED, placement.UNMATCHED)
+            record = self.placement.record(subscription.model, subscription.affinity, worker_id, takes_home)
+            self._in_background(record)
 
     async def _trim(self, last_id: bytes) -> None:
         try:

@@ -41,6 +41,7 @@ class Subscription:
         self.ran_on = ""  # the worker of the latest Started event
         self.moving = False  # its entry is being moved between streams (job_stream, entry_id change)
         self.service_tier = "on_demand"  # the lane it is queued in: "on_demand" or "flex"
+        self.placed_as = ""  # its placement's outcome (gateway/placement.py), "" where none
         self._events: deque[codec.Event] = deque()
         self._positions: deque[int] = deque()  # of the events queued
         self._offset = 0  # added to seq: an attempt that starts over numbers on after the one before

@@ -275,3 +275,30 @@ async def test_a_burst_of_new_conversations_holds_the_bound(pool: Pool) -> None:
     burst = [pool.queue.submit(conversation(k), deadline()) for k in range(11, 17)]
     streams = [s.job_stream for s in await asyncio.gather(*burst)]
     assert streams.count(pool.w2.own.stream) == 4 and streams.count(pool.w1.own.stream) == 2, streams
+
+
+async def test_a_spilled_turn_leaves_its_conversation_where_it_was(pool: Pool) -> None:
+    first = await pool.submit()
+    await pool.ran_on(first, pool.w1)  # w1's conversation
+    # w1 over its share of the load: the next turn spills (to the shared streams) and runs on w2.
+    load = engine_registry.WorkerLoad(pool.w1.own.stream, BLOCK, running=6, capacity=8)
+    await engine_registry.advertise(pool.queue._redis, pool.model, "w1", 4096, ttl=30, load=load)
+    await pool.queue.live_engines(pool.model)
+    pool.request = dataclasses.replace(pool.request, prompt_token_ids=[*range(10), 7, 7])  # 3 blocks
+    spilled = await pool.submit()
+    assert spilled.placed_as == "spilled"
+    pool.queue._ran_on(spilled, "w2")  # its Started event
+    await asyncio.sleep(0.1)  # the index is written in the background
+
+    await pool.advertise(pool.w1, pool.w2)  # the moment passed
+    # The next turn (4 blocks: digests of 1, 2 and 4) shares the first 2 with w1's turn.
+    pool.request = dataclasses.replace(
+        pool.request, prompt_token_ids=[*pool.request.prompt_token_ids, 8, 8, 8, 8]
+    )
+    assert (await pool.submit()).job_stream == pool.w1.own.stream  # back where its history is
+    assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w1")) == 1
+    assert not await pool.queue._redis.exists(keys.conversations(pool.model, "w2"))
+    # The prefix only the spilled turn ran (all of its 3 blocks) names w2, where it is cached.
+    assert spilled.affinity is not None
+    longest = keys.prefix_index(pool.model, spilled.affinity.tag, spilled.affinity.digests[-1])
+    assert await pool.queue._redis.get(longest) == b"w2"
