@@ -1,6 +1,7 @@
 """API keys: stored hashed in Redis, managed from the command line.
 
     python -m gateway.apikeys create --name billing --models SmolLM2-135M-Instruct --rpm 60 --tpm 100000
+    python -m gateway.apikeys create --name nightly-batch --tier flex
     python -m gateway.apikeys list
     python -m gateway.apikeys revoke --name billing
 
@@ -25,6 +26,7 @@ from common import keys
 from common.redis_client import connect
 
 KEY_PREFIX = "sk-chat-"
+TIERS = ("on_demand", "flex")  # a key's default tier (gateway/validation.py serves both)
 
 
 def _text(value: bytes | str) -> str:
@@ -43,6 +45,9 @@ class KeyRecord:
     tokens_per_minute: int  # 0 = unlimited
     revoked: bool
     digest: str
+    # The tier of the key's requests that name none (or "auto", or the openai SDK's "default"):
+    # "on_demand", or "flex" for batch work that should yield to interactive calls.
+    service_tier: str = "on_demand"
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -57,15 +62,21 @@ class KeyRecord:
             tokens_per_minute=int(text.get("tpm", "0")),
             revoked=text.get("revoked", "0") == "1",
             digest=key_digest,
+            service_tier=text.get("tier", "on_demand"),
         )
 
 
-async def create(redis: Redis, name: str, models: list[str], rpm: int, tpm: int) -> str:
+async def create(
+    redis: Redis, name: str, models: list[str], rpm: int, tpm: int, service_tier: str = "on_demand"
+) -> str:
+    if service_tier not in TIERS:
+        raise ValueError(f"--tier must be one of {', '.join(TIERS)}, got {service_tier!r}")
     if await redis.hexists(keys.API_KEY_NAMES, name):
         raise ValueError(f"a key named {name!r} exists; revoke it or choose another name")
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_digest = digest(api_key)
     record = {"name": name, "models": ",".join(models) or "*", "rpm": rpm, "tpm": tpm, "revoked": 0}
+    record["tier"] = service_tier
     record["created"] = int(time.time())
     # Record first, then its name: two slots on Redis Cluster, so not one transaction. A crash
     # between leaves a record whose key was never printed (nobody holds it), and the name free.
@@ -99,13 +110,14 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         if args.command == "create":
             models = [m for m in args.models.split(",") if m]
-            print(await create(redis, args.name, models, args.rpm, args.tpm))
+            print(await create(redis, args.name, models, args.rpm, args.tpm, args.tier))
             print("Store this key now: it is not shown again.", file=sys.stderr)
         elif args.command == "list":
             for r in await list_keys(redis):
                 state = "revoked" if r.revoked else "active"
                 print(
-                    f"{r.name}\t{state}\tmodels={','.join(r.models)}\trpm={r.requests_per_minute}\ttpm={r.tokens_per_minute}"
+                    f"{r.name}\t{state}\tmodels={','.join(r.models)}\trpm={r.requests_per_minute}"
+                    f"\ttpm={r.tokens_per_minute}\ttier={r.service_tier}"
                 )
         else:
             await revoke(redis, args.name)
@@ -125,6 +137,9 @@ def main() -> None:
     new.add_argument("--rpm", type=int, default=0, help="requests per minute, 0 = unlimited")
     new.add_argument(
         "--tpm", type=int, default=0, help="prompt + completion tokens per minute, 0 = unlimited"
+    )
+    new.add_argument(
+        "--tier", default="on_demand", help="service tier of requests that name none: on_demand or flex"
     )
     commands.add_parser("list", help="list keys (never the keys themselves)")
     gone = commands.add_parser("revoke", help="revoke a key by name")

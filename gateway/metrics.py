@@ -24,8 +24,8 @@ REQUESTS = Counter(
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "chat_gateway_time_to_first_token_seconds",
-    "From accepting a call to relaying its first generated text",
-    ["model"],
+    "From accepting a call to relaying its first generated text, by the tier that served it",
+    ["model", "service_tier"],
     buckets=TTFT_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
@@ -42,8 +42,8 @@ REQUEST_DURATION = Histogram(
 )
 QUEUE_WAIT = Histogram(
     "chat_gateway_queue_wait_seconds",
-    "Time a job waited in Redis before a worker took it",
-    ["model"],
+    "Time a job waited in Redis before a worker took it, by the tier (lane) it waited in",
+    ["model", "service_tier"],
     buckets=QUEUE_BUCKETS,
 )
 OPEN_CALLS = Gauge("chat_gateway_open_calls", "Calls (unary and streams) in progress on this gateway")
@@ -145,11 +145,14 @@ class CallRecorder:
         self._exemplar = {"trace_id": self.span.trace_id} if self.span.trace_id else None
         self._start = time.monotonic()
         self._last_delta: float | None = None
+        self.service_tier = "on_demand"  # set once the call's job is queued (gateway/relay.py)
 
     def delta(self) -> None:
         now = time.monotonic()
         if self._last_delta is None:
-            TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self._start, self._exemplar)
+            TIME_TO_FIRST_TOKEN.labels(self.model, self.service_tier).observe(
+                now - self._start, self._exemplar
+            )
             self.span.first_token(now - self._start)
         else:
             INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_delta)
@@ -160,7 +163,7 @@ class CallRecorder:
     ) -> None:
         PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         COMPLETION_TOKENS.labels(self.model).inc(completion_tokens)
-        QUEUE_WAIT.labels(self.model).observe(queue_time)
+        QUEUE_WAIT.labels(self.model, self.service_tier).observe(queue_time)
         duration = time.monotonic() - self._start
         REQUEST_DURATION.labels(self.model, self.rpc, self.transport).observe(duration, self._exemplar)
         self.span.finished(finish_reason, prompt_tokens, completion_tokens, queue_time)

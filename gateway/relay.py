@@ -73,7 +73,7 @@ from gateway.ratelimit import Budget, RateLimiter
 from gateway.resume import Logprobs, ReplyProgress
 from gateway.subscription import Subscription
 from gateway.tokenizing import PromptValidator
-from gateway.validation import Limits, ValidRequest
+from gateway.validation import DEFAULT_TIERS, Limits, ValidRequest
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -341,6 +341,7 @@ class Relay:
                 subscription.service_tier,
             )
             recorder.span.accepted(accepted.request_id)
+            recorder.service_tier = accepted.service_tier
             yield accepted
             while not translation.finished:
                 # The deadline bounds the waits for the job, never a yield: a timeout around a
@@ -479,6 +480,8 @@ class Relay:
                     raise
                 if record is not None and not request.HasField("max_tokens"):
                     valid = _default_fits_budget(record, valid)
+                if record is not None and request.service_tier in ("", *DEFAULT_TIERS):
+                    valid = dataclasses.replace(valid, service_tier=record.service_tier)
                 valid = _traced(valid, recorder.span)
                 subscription, budget = await self._submit(valid, record, deadline)
             except BaseException:

@@ -26,6 +26,8 @@ MAX_STOP_SEQUENCES = 4
 # (gateway/queue.py, worker/jobs.py) that is refused fast when full.
 ON_DEMAND, FLEX = "on_demand", "flex"
 SERVICE_TIERS = {"auto": ON_DEMAND, "default": ON_DEMAND, ON_DEMAND: ON_DEMAND, FLEX: FLEX}
+# Names that ask for the default tier: on_demand, or with auth the API key's (gateway/apikeys.py).
+DEFAULT_TIERS = ("auto", "default")
 # The engine's request priority of each tier (vLLM: lower is scheduled first).
 TIER_PRIORITY = {ON_DEMAND: 0, FLEX: 1}
 MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too

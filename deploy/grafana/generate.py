@@ -55,7 +55,11 @@ OVERVIEW = [
         "reqps",
         [("{{code}}", f'sum by (code) (rate(chat_gateway_requests_total{{{M}, code!="OK"}}[{RATE}]))')],
     ),
-    ("Time to first token", "s", quantiles("chat_gateway_time_to_first_token_seconds")),
+    (
+        "Time to first token by service tier",
+        "s",
+        quantiles("chat_gateway_time_to_first_token_seconds", "service_tier"),
+    ),
     ("Inter-token latency", "s", quantiles("chat_gateway_inter_token_latency_seconds")),
     (
         "Tokens per second",
@@ -74,7 +78,7 @@ OVERVIEW = [
             ("{{model}} flex", f"max by (model) (chat_gateway_flex_queue_depth{{{M}}})"),
         ],
     ),
-    ("Queue wait", "s", quantiles("chat_gateway_queue_wait_seconds")),
+    ("Queue wait by service tier", "s", quantiles("chat_gateway_queue_wait_seconds", "service_tier")),
     (
         "Worker utilization (running / capacity)",
         "percentunit",

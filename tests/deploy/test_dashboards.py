@@ -200,7 +200,7 @@ def test_render_the_time_to_first_token_panel(loaded_stack: Prometheus) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    [(_, title, _)] = [q for q in _panel_queries() if q[1] == "Time to first token"][:1]
+    [(_, title, _)] = [q for q in _panel_queries() if q[1] == "Time to first token by service tier"][:1]
     panel = next(
         p
         for p in json.loads((REPO / "deploy/grafana/dashboards/overview.json").read_text())["panels"]

@@ -53,11 +53,13 @@ def redis_admin(secure_redis: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def new_key(server: RedisServer, name: str, models: str = "*", rpm: int = 0, tpm: int = 0) -> str:
+def new_key(
+    server: RedisServer, name: str, models: str = "*", rpm: int = 0, tpm: int = 0, tier: str = "on_demand"
+) -> str:
     async def create() -> str:
         client = redis.asyncio.Redis.from_url(server.url)
         try:
-            return await apikeys.create(client, name, models.split(","), rpm, tpm)
+            return await apikeys.create(client, name, models.split(","), rpm, tpm, tier)
         finally:
             await client.aclose()
 

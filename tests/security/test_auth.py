@@ -193,3 +193,30 @@ def test_secrets_and_message_contents_never_reach_the_logs(
     assert text  # the processes did log
     assert SECRET_CONTENT not in text and key not in text and key[8:] not in text
     assert not list(redis.Redis.from_url(secure_redis.url).scan_iter(f"{keys.PREFIX}:cancel:*"))
+
+
+def test_a_keys_default_tier_serves_its_requests_that_name_none(
+    auth_stack: Stack, secure_redis: RedisServer
+) -> None:
+    batch = new_key(secure_redis, "nightly-batch", tier="flex")
+    for tier in (None, "auto", "default"):  # the default, as each SDK may name it
+        request = chat_request(max_tokens=2, **({"service_tier": tier} if tier else {}))
+        assert call(auth_stack, request, batch)[0].service_tier == "flex", tier
+    # Named, a tier is served as named; and a key without a default tier is served on demand.
+    assert (
+        call(auth_stack, chat_request(max_tokens=2, service_tier="on_demand"), batch)[0].service_tier
+        == "on_demand"
+    )
+    interactive = new_key(secure_redis, "interactive")
+    assert call(auth_stack, chat_request(max_tokens=2), interactive)[0].service_tier == "on_demand"
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway.apikeys", "list"],
+        env={"REDIS_URL": secure_redis.url, "PATH": ""}, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "nightly-batch\tactive" in listed.stdout and "tier=flex" in listed.stdout
+    with pytest.raises(subprocess.CalledProcessError) as bad:
+        subprocess.run(
+            [sys.executable, "-m", "gateway.apikeys", "create", "--name", "x", "--tier", "scale"],
+            env={"REDIS_URL": secure_redis.url, "PATH": ""}, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    assert "--tier must be one of on_demand, flex" in bad.value.stderr
