@@ -77,12 +77,14 @@ clean:
 	rm -rf $(VENV) gen .run .tools .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks, each written to docs/: our stack vs vLLM's own server vs the engine in-process
-# (docs/BENCHMARKS.md), and the relay alone on the benchmark engine (docs/benchmarks/relay.md).
+# (docs/BENCHMARKS.md), the relay alone on the benchmark engine (docs/benchmarks/relay.md), and
+# Redis Cluster, cache-affine placement and service tiers (docs/benchmarks/*.md).
 bench: setup
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.cluster
 	$(BIN)/python -m bench.affinity
+	$(BIN)/python -m bench.tiers
 
 # The stack on a real GPU (docs/gpu-check.md). gpu-prepare fills the git-ignored folders the
 # device tool carries (.gpu-kit, .gpu-deps; gen from make proto); gpu-check runs there, without

@@ -65,9 +65,9 @@ def job_stream(model: str, shard: int = 0) -> str:
 
 def flex_stream(model: str, shard: int = 0) -> str:
     """The flex tier's lane of a model's shard (consumer group WORKER_GROUP): jobs of
-    service_tier "flex", which workers take only when the shard's own stream and theirs have
-    none. In the shard's slot, so a worker blocks on both in one read, and the job's marker,
-    cancel flag and dead letters are the shard's keys."""
+    service_tier "flex", which workers take only with the room the shard's stream and their own
+    leave (worker/jobs.py). In the shard's slot, so the job's marker, cancel flag and dead letters
+    are the shard's keys."""
     return f"{job_stream(model, shard)}:flex"
 
 

@@ -62,7 +62,8 @@ class KeyRecord:
             tokens_per_minute=int(text.get("tpm", "0")),
             revoked=text.get("revoked", "0") == "1",
             digest=key_digest,
-            service_tier=text.get("tier", "on_demand"),
+            # A value edited by hand that is no tier serves on demand rather than failing every call.
+            service_tier=tier if (tier := text.get("tier", "on_demand")) in TIERS else "on_demand",
         )
 
 
@@ -139,7 +140,7 @@ def main() -> None:
         "--tpm", type=int, default=0, help="prompt + completion tokens per minute, 0 = unlimited"
     )
     new.add_argument(
-        "--tier", default="on_demand", help="service tier of requests that name none: on_demand or flex"
+        "--tier", default="on_demand", choices=TIERS, help="service tier of requests that name none"
     )
     commands.add_parser("list", help="list keys (never the keys themselves)")
     gone = commands.add_parser("revoke", help="revoke a key by name")

@@ -101,6 +101,7 @@ REJECTION_REASONS = (
     "permission_denied",
     "rate_limited",
     "queue_full",
+    "flex_capacity_exceeded",  # the flex lane is full (GATEWAY_FLEX_MAX_QUEUED_JOBS)
     "too_many_calls",
     "redis_unavailable",
     "no_worker",  # GATEWAY_NO_WORKER=refuse: no live worker serves the model

@@ -50,6 +50,7 @@ from gateway.errors import (
     Aborted,
     CompletionNotFound,
     DeadlineExceeded,
+    FlexCapacityExceeded,
     IdempotencyConflict,
     InvalidField,
     JobFailed,
@@ -758,6 +759,7 @@ def _rejection_reason(error: ServiceError) -> str:
         (RateLimited, "rate_limited"),
         (MalformedRequest, "invalid"),
         (QueueFull, "queue_full"),
+        (FlexCapacityExceeded, "flex_capacity_exceeded"),
         (TooManyCalls, "too_many_calls"),
         (NoLiveWorker, "no_worker"),  # before Unavailable, which it is
         (Unavailable, "redis_unavailable"),

@@ -418,7 +418,7 @@ class ModelJobs:
         theirs = await self._worker_streams()
         order, flex = self._in_turn()
         taken = await self._from_each(
-            [*order, *flex, *theirs],
+            [*order, *theirs, *flex],  # a dead worker's on_demand jobs before flex ones
             count,
             lambda stream, n: stream.reclaim(n, min_idle_ms),
         )
@@ -428,6 +428,7 @@ class ModelJobs:
             taken += await self._from_each(
                 gone, count - len(taken), lambda stream, n: stream.read_new(n, None)
             )
+        # (Undelivered flex jobs need no such read: their lane is shared, any worker reads it.)
         return taken
 
     async def _worker_streams(self) -> list[JobStream]:

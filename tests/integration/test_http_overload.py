@@ -19,7 +19,7 @@ import redis
 
 from common import codec, keys
 from devstack.redis_server import RedisServer
-from tests.integration.stack import MODEL, Stack
+from tests.integration.stack import MODEL, Stack, scrape
 
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -90,6 +90,8 @@ async def test_a_full_flex_lane_is_498_capacity_exceeded_at_once(idle_stack: Sta
         with pytest.raises(groq.APIStatusError) as late:
             await queued  # waited in its lane until the deadline, as any job
         assert late.value.status_code == 504
+    refusals = scrape(idle_stack.gateway_metrics_port)
+    assert refusals[f'chat_gateway_rejections_total{{model="{MODEL}",reason="flex_capacity_exceeded"}}'] == 1
 
 
 async def test_readiness_follows_redis(idle_stack: Stack) -> None:

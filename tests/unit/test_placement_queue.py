@@ -286,9 +286,13 @@ async def test_a_spilled_turn_leaves_its_conversation_where_it_was(pool: Pool) -
     await pool.queue.live_engines(pool.model)
     pool.request = dataclasses.replace(pool.request, prompt_token_ids=[*range(10), 7, 7])  # 3 blocks
     spilled = await pool.submit()
-    assert spilled.placed_as == "spilled"
-    pool.queue._ran_on(spilled, "w2")  # its Started event
-    await asyncio.sleep(0.1)  # the index is written in the background
+    assert spilled.placed_as == "spilled" and spilled.affinity is not None
+    pool.queue._ran_on(spilled, "w2")  # its Started event: the index is written in the background
+    spilled_only = keys.prefix_index(pool.model, spilled.affinity.tag, spilled.affinity.digests[-1])
+    for _ in range(100):
+        if await pool.queue._redis.exists(spilled_only):
+            break
+        await asyncio.sleep(0.02)
 
     await pool.advertise(pool.w1, pool.w2)  # the moment passed
     # The next turn (4 blocks: digests of 1, 2 and 4) shares the first 2 with w1's turn.
@@ -299,6 +303,4 @@ async def test_a_spilled_turn_leaves_its_conversation_where_it_was(pool: Pool) -
     assert await pool.queue._redis.zcard(keys.conversations(pool.model, "w1")) == 1
     assert not await pool.queue._redis.exists(keys.conversations(pool.model, "w2"))
     # The prefix only the spilled turn ran (all of its 3 blocks) names w2, where it is cached.
-    assert spilled.affinity is not None
-    longest = keys.prefix_index(pool.model, spilled.affinity.tag, spilled.affinity.digests[-1])
-    assert await pool.queue._redis.get(longest) == b"w2"
+    assert await pool.queue._redis.get(spilled_only) == b"w2"

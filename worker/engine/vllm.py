@@ -109,8 +109,8 @@ class VllmEngine(Engine):
             # Our own stats logger only: vLLM's default ones would log every 10 s and register
             # vllm:* metrics beside ours.
             disable_log_stats=True,
-            # Service tiers (flex after on_demand): each request's priority orders the waiting
-            # queue, and a higher-priority request may preempt a running lower one.
+            # Service tiers (flex after on_demand): each request's priority orders the engine's
+            # waiting queue, and when the KV cache runs short the lowest priority is preempted first.
             scheduling_policy="priority",
             **optional,
         )
