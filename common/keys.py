@@ -71,6 +71,11 @@ def flex_stream(model: str, shard: int = 0) -> str:
     return f"{job_stream(model, shard)}:flex"
 
 
+def is_flex_stream(job_stream: str) -> bool:
+    """Whether a job stream is a flex lane (flex_stream)."""
+    return job_stream.endswith("}:flex")
+
+
 def worker_stream(model: str, shard: int, worker_id: str) -> str:
     """The job stream of one worker (consumer group WORKER_GROUP): jobs placed on it because the
     worker holds their prompt's prefix in its cache (gateway/placement.py). In the slot of the

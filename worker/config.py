@@ -7,6 +7,7 @@
 | WORKER_ENGINE | vllm | inference engine: `vllm`, or `bench` (no model: tokens at a set rate) |
 | WORKER_ID | host-pid-random | consumer name in the job stream's consumer group |
 | WORKER_MAX_CONCURRENCY | 8 | sequences run at once, one per choice of a job (vLLM's max_num_seqs) |
+| WORKER_FLEX_RESERVE | 1 | sequences flex jobs leave free for on_demand ones (capped: concurrency - 1) |
 | WORKER_CANCEL_POLL_SECONDS | 0.1 | how often running jobs are checked for cancellation |
 | WORKER_HEARTBEAT_SECONDS | 0.5 | how often the worker marks its jobs alive (seeks orphans twice as often) |
 | WORKER_CLAIM_IDLE_SECONDS | 2 | a job whose worker has not heartbeated for this long is taken over |
@@ -70,6 +71,7 @@ class WorkerSettings:
     redis_tls_ca_file: str
     vllm: VllmSettings
     job_streams: int = 1  # REDIS_JOB_STREAMS (common/settings.py)
+    flex_reserve: int = 0  # WORKER_FLEX_RESERVE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -90,6 +92,8 @@ class WorkerSettings:
             engine=engine,
             worker_id=env_str(env, "WORKER_ID", _default_worker_id()),
             max_concurrency=max_concurrency,
+            # Capped, so that a worker of one sequence still serves flex work.
+            flex_reserve=min(env_int(env, "WORKER_FLEX_RESERVE", 1, minimum=0), max_concurrency - 1),
             cancel_poll_seconds=env_float(env, "WORKER_CANCEL_POLL_SECONDS", 0.1, minimum=0.01),
             heartbeat_seconds=heartbeat,
             claim_idle_seconds=claim_idle,

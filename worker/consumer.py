@@ -92,6 +92,13 @@ class JobConsumer:
         free = self.free_sequences
         return max(1, free // self._widest_job) if free else 0
 
+    def flex_jobs_to_read(self, jobs: int) -> int:
+        """How many of a read of `jobs` jobs may be flex ones: as many as leave WORKER_FLEX_RESERVE
+        sequences free, so that an on_demand job arriving next starts at once instead of waiting
+        for a flex one to end (vLLM's priority policy preempts for KV cache, not for a batch slot)."""
+        spare = self.free_sequences - self._settings.flex_reserve
+        return min(jobs, max(1, spare // self._widest_job)) if spare > 0 else 0
+
     def stop(self) -> None:
         """Stop taking jobs (SIGTERM); run() returns, then drain() finishes or hands back the rest."""
         self._stopping.set()
@@ -185,13 +192,15 @@ class JobConsumer:
                 log.info("reclaimed %d jobs of unresponsive workers", len(reclaimed))
                 metrics.RECLAIMED.labels(self._model).inc(len(reclaimed))
                 return reclaimed
-        taken = await self._jobs.read_new(free, block_ms=int(period * 1000))
+        flex = self.flex_jobs_to_read(free)
+        taken = await self._jobs.read_new(free, block_ms=int(period * 1000), flex_jobs=flex)
         linger = self._settings.idle_linger_seconds
         if linger and len(taken) == 1 < free and not self._running:
             # The first job of a burst wakes the read alone; started now, the engine would prefill
             # it by itself and the rest of the burst would wait for that whole step.
             await asyncio.sleep(linger)
-            taken += await self._jobs.read_new(free - 1, block_ms=None)
+            flex -= sum(keys.is_flex_stream(d.stream) for d in taken)
+            taken += await self._jobs.read_new(free - 1, block_ms=None, flex_jobs=max(0, flex))
         return taken
 
     def _accept(self, delivery: Delivery) -> None:

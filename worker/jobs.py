@@ -385,19 +385,23 @@ class ModelJobs:
         start, self._next = self._next, (self._next + 1) % len(self.shards)
         return self.shards[start:] + self.shards[:start], self.flex[start:] + self.flex[:start]
 
-    async def read_new(self, count: int, block_ms: int | None) -> list[Delivery]:
-        """Up to count new jobs, our own stream's first, then the shards' in turn; when there are
-        none, waits up to block_ms on our own stream and one shard together when they share a
-        slot, else on the shard (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
+    async def read_new(
+        self, count: int, block_ms: int | None, flex_jobs: int | None = None
+    ) -> list[Delivery]:
+        """Up to count new jobs, our own stream's first, then the shards' in turn, then (at most
+        flex_jobs of them, None: any) the flex lanes'; when there are none, waits up to block_ms
+        on our own stream and one shard together when they share a slot, else on the shard
+        (SHARD_BLOCK_MS at most with several: jobs on the others wait)."""
         order, flex = self._in_turn()
 
         async def read(stream: JobStream, n: int) -> list[Delivery]:
             return await stream.read_new(n, block_ms=None)
 
         taken = await self._from_each([self.own, *order], count, read)
-        if len(taken) < count:  # flex jobs only with the room on_demand ones leave
+        room = count - len(taken) if flex_jobs is None else min(count - len(taken), flex_jobs)
+        if room > 0:  # flex jobs only with the room on_demand ones leave
             try:
-                taken += await self._from_each(flex, count - len(taken), read)
+                taken += await self._from_each(flex, room, read)
             except RedisError:
                 if not taken:
                     raise

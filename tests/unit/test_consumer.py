@@ -163,3 +163,18 @@ async def test_reads_take_as_many_jobs_as_surely_fit_and_greedy_choices_take_one
     assert (consumer.free_sequences, consumer.jobs_to_read()) == (3, 1)  # at least one
     consumer._running["s2"] = _Running(sampled, None)  # type: ignore[arg-type]
     assert (consumer.free_sequences, consumer.jobs_to_read()) == (0, 0)  # over: never below 0
+
+
+def test_flex_jobs_leave_the_reserve_free_for_on_demand_ones(client: RedisWithHeldExists) -> None:
+    def consumer_of(concurrency: int, reserve: str | None = None) -> JobConsumer:
+        env = {"WORKER_ENGINE": "bench", "WORKER_ID": "w1", "WORKER_MAX_CONCURRENCY": str(concurrency)}
+        settings = WorkerSettings.from_env({**env, **({"WORKER_FLEX_RESERVE": reserve} if reserve else {})})
+        return JobConsumer(settings, client, ScriptedFakeEngine([]), FlushingFakePublisher())  # type: ignore[arg-type]
+
+    consumer = consumer_of(4)  # WORKER_FLEX_RESERVE 1 by default
+    assert (consumer.jobs_to_read(), consumer.flex_jobs_to_read(4)) == (4, 3)
+    for k in range(3):
+        consumer._running[f"j{k}"] = _Running(delivery(f"j{k}"), None)  # type: ignore[arg-type]
+    assert (consumer.jobs_to_read(), consumer.flex_jobs_to_read(1)) == (1, 0)  # the last one: on_demand's
+    assert consumer_of(1).flex_jobs_to_read(1) == 1  # capped: a worker of one sequence serves flex too
+    assert consumer_of(4, reserve="0").flex_jobs_to_read(4) == 4

@@ -80,6 +80,15 @@ async def test_flex_jobs_take_only_the_room_on_demand_ones_leave(
     assert ids(taken) == [s.request_id for s in [*on_demand_calls, flex_calls[0]]]
 
 
+async def test_a_read_takes_no_more_flex_jobs_than_it_is_told(
+    queue: JobQueue, worker: ModelJobs, on_demand: ValidRequest
+) -> None:
+    flex_calls = [await submit(queue, flex(on_demand)) for _ in range(3)]
+    taken = await worker.read_new(4, block_ms=None, flex_jobs=1)  # as worker/consumer.py limits it
+    assert ids(taken) == [flex_calls[0].request_id]
+    assert ids(await worker.read_new(4, block_ms=None, flex_jobs=0)) == []
+
+
 async def test_a_full_flex_lane_refuses_flex_calls_at_once_and_on_demand_ones_never(
     queue: JobQueue, on_demand: ValidRequest
 ) -> None:
