@@ -26,12 +26,49 @@ def build_request(
     top_logprobs: int | None = None,
     n: int | None = None,
     service_tier: str | None = None,
+    tools: Iterable[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> chat_pb2.ChatCompletionRequest:
     request = chat_pb2.ChatCompletionRequest(model=model, user=user or "")
     for m in messages:
+        m = _as_mapping(m)
         message = request.messages.add(role=m.get("role", ""), content=m.get("content") or "")
         if m.get("name") is not None:
             message.name = m["name"]
+        for call in m.get("tool_calls") or ():
+            call = _as_mapping(call)
+            function = _as_mapping(call.get("function") or {})
+            message.tool_calls.add(
+                id=call.get("id", ""),
+                type=call.get("type", "function"),
+                function=chat_pb2.FunctionCall(
+                    name=function.get("name", ""), arguments=function.get("arguments", "")
+                ),
+            )
+        message.tool_call_id = m.get("tool_call_id") or ""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        parameters = function.get("parameters")
+        request.tools.add(
+            type=tool.get("type", ""),
+            function=chat_pb2.FunctionDefinition(
+                name=function.get("name", ""),
+                description=function.get("description") or "",
+                parameters=parameters
+                if isinstance(parameters, str)
+                else json.dumps(parameters)
+                if parameters
+                else "",
+            ),
+        )
+    if isinstance(tool_choice, str):
+        request.tool_choice.mode = tool_choice
+    elif tool_choice is not None:
+        request.tool_choice.mode = "function"
+        request.tool_choice.function_name = (tool_choice.get("function") or {}).get("name", "")
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
     # The SDK's None means "not set", as the proto's optional fields have it.
     scalars = {
         "temperature": temperature,
@@ -55,6 +92,15 @@ def build_request(
         if (schema := response_format.get("json_schema")) is not None:
             _set_json_schema(request.response_format.json_schema, schema)
     return request
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any]:
+    """A dict as it is; a response's message or tool call (sent back in the next turn) as a dict."""
+    if isinstance(value, Mapping):
+        return value
+    return {
+        name: _as_mapping(v) if hasattr(v, "__dataclass_fields__") else v for name, v in vars(value).items()
+    }
 
 
 def _set_json_schema(target: chat_pb2.JsonSchema, schema: Mapping[str, Any]) -> None:

@@ -66,9 +66,28 @@ class ChoiceLogprobs:
 
 
 @dataclass(frozen=True)
+class FunctionCall:
+    name: str
+    arguments: str  # JSON text of an object
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    type: str
+    function: FunctionCall
+
+    @classmethod
+    def from_proto(cls, call: chat_pb2.ToolCall | chat_pb2.ToolCallDelta) -> "ToolCall":
+        return cls(call.id, call.type, FunctionCall(call.function.name, call.function.arguments))
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    # The tools the model called (finish_reason "tool_calls"); None when it called none.
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,11 @@ class ChatCompletion:
         choices = [
             Choice(
                 c.index,
-                Message(c.message.role, c.message.content),
+                Message(
+                    c.message.role,
+                    c.message.content,
+                    [ToolCall.from_proto(t) for t in c.message.tool_calls] or None,
+                ),
                 c.finish_reason,
                 ChoiceLogprobs.from_proto(c),
             )
@@ -106,9 +129,18 @@ class ChatCompletion:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    index: int  # the call's position among the reply's calls
+    id: str
+    type: str
+    function: FunctionCall
+
+
+@dataclass(frozen=True)
 class Delta:
     role: str | None
     content: str  # "" on the role and final chunks, so `print(delta.content, end="")` prints cleanly
+    tool_calls: list[ToolCallDelta] | None = None  # each call whole, once
 
 
 @dataclass(frozen=True)
@@ -137,7 +169,17 @@ class ChatCompletionChunk:
         choices = [
             ChunkChoice(
                 ch.index,
-                Delta(ch.delta.role if ch.delta.HasField("role") else None, ch.delta.content),
+                Delta(
+                    ch.delta.role if ch.delta.HasField("role") else None,
+                    ch.delta.content,
+                    [
+                        ToolCallDelta(
+                            t.index, t.id, t.type, FunctionCall(t.function.name, t.function.arguments)
+                        )
+                        for t in ch.delta.tool_calls
+                    ]
+                    or None,
+                ),
                 ch.finish_reason or None,
                 ChoiceLogprobs.from_proto(ch),
             )

@@ -15,6 +15,8 @@ from chat.queue.v1 import queue_pb2
 Job = queue_pb2.Job
 Event = queue_pb2.Event
 SamplingParams = queue_pb2.SamplingParams
+ToolUse = queue_pb2.ToolUse
+ToolCall = queue_pb2.ToolCall
 FailureKind = queue_pb2.FailureKind
 Started = queue_pb2.Started
 Delta = queue_pb2.Delta

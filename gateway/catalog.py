@@ -6,8 +6,9 @@ live workers' engines report (common/engine_registry.py), which may be shorter.
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from common.models import Message, ModelSpec, PromptRenderer
 
@@ -20,8 +21,12 @@ class ServedModel:
     created: int  # unix seconds when this gateway loaded it
     model_context_window: int = 0  # the model's own (config.json)
 
-    def render(self, messages: list[Message]) -> list[int]:
-        return self.renderer.render(messages)
+    def render(self, messages: list[Message], tools: Sequence[dict[str, Any]] = ()) -> list[int]:
+        return self.renderer.render(messages, tools)
+
+    @property
+    def supports_tools(self) -> bool:
+        return self.renderer.supports_tools
 
 
 class ModelCatalog:

@@ -7,6 +7,7 @@ ServiceError                     any error the caller is told about
 ├── ModelNotFound                NOT_FOUND, BadRequest field violation on `model`
 ├── CompletionNotFound           NOT_FOUND: a completion id unknown, expired, or another key's
 ├── JsonValidateFailed           INVALID_ARGUMENT, ErrorInfo reason json_validate_failed
+│   └── ToolUseFailed            ... reason tool_use_failed: the model's tool calls did not parse
 ├── JobFailed                    status chosen by the worker's failure kind
 ├── Unavailable                  UNAVAILABLE (Redis or workers out of reach)
 ├── Unauthenticated              UNAUTHENTICATED: no API key, or an unknown one
@@ -222,6 +223,12 @@ class RedisOutOfMemory(Overloaded):
         super().__init__(f"{what}: Redis is out of memory (maxmemory reached); retry later")
 
 
+class ToolUseFailed(JsonValidateFailed):
+    """The reply had to call tools and what the model generated is not valid calls (Groq's 400)."""
+
+    reason = "tool_use_failed"
+
+
 class JobFailed(ServiceError):
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
@@ -243,6 +250,7 @@ STATUSES: dict[type[ServiceError], Status] = {
     JsonValidateFailed: Status(
         code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "json_validate_failed"
     ),
+    ToolUseFailed: Status(code_pb2.INVALID_ARGUMENT, 400, "invalid_request_error", "tool_use_failed"),
     Unauthenticated: Status(code_pb2.UNAUTHENTICATED, 401, "invalid_request_error", "invalid_api_key"),
     PermissionDenied: Status(code_pb2.PERMISSION_DENIED, 403, "permission_error", "permission_denied"),
     RequestTooLarge: Status(code_pb2.RESOURCE_EXHAUSTED, 413, "invalid_request_error", "request_too_large"),
@@ -280,6 +288,8 @@ def from_failed_event(failed: codec.Failed) -> ServiceError:
     """The error a caller sees for a job that ended with a Failed event."""
     if failed.reason == JsonValidateFailed.reason:
         return JsonValidateFailed(failed.message, failed.failed_generation)
+    if failed.reason == ToolUseFailed.reason:
+        return ToolUseFailed(failed.message, failed.failed_generation)
     if failed.kind == codec.FailureKind.FAILURE_KIND_INVALID_REQUEST and failed.field:
         return InvalidField(failed.field, failed.message)
     status = JOB_FAILURES.get(failed.kind, STATUSES[ServiceError])

@@ -51,12 +51,12 @@ _INT64 = 1 << 63
 # Parameters of the dialect this service does not implement: set to anything but null they
 # are refused, naming the parameter, never silently ignored.
 _UNSUPPORTED = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "functions", "function_call", "logit_bias",
     "reasoning_effort", "reasoning_format", "include_reasoning",
     "metadata", "store", "modalities", "audio", "prediction", "search_settings", "documents",
     "web_search_options", "citation_options", "compound_custom", "exclude_domains", "include_domains",
 )  # fmt: skip
-_MESSAGE_FIELDS = ("role", "content", "name")
+_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
 
 
 @dataclass
@@ -101,6 +101,12 @@ def parse_request(body: object) -> tuple[chat_pb2.ChatCompletionRequest, Options
     request.prompt_cache_key = _typed(body.pop("prompt_cache_key", ""), "prompt_cache_key", str)
     if "service_tier" in body:
         request.service_tier = _typed(body.pop("service_tier"), "service_tier", str)
+    if "tools" in body:
+        request.tools.extend(_tools(body.pop("tools")))
+    if "tool_choice" in body:
+        request.tool_choice.CopyFrom(_tool_choice(body.pop("tool_choice")))
+    if "parallel_tool_calls" in body:
+        request.parallel_tool_calls = _typed(body.pop("parallel_tool_calls"), "parallel_tool_calls", bool)
     options.stream = _typed(body.pop("stream", False), "stream", bool)
     if "stream_options" in body:
         stream_options = _typed(body.pop("stream_options"), "stream_options", dict)
@@ -173,8 +179,64 @@ def _messages(messages: Any) -> list[chat_pb2.ChatMessage]:
         )
         if "name" in message:
             item.name = _typed(message["name"], f"{where}.name", str)
+        for j, call in enumerate(_typed(message.get("tool_calls", []), f"{where}.tool_calls", list)):
+            item.tool_calls.append(_tool_call(call, f"{where}.tool_calls[{j}]"))
+        item.tool_call_id = _typed(message.get("tool_call_id", ""), f"{where}.tool_call_id", str)
         parsed.append(item)
     return parsed
+
+
+def _tool_call(call: Any, where: str) -> chat_pb2.ToolCall:
+    call = _typed(call, where, dict)
+    function = _typed(call.get("function", {}), f"{where}.function", dict)
+    return chat_pb2.ToolCall(
+        id=_typed(call.get("id", ""), f"{where}.id", str),
+        type=_typed(call.get("type", "function"), f"{where}.type", str),
+        function=chat_pb2.FunctionCall(
+            name=_typed(function.get("name", ""), f"{where}.function.name", str),
+            arguments=_typed(function.get("arguments", ""), f"{where}.function.arguments", str),
+        ),
+    )
+
+
+def _tools(tools: Any) -> list[chat_pb2.Tool]:
+    parsed = []
+    for i, tool in enumerate(_typed(tools, "tools", list)):
+        where = f"tools[{i}]"
+        tool = _typed(tool, where, dict)
+        function = {
+            k: v
+            for k, v in _typed(tool.get("function", {}), f"{where}.function", dict).items()
+            if v is not None
+        }
+        for name in function:
+            if name not in ("name", "description", "parameters", "strict"):
+                raise UnsupportedParameter(f"{where}.function.{name}", "is not a known field of a function")
+        definition = chat_pb2.FunctionDefinition(
+            name=_typed(function.get("name", ""), f"{where}.function.name", str),
+            description=_typed(function.get("description", ""), f"{where}.function.description", str),
+        )
+        if "parameters" in function:
+            parameters = _typed(function["parameters"], f"{where}.function.parameters", dict)
+            definition.parameters = json.dumps(parameters, ensure_ascii=False)
+        if "strict" in function:
+            definition.strict = _typed(function["strict"], f"{where}.function.strict", bool)
+        parsed.append(
+            chat_pb2.Tool(type=_typed(tool.get("type", ""), f"{where}.type", str), function=definition)
+        )
+    return parsed
+
+
+def _tool_choice(choice: Any) -> chat_pb2.ToolChoice:
+    """ "none", "auto", "required", or {"type": "function", "function": {"name": ...}}."""
+    if isinstance(choice, str):
+        return chat_pb2.ToolChoice(mode=choice)
+    choice = _typed(choice, "tool_choice", dict)
+    if choice.get("type") != "function":
+        raise InvalidField("tool_choice.type", f"must be function, got {json.dumps(choice.get('type'))[:64]}")
+    function = _typed(choice.get("function"), "tool_choice.function", dict)
+    name = _typed(function.get("name", ""), "tool_choice.function.name", str)
+    return chat_pb2.ToolChoice(mode="function", function_name=name)
 
 
 def _content(content: Any, where: str) -> str:
@@ -246,7 +308,7 @@ def _completion(
         choices.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": reply.text},
+                "message": _message(reply),
                 "logprobs": _logprobs(reply.logprobs),
                 "finish_reason": finished.finish_reason_of(index) if finished is not None else None,
             }
@@ -264,6 +326,26 @@ def _completion(
     }
 
 
+def _message(reply: ChoiceReply) -> dict[str, Any]:
+    """The reference's assistant message: content null when the reply is only tool calls."""
+    if not reply.tool_calls:
+        return {"role": "assistant", "content": reply.text}
+    return {"role": "assistant", "content": reply.text or None, "tool_calls": _tool_calls(reply.tool_calls)}
+
+
+def _tool_calls(calls: Sequence[codec.ToolCall], indexed: bool = False) -> list[dict[str, Any]]:
+    """Tool calls in the reference's shape; indexed: as a stream's delta.tool_calls."""
+    return [
+        {
+            **({"index": i} if indexed else {}),
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for i, call in enumerate(calls)
+    ]
+
+
 def _chunk(call: Accepted, fingerprint: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": call.completion_id,
@@ -278,7 +360,7 @@ def _chunk(call: Accepted, fingerprint: str, choices: list[dict[str, Any]]) -> d
 
 def _chunk_choice(
     index: int,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     finish_reason: str | None = None,
     logprobs: Sequence[codec.TokenLogprob] = (),
 ) -> dict[str, Any]:
@@ -470,6 +552,7 @@ def _model(name: str, served: ServedModel) -> dict[str, Any]:
         "owned_by": "chat-service",
         "active": True,
         "context_window": served.context_window,
+        "supports_tools": served.supports_tools,
     }
 
 
@@ -502,7 +585,7 @@ async def _unary(items: AsyncIterator[Any], options: Options, whole: bool = True
         elif isinstance(item, Started):
             fingerprint = item.system_fingerprint
         elif isinstance(item, Text):
-            replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs)
+            replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs, item.tool_calls)
         elif isinstance(item, Failed):
             return error_response(item.error, options)
         elif isinstance(item, Finished) and call is not None:
@@ -557,7 +640,13 @@ async def _write_stream(
             first["x_groq"] = {"id": f"req_{call.request_id}"}
             await response.write(_sse(first, item.seq))
         elif isinstance(item, Text):
-            text = _chunk_choice(item.index, {"content": item.text}, logprobs=item.logprobs)
+            delta: dict[str, Any] = {"content": item.text}
+            if item.tool_calls:
+                delta = {
+                    "content": item.text or None,
+                    "tool_calls": _tool_calls(item.tool_calls, indexed=True),
+                }
+            text = _chunk_choice(item.index, delta, logprobs=item.logprobs)
             await response.write(_sse(_chunk(call, fingerprint, [text]), item.seq))
         elif isinstance(item, Finished) and item.replayed:
             await response.write(b"data: [DONE]\n\n")  # a resume after the last chunk: nothing left

@@ -31,6 +31,7 @@ from gateway.errors import FlexCapacityExceeded, QueueFull, RedisOutOfMemory, Se
 from gateway.placement import Placement
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
+from gateway.tools import ToolUse
 from gateway.validation import FLEX, ON_DEMAND, TIER_PRIORITY, ValidRequest
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ class JobQueue:
                 logprobs=request.logprobs,
                 top_logprobs=request.top_logprobs,
                 n=request.n,
+                tools=_tool_use(request.tools),
             ),
             enqueued_at=time.time(),
             deadline=deadline,
@@ -766,3 +768,14 @@ class JobQueue:
 def _stream_id(entry_id: bytes) -> tuple[int, int]:
     milliseconds, _, sequence = entry_id.partition(b"-")
     return int(milliseconds), int(sequence or 0)
+
+
+def _tool_use(tools: ToolUse | None) -> codec.ToolUse | None:
+    if tools is None:
+        return None
+    return codec.ToolUse(
+        definitions=tools.definitions_json,
+        choice=tools.choice,
+        function_name=tools.function_name,
+        parallel=tools.parallel,
+    )

@@ -71,7 +71,7 @@ from gateway.metrics import CallRecorder
 from gateway.presence import NoLiveWorker
 from gateway.queue import JobQueue
 from gateway.ratelimit import Budget, RateLimiter
-from gateway.resume import Logprobs, ReplyProgress
+from gateway.resume import Logprobs, ReplyProgress, ToolCalls
 from gateway.subscription import Subscription
 from gateway.tokenizing import PromptValidator
 from gateway.validation import DEFAULT_TIERS, Limits, ValidRequest
@@ -149,6 +149,7 @@ class Text:
     seq: int = 0
     logprobs: Logprobs = ()
     index: int = 0  # the choice it belongs to
+    tool_calls: ToolCalls = ()  # the choice's tool calls, all on its last Text
 
 
 @dataclass(frozen=True)
@@ -668,8 +669,8 @@ class _Translation:
         if kind == "delta":
             if self._recorder is not None:
                 self._recorder.delta()
-            text, logprobs = self._reply.add(event.delta)
-            return [Text(text, seq, logprobs, event.delta.index)] if text or logprobs else []
+            text, logprobs, calls = self._reply.add(event.delta)
+            return [Text(text, seq, logprobs, event.delta.index, calls)] if text or logprobs or calls else []
         if kind == "finished":
             return self._on_finished(event.finished, seq)
         return []
@@ -703,8 +704,8 @@ class _Translation:
         if self._stream:
             return [finished]
         replies = sorted(self._reply.choices.items())
-        texts = [Text(c.text, seq, tuple(c.logprobs), index) for index, c in replies]
-        return [*(t for t in texts if t.text or t.logprobs), finished]
+        texts = [Text(c.text, seq, tuple(c.logprobs), index, tuple(c.tool_calls)) for index, c in replies]
+        return [*(t for t in texts if t.text or t.logprobs or t.tool_calls), finished]
 
 
 def _owner(record: KeyRecord | None) -> str:

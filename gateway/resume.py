@@ -19,6 +19,7 @@ from common import codec
 from gateway.errors import Aborted
 
 Logprobs = tuple[codec.TokenLogprob, ...]
+ToolCalls = tuple[codec.ToolCall, ...]
 
 
 @dataclass
@@ -27,10 +28,14 @@ class ChoiceReply:
 
     pieces: list[str] = field(default_factory=list)
     logprobs: list[codec.TokenLogprob] = field(default_factory=list)  # one per token, if asked for
+    tool_calls: list[codec.ToolCall] = field(default_factory=list)
 
-    def add(self, text: str, logprobs: Sequence[codec.TokenLogprob]) -> None:
+    def add(
+        self, text: str, logprobs: Sequence[codec.TokenLogprob], tool_calls: Sequence[codec.ToolCall] = ()
+    ) -> None:
         self.pieces.append(text)
         self.logprobs.extend(logprobs)
+        self.tool_calls.extend(tool_calls)
 
     @property
     def text(self) -> str:
@@ -51,14 +56,16 @@ class ReplyProgress:
         """Tokens behind the text received, all choices together."""
         return sum(self._tokens.values())
 
-    def add(self, delta: codec.Delta) -> tuple[str, Logprobs]:
-        """Records a delta; returns the text and logprobs to forward now (a stream's only)."""
+    def add(self, delta: codec.Delta) -> tuple[str, Logprobs, ToolCalls]:
+        """Records a delta; returns the text, logprobs and tool calls to forward now (a stream's only)."""
         self._tokens[delta.index] = delta.completion_tokens
         if not self._stream:
-            self.choices.setdefault(delta.index, ChoiceReply()).add(delta.text, delta.logprobs)
-            return "", ()
-        self.forwarded = self.forwarded or bool(delta.text or delta.logprobs)
-        return delta.text, tuple(delta.logprobs)
+            self.choices.setdefault(delta.index, ChoiceReply()).add(
+                delta.text, delta.logprobs, delta.tool_calls
+            )
+            return "", (), ()
+        self.forwarded = self.forwarded or bool(delta.text or delta.logprobs or delta.tool_calls)
+        return delta.text, tuple(delta.logprobs), tuple(delta.tool_calls)
 
     def take_over(self, started: codec.Started) -> str:
         """A newer attempt began: "continued" or "restarted"; raises Aborted if it cannot go on."""

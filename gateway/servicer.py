@@ -81,6 +81,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 created=m.created,
                 owned_by="chat-service",
                 context_window=m.context_window,
+                supports_tools=m.supports_tools,
             )
             for m in visible
         ]
@@ -112,7 +113,7 @@ async def _response(
             elif isinstance(item, Started):
                 fingerprint = item.system_fingerprint
             elif isinstance(item, Text):
-                replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs)
+                replies.setdefault(item.index, ChoiceReply()).add(item.text, item.logprobs, item.tool_calls)
             elif isinstance(item, Finished) and call is not None:
                 return _completion(call, replies, item.system_fingerprint, item)
             elif isinstance(item, Failed):
@@ -147,7 +148,10 @@ async def _chunks(
                     call, fingerprint, item.seq, [_chunk_choice(i, role) for i in range(call.choices)]
                 )
             elif isinstance(item, Text):
-                text = _chunk_choice(item.index, chat_pb2.Delta(content=item.text), logprobs=item.logprobs)
+                delta = chat_pb2.Delta(tool_calls=_tool_call_deltas(item.tool_calls))
+                if item.text or not item.tool_calls:
+                    delta.content = item.text
+                text = _chunk_choice(item.index, delta, logprobs=item.logprobs)
                 yield _chunk(call, fingerprint, item.seq, [text])
             elif isinstance(item, Finished) and item.replayed:
                 return  # a resume after the last chunk: nothing left to send
@@ -170,7 +174,9 @@ def _completion(
         reply = replies.get(index, ChoiceReply())
         choice = chat_pb2.Choice(
             index=index,
-            message=chat_pb2.AssistantMessage(role="assistant", content=reply.text),
+            message=chat_pb2.AssistantMessage(
+                role="assistant", content=reply.text, tool_calls=map(_tool_call, reply.tool_calls)
+            ),
             finish_reason=finished.finish_reason_of(index) if finished is not None else "",
             logprobs=_logprobs(reply.logprobs),
         )
@@ -185,6 +191,23 @@ def _completion(
         system_fingerprint=fingerprint,
         service_tier=call.service_tier,
     )
+
+
+def _tool_call(call: codec.ToolCall) -> chat_pb2.ToolCall:
+    function = chat_pb2.FunctionCall(name=call.name, arguments=call.arguments)
+    return chat_pb2.ToolCall(id=call.id, type="function", function=function)
+
+
+def _tool_call_deltas(calls: Sequence[codec.ToolCall]) -> list[chat_pb2.ToolCallDelta]:
+    return [
+        chat_pb2.ToolCallDelta(
+            index=i,
+            id=c.id,
+            type="function",
+            function=chat_pb2.FunctionCall(name=c.name, arguments=c.arguments),
+        )
+        for i, c in enumerate(calls)
+    ]
 
 
 def _chunk_choice(

@@ -17,8 +17,9 @@ from common.models import Message
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, shown
+from gateway.tools import ToolUse, check_tool_turns, check_tools, tools_chars
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
 # Tiers a request may ask for, and the one that serves it (what responses report): "auto" and
@@ -53,6 +54,7 @@ class ValidRequest:
     n: int = 1  # choices to generate, each up to max_tokens
     prompt_cache_key: str = ""  # the caller's affinity key (gateway/placement.py); "" = none
     service_tier: str = "on_demand"  # the tier that serves it: ON_DEMAND or FLEX
+    tools: ToolUse | None = None  # the tools offered (rendered into the prompt); None: plain text
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
 
@@ -116,9 +118,12 @@ def validate(
     json_schema = _check_json_schema(request)
     if json_mode and stop:
         raise InvalidField("stop", f"cannot be used with response_format {request.response_format.type}")
+    tools = check_tools(request, model.supports_tools, model.name)
+    if tools is not None and json_mode:
+        raise InvalidField("response_format", "cannot be combined with tools (a reply is text or tool calls)")
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise InvalidField("max_tokens", f"must be at least 1, got {request.max_tokens}")
-    prompt = model.render(messages)
+    prompt = model.render(messages, tools.definitions if tools is not None else ())
     room = model.context_window - len(prompt)
     if room < 1:
         raise InvalidField(
@@ -154,6 +159,7 @@ def validate(
         top_logprobs=top_logprobs,
         n=n,
         service_tier=service_tier,
+        tools=tools,
     )
 
 
@@ -172,7 +178,7 @@ def _check_size(request: chat_pb2.ChatCompletionRequest, limits: Limits) -> None
         raise InvalidField(
             "messages", f"may hold at most {limits.max_messages} messages, got {len(request.messages)}"
         )
-    chars = sum(len(m.content) for m in request.messages)
+    chars = sum(len(m.content) for m in request.messages) + tools_chars(request)
     if chars > limits.max_prompt_chars:
         raise InvalidField(
             "messages", f"may hold at most {limits.max_prompt_chars} characters in all, got {chars}"
@@ -197,7 +203,11 @@ def _check_messages(messages: Sequence[chat_pb2.ChatMessage], limits: Limits) ->
         if name is not None:
             _check_length(f"messages[{i}].name", name, limits.max_name_chars)
         checked.append(Message(message.role, message.content, name))
-    return checked
+    turns = check_tool_turns(messages)
+    return [
+        Message(m.role, m.content, m.name, calls, call_id)
+        for m, (calls, call_id) in zip(checked, turns, strict=True)
+    ]
 
 
 def _check_range(

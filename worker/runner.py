@@ -29,10 +29,13 @@ from worker.engine.base import (
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
+    ToolUse,
 )
 from worker.engine.text import StopMatcher
 from worker.publisher import EventPublisher, Progress
 from worker.structured import output_violation
+from worker.tool_calls import reply_with_tools
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +123,15 @@ class JobEvents:
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
         index: int = 0,
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> None:
         self._choice_tokens[index] = completion_tokens
         self.tokens = sum(self._choice_tokens.values())
         delta = codec.Delta(text=text, completion_tokens=completion_tokens, index=index)
         delta.logprobs.extend(map(_wire_logprob, logprobs))
+        delta.tool_calls.extend(
+            codec.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in tool_calls
+        )
         self._send(codec.Event(delta=delta), token_ids)
 
     def finished(self, finished: codec.Finished) -> None:
@@ -175,16 +182,24 @@ def sampling_params(job: codec.Job) -> SamplingParams:
         presence_penalty=s.presence_penalty,
         logprobs=s.top_logprobs if s.logprobs else None,
         n=max(1, s.n),
+        tools=_tool_use(s.tools) if s.HasField("tools") else None,
     )
+
+
+def _tool_use(tools: codec.ToolUse) -> ToolUse:
+    return ToolUse(tools.definitions, tools.choice, tools.function_name, tools.parallel)
 
 
 def can_continue(job: codec.Job) -> bool:
     """JSON mode and JSON Schema jobs start over instead: the engine's grammar state cannot be
     restored mid-output, and output continued without it would often not be JSON. So do jobs of
     several choices: the progress record holds one sequence of tokens (theirs interleaved, for
-    charging). A unary call loses only time; a stream that already showed text ends ABORTED
-    (gateway/resume.py)."""
-    return not (job.sampling.json_mode or job.sampling.json_schema) and job.sampling.n <= 1
+    charging), and jobs with tools, whose reply is published whole at its end. A unary call
+    loses only time; a stream that already showed text ends ABORTED (gateway/resume.py)."""
+    return (
+        not (job.sampling.json_mode or job.sampling.json_schema or job.sampling.HasField("tools"))
+        and job.sampling.n <= 1
+    )
 
 
 @dataclass
@@ -231,6 +246,15 @@ async def run_job(
     generated = events.continued_from.token_ids if events.continued_from else ()
     prompt = [*job.prompt_token_ids, *generated]
     params = continued_params(sampling_params(job), len(generated))
+    if params.tools is not None and params.tools.choice != "auto":
+        # The reply must call tools: decoding follows the calls' schema, as JSON Schema does.
+        try:
+            params = replace(params, json_mode=True, json_schema=engine.tool_call_schema(params.tools))
+        except EngineRejected as exc:
+            events.failed(
+                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
+            )
+            return
     if len(prompt) >= engine.context_window and params.max_tokens > 0:
         # Gateways check this against what workers advertise; a gateway that has not heard
         # of this worker yet may still send one.
@@ -289,11 +313,21 @@ async def run_job(
         return
     for choice in result.choices:
         if violation := output_violation(choice.text, request.params):
+            if params.tools is not None:
+                violation = f"the model's tool calls are not valid: {violation.partition(': ')[2]}"
             events.failed(
                 FailureKind.FAILURE_KIND_INVALID_OUTPUT,
                 violation + (" (cut off by max_tokens)" if choice.finish_reason == "length" else ""),
-                reason="json_validate_failed",
+                reason="tool_use_failed" if params.tools is not None else "json_validate_failed",
                 failed_generation=choice.text,
+            )
+            return
+    if params.tools is not None:
+        try:
+            _publish_with_tools(engine, params.tools, result, events)
+        except EngineRejected as exc:
+            events.failed(
+                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
             )
             return
     done_at = time.time()
@@ -310,6 +344,16 @@ async def run_job(
             completion_time=done_at - first_token_at,
         )
     )
+
+
+def _publish_with_tools(engine: Engine, tools: ToolUse, result: "_Generation", events: JobEvents) -> None:
+    """Publishes each choice's reply, held back until now: its text, or its tool calls."""
+    for index, choice in enumerate(result.choices):
+        content, calls = reply_with_tools(engine, choice.text, tools)
+        if calls and choice.finish_reason == "stop":
+            choice.finish_reason = "tool_calls"
+        ids, logprobs = tuple(choice.pending), tuple(choice.pending_logprobs)
+        events.delta(content, choice.completion_tokens, ids, logprobs, index, tuple(calls))
 
 
 def continued_params(params: SamplingParams, num_generated: int) -> SamplingParams:
@@ -358,7 +402,9 @@ async def _generate(
             finish = "stop" if stop.matched else delta.finish_reason
             if finish:
                 text += stop.flush()
-            if text or (finish and choice.pending_logprobs):
+            if request.params.tools is not None:
+                choice.text += text  # a reply with tools is parsed whole, then published (run_job)
+            elif text or (finish and choice.pending_logprobs):
                 choice.text += text
                 ids, logprobs = tuple(choice.pending), tuple(choice.pending_logprobs)
                 events.delta(text, choice.completion_tokens, ids, logprobs, delta.index)

@@ -28,15 +28,39 @@ ESSAY = [{"role": "user", "content": "Write a long essay about mountains."}]
         ({"n": 9}, "n", None),
         ({"service_tier": "scale"}, "service_tier", "unsupported_parameter"),
         ({"n": 0}, "n", None),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-        ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "get weather"}}]},
+            "tools[0].function.name",
+            None,
+        ),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type", None),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+            "tools[0].function.parameters",
+            None,
+        ),
+        ({"tool_choice": "auto"}, "tool_choice", None),  # without tools
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+            "tool_choice",
+            None,
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice.function.name",
+            None,
+        ),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"logprobs": "yes"}, "logprobs", None),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
         ({"top_logprobs": 2}, "top_logprobs", None),
         ({"logit_bias": {"1": 2}}, "logit_bias", "unsupported_parameter"),
         ({"frequency_penalty": 2.5}, "frequency_penalty", None),
         ({"presence_penalty": -3}, "presence_penalty", None),
-        ({"parallel_tool_calls": True}, "parallel_tool_calls", "unsupported_parameter"),
+        ({"parallel_tool_calls": True}, "parallel_tool_calls", None),  # without tools
         ({"response_format": {"type": "xml"}}, "response_format.type", None),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},

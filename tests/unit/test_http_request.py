@@ -67,7 +67,14 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
 @pytest.mark.parametrize(
     ("extra", "error", "param"),
     [
-        ({"tools": []}, UnsupportedParameter, "tools"),
+        ({"functions": []}, UnsupportedParameter, "functions"),
+        ({"tools": {}}, InvalidField, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, InvalidField, "tools[0].function.parameters"),  # noqa: E501
+        ({"tools": [{"type": "function", "function": {"name": "f", "returns": {}}}]}, UnsupportedParameter, "tools[0].function.returns"),  # noqa: E501
+        ({"tool_choice": 1}, InvalidField, "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, InvalidField, "tool_choice.function"),
+        ({"messages": [{"role": "assistant", "tool_calls": {}}]}, InvalidField, "messages[0].tool_calls"),
+        ({"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}, InvalidField, "messages[0].tool_call_id"),  # noqa: E501
         ({"n": "2"}, InvalidField, "n"),
         ({"service_tier": 1}, InvalidField, "service_tier"),
         ({"n": 1.5}, InvalidField, "n"),
@@ -91,7 +98,7 @@ def test_text_parts_are_joined_and_json_schema_travels_as_text() -> None:
         ({"stream_options": {"include_usage": True}}, InvalidField, "stream_options"),
         ({"stream": True, "stream_options": {"other": 1}}, UnsupportedParameter, "stream_options.other"),
         ({"response_format": {"type": "json_object", "x": 1}}, UnsupportedParameter, "response_format.x"),
-        ({"messages": [{"role": "user", "tool_calls": []}]}, UnsupportedParameter, "messages[0].tool_calls"),
+        ({"messages": [{"role": "user", "audio": {}}]}, UnsupportedParameter, "messages[0].audio"),
         ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, UnsupportedParameter, IMAGE),
         ({"messages": "hi"}, InvalidField, "messages"),
     ],

@@ -32,8 +32,9 @@ KEY = KeyRecord("k", ("*",), requests_per_minute=0, tokens_per_minute=1000, revo
 
 class OneTokenPerChar:
     context_window = 4096
+    supports_tools = False
 
-    def render(self, messages: list[Message]) -> list[int]:
+    def render(self, messages: list[Message], tools: object = ()) -> list[int]:
         return [1] * sum(len(m.content) for m in messages)
 
 

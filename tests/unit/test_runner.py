@@ -23,6 +23,8 @@ from worker.engine.base import (
     EngineUnavailable,
     GenerationRequest,
     TokenLogprob,
+    ToolCall,
+    ToolUse,
 )
 from worker.engine.bench import BenchEngine
 from worker.publisher import Progress
@@ -89,6 +91,8 @@ def job(prompt_tokens: int = 5, **sampling: object) -> codec.Job:
     for name, value in sampling.items():
         if name == "stop":
             job.sampling.stop.extend(value)  # type: ignore[call-overload]
+        elif name == "tools":
+            job.sampling.tools.CopyFrom(value)  # type: ignore[arg-type]
         else:
             setattr(job.sampling, name, value)
     job.enqueued_at = time.time()
@@ -402,3 +406,68 @@ def test_json_mode_jobs_start_over_instead_of_continuing() -> None:
     assert not can_continue(job(json_mode=True))
     assert not can_continue(job(json_schema='{"type": "object"}'))
     assert not can_continue(job(n=2))  # the progress record holds one sequence
+
+
+class ToolCallingFakeEngine(ScriptedFakeEngine):
+    """Reads "CALL name args" as a call in the model's own format; its schema is a marker."""
+
+    def tool_call_schema(self, tools: ToolUse) -> str:
+        return json.dumps({"type": "array", "title": f"calls {tools.choice} {tools.parallel}"})
+
+    def extract_tool_calls(self, text: str, tools: ToolUse) -> tuple[str, list[ToolCall]]:
+        if not text.startswith("CALL "):
+            return text, []
+        _, name, arguments = text.split(" ", 2)
+        return "", [ToolCall("call_a", name, arguments)]
+
+
+TOOLS = '[{"type":"function","function":{"name":"f"}}]'
+
+
+async def test_an_auto_reply_with_a_call_is_published_whole_as_tool_calls() -> None:
+    engine = ToolCallingFakeEngine([Delta("CALL f ", 2), Delta('{"x": 1}', 4, "stop")])
+    events = await run(engine, job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")))
+    deltas = [e.delta for e in events if e.HasField("delta")]
+    assert len(deltas) == 1  # nothing before the reply was whole
+    assert [(c.id, c.name, c.arguments) for c in deltas[0].tool_calls] == [("call_a", "f", '{"x": 1}')]
+    assert deltas[0].text == "" and deltas[0].completion_tokens == 4
+    assert events[-1].finished.finish_reason == "tool_calls"
+    assert engine.requests[0].params.json_schema == ""  # "auto" is not constrained
+
+
+async def test_an_auto_reply_without_a_call_is_text_with_its_own_finish_reason() -> None:
+    engine = ToolCallingFakeEngine([Delta("It is ", 2), Delta("sunny", 3, "length")])
+    events = await run(engine, job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")))
+    assert texts(events) == "It is sunny" and events[-1].finished.finish_reason == "length"
+
+
+async def test_required_is_constrained_by_the_engines_schema_and_read_as_calls() -> None:
+    reply = '[{"name":"f","parameters":{"x":1}},{"name":"f","parameters":{}}]'
+    engine = ToolCallingFakeEngine([Delta(reply, 9, "stop")])
+    tools = codec.ToolUse(definitions=TOOLS, choice="required", parallel=False)
+    events = await run(engine, job(tools=tools))
+    params = engine.requests[0].params
+    assert json.loads(params.json_schema)["title"] == "calls required False" and params.json_mode
+    (delta,) = [e.delta for e in events if e.HasField("delta")]
+    assert [(c.name, json.loads(c.arguments)) for c in delta.tool_calls] == [("f", {"x": 1}), ("f", {})]
+    assert events[-1].finished.finish_reason == "tool_calls"
+
+
+async def test_calls_cut_off_by_max_tokens_fail_with_tool_use_failed() -> None:
+    engine = ToolCallingFakeEngine([Delta('[{"name":"f","para', 10, "length")])
+    events = await run(engine, job(tools=codec.ToolUse(definitions=TOOLS, choice="required")))
+    failed = events[-1].failed
+    assert failed.kind == Kind.FAILURE_KIND_INVALID_OUTPUT and failed.reason == "tool_use_failed"
+    assert failed.failed_generation == '[{"name":"f","para' and "cut off by max_tokens" in failed.message
+
+
+async def test_an_engine_that_cannot_call_tools_refuses_the_job() -> None:
+    events = await run(
+        ScriptedFakeEngine([Delta("a", 1, "stop")]), job(tools=codec.ToolUse(choice="required"))
+    )
+    failed = events[-1].failed
+    assert failed.kind == Kind.FAILURE_KIND_INVALID_REQUEST and failed.field == "tools"
+
+
+def test_jobs_with_tools_start_over_instead_of_continuing() -> None:
+    assert not can_continue(job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")))

@@ -19,6 +19,23 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers the model (already rendered into its prompt by the gateway)."""
+
+    definitions: str  # JSON array of the tools, in the chat-completions shape
+    choice: str  # "auto": the model decides; "required": one or more calls; "function": that one
+    function_name: str = ""  # with choice "function"
+    parallel: bool = True  # with "required": several calls may be made
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text of an object
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
@@ -37,6 +54,8 @@ class SamplingParams:
     logprobs: int | None = None
     # Choices to generate from the prompt; with a seed, choice i samples from seed + i.
     n: int = 1
+    # The tools the model may call; None: it replies with text.
+    tools: ToolUse | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,15 @@ class Engine(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated tokens, as the engine's deltas would have given it."""
         raise EngineError(f"{type(self).__name__} cannot decode tokens, so it cannot continue a generation")
+
+    def tool_call_schema(self, tools: ToolUse) -> str:
+        """The JSON Schema (text) that constrains a reply which must call tools ("required": an
+        array of {"name", "parameters"}; "function": that function's arguments)."""
+        raise EngineRejected(f"{type(self).__name__} cannot call tools")
+
+    def extract_tool_calls(self, text: str, tools: ToolUse) -> tuple[str, list[ToolCall]]:
+        """The content and the tool calls in a whole reply of choice "auto" (the model's own format)."""
+        raise EngineRejected(f"{type(self).__name__} cannot call tools")
 
     @property
     @abstractmethod

