@@ -207,7 +207,8 @@ def test_grpc_and_the_python_client_call_tools(stack: Stack, stub: chat_pb2_grpc
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # A finished completion read back by id has its calls too.
     again = stub.GetChatCompletion(chat_pb2.GetChatCompletionRequest(id=chunks[0].id), timeout=30)
-    assert [c.function.name for c in again.choices[0].message.tool_calls] == [c.function.name for c in streamed]
+    names = [c.function.name for c in again.choices[0].message.tool_calls]
+    assert names == [c.function.name for c in streamed]
     assert again.choices[0].finish_reason == "tool_calls"
     models = stub.ListModels(chat_pb2.ListModelsRequest(), timeout=10)
     assert [m.supports_tools for m in models.data] == [True]
