@@ -1,5 +1,7 @@
 """Settings are read from the environment once and refused with a clear message when wrong."""
 
+from pathlib import Path
+
 import pytest
 
 from common.models import ModelSpec, parse_model_specs
@@ -60,6 +62,11 @@ def test_bad_worker_settings_are_refused(env: dict[str, str], message: str) -> N
 
 def test_model_specs() -> None:
     assert ModelSpec.parse("mine=/models/x").name == "mine"
+    assert ModelSpec.parse("mine=/models/x").tool_parser == ""
+    with_parser = ModelSpec.parse("mine=/models/x?tool_parser=hermes")
+    assert (with_parser.path, with_parser.tool_parser) == (Path("/models/x"), "hermes")
+    with pytest.raises(ValueError, match="unknown option 'parser'"):
+        ModelSpec.parse("mine=/models/x?parser=hermes")
     with pytest.raises(ValueError, match="unique"):
         parse_model_specs("a=/x,a=/y")
     with pytest.raises(ValueError, match="no model"):
