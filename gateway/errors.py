@@ -17,8 +17,8 @@ ServiceError                     any error the caller is told about
 ├── RequestTooLarge              RESOURCE_EXHAUSTED without RetryInfo: larger than the hard limit
 ├── DeadlineExceeded             DEADLINE_EXCEEDED
 └── Overloaded                   RESOURCE_EXHAUSTED with RetryInfo
-    ├── QueueFull                too many jobs waiting for the model
-    ├── FlexCapacityExceeded     the model's flex lane is full (service_tier "flex"): HTTP 498
+    ├── QueueFull                too many jobs waiting for the model: queue position, estimated wait
+    │   └── FlexCapacityExceeded the model's flex lane is full (service_tier "flex"): HTTP 498
     ├── TooManyCalls             too many calls open on this gateway
     ├── RateLimited              the API key's requests or tokens per minute are used up
     └── RedisOutOfMemory         Redis reached its maxmemory (noeviction): it takes no new jobs
@@ -182,26 +182,58 @@ class Overloaded(ServiceError):
 
 
 class QueueFull(Overloaded):
-    def __init__(self, model: str, waiting: int) -> None:
-        super().__init__(f"the queue for model {model!r} is full ({waiting} jobs waiting); retry later")
+    """The model's queue holds its limit of jobs: the caller learns where it would stand in line
+    and, once the gateway can estimate it (gateway/wait_estimate.py), how long that would take.
+
+    gRPC: RetryInfo (the estimated wait, at least GATEWAY_RETRY_AFTER_SECONDS, at most
+    MAX_RETRY_AFTER_SECONDS) and ErrorInfo with `queue_position` and `estimated_wait_seconds`;
+    both transports: x-queue-position and x-estimated-wait-seconds (trailing metadata, headers).
+    """
+
+    reason = "queue_full"
+    MAX_RETRY_AFTER_SECONDS = 60.0
+
+    def __init__(self, model: str, waiting: int, wait_seconds: float | None = None, what: str = "") -> None:
+        position = waiting + 1
+        estimate = "" if wait_seconds is None else f", estimated wait {wait_seconds:.0f}s"
+        super().__init__(
+            what
+            or f"the queue for model {model!r} is full ({waiting} jobs waiting; this request would be"
+            f" #{position} in line{estimate}); retry later"
+        )
+        self.queue_position = position
+        self.wait_seconds = wait_seconds
+        if wait_seconds is not None:
+            self.retry_after_seconds = min(
+                max(wait_seconds, self.retry_after_seconds), self.MAX_RETRY_AFTER_SECONDS
+            )
+        self.metadata = (("x-queue-position", str(position)),)
+        if wait_seconds is not None:
+            self.metadata += (("x-estimated-wait-seconds", f"{wait_seconds:.1f}"),)
+
+    def details(self) -> list[any_pb2.Any]:
+        metadata = {"queue_position": str(self.queue_position)}
+        if self.wait_seconds is not None:
+            metadata["estimated_wait_seconds"] = f"{self.wait_seconds:.1f}"
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        return [*super().details(), _pack(info)]
 
 
-class FlexCapacityExceeded(Overloaded):
+class FlexCapacityExceeded(QueueFull):
     """Groq's flex tier: refused at once when its lane is full, HTTP 498 capacity_exceeded."""
 
     reason = "capacity_exceeded"
 
-    def __init__(self, model: str, waiting: int) -> None:
+    def __init__(self, model: str, waiting: int, wait_seconds: float | None = None) -> None:
+        estimate = "" if wait_seconds is None else f", estimated wait {wait_seconds:.0f}s"
         super().__init__(
-            f"flex capacity for model {model!r} is exceeded ({waiting} flex jobs waiting); retry later,"
-            " or send the request on demand"
+            model,
+            waiting,
+            wait_seconds,
+            f"flex capacity for model {model!r} is exceeded ({waiting} flex jobs waiting; this request"
+            f" would be #{waiting + 1} in the flex lane{estimate}); retry later, or send the request"
+            " on demand",
         )
-
-    def details(self) -> list[any_pb2.Any]:
-        return [
-            *super().details(),
-            _pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)),
-        ]
 
 
 class TooManyCalls(Overloaded):

@@ -33,6 +33,7 @@ from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
 from gateway.tools import ToolUse
 from gateway.validation import FLEX, ON_DEMAND, TIER_PRIORITY, ValidRequest
+from gateway.wait_estimate import WaitEstimator
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ class JobQueue:
         self.read_through = b"0-0"  # the reply stream's last entry the reader has routed
         self._check_jobs_now = asyncio.Event()  # set when Redis may have lost data (reader recovered)
         self.presence: WorkerPresence | None = None  # None: queue whether or not a worker is live
+        # What a refusal for a full queue says of the wait (fed by the relay and the health tick).
+        self.waits = WaitEstimator()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._moves: set[asyncio.Task[None]] = set()  # placed jobs waiting for their delay
@@ -361,9 +364,11 @@ class JobQueue:
             raise
         if isinstance(added, _QueueFull):
             self._subscriptions.pop(request_id, None)
+            # Flex jobs also wait for on_demand ones: for them the estimate is a lower bound.
+            wait = self.waits.wait_seconds(request.model, added.waiting + 1)
             if request.service_tier == FLEX:
-                raise FlexCapacityExceeded(request.model, added.waiting)
-            raise QueueFull(request.model, added.waiting)
+                raise FlexCapacityExceeded(request.model, added.waiting, wait)
+            raise QueueFull(request.model, added.waiting, wait)
         if added == _REPLY_STREAM_GONE:
             self._subscriptions.pop(request_id, None)
             return None

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
@@ -322,7 +322,7 @@ class Relay:
             subscription,
             budget,
             claim,
-            _Translation(stream, recorder, subscription.choices),
+            _Translation(stream, recorder, subscription.choices, self._queue.waits.job_finished),
             ends_at,
             deadline,
         )
@@ -637,8 +637,15 @@ class Relay:
 class _Translation:
     """Turns one job's queue events into items: taken-over jobs resumed without a gap, unary text joined."""
 
-    def __init__(self, stream: bool, recorder: CallRecorder | None, choices: int = 1) -> None:
+    def __init__(
+        self,
+        stream: bool,
+        recorder: CallRecorder | None,
+        choices: int = 1,
+        job_time: Callable[[str, float], None] | None = None,
+    ) -> None:
         self._stream = stream
+        self._job_time = job_time  # told each finished job's engine time (gateway/wait_estimate.py)
         self._choices = choices  # the request's n
         self._recorder = recorder  # None: a resumed call, whose job the metrics counted already
         self._reply = ReplyProgress(stream)
@@ -699,6 +706,8 @@ class _Translation:
         self.completion_tokens = f.completion_tokens
         if self._recorder is not None:
             self._recorder.finished(f.prompt_tokens, f.completion_tokens, f.queue_time, f.finish_reason)
+            if self._job_time is not None:
+                self._job_time(self._recorder.model, f.prompt_time + f.completion_time)
         usage = Usage(f.prompt_tokens, f.completion_tokens, f.queue_time, f.prompt_time, f.completion_time)
         finished: Item = Finished(f.finish_reason, usage, self._fingerprint, seq, finish_reasons=reasons)
         if self._stream:
@@ -759,8 +768,8 @@ def _rejection_reason(error: ServiceError) -> str:
         (PermissionDenied, "permission_denied"),
         (RateLimited, "rate_limited"),
         (MalformedRequest, "invalid"),
+        (FlexCapacityExceeded, "flex_capacity_exceeded"),  # before QueueFull, which it is
         (QueueFull, "queue_full"),
-        (FlexCapacityExceeded, "flex_capacity_exceeded"),
         (TooManyCalls, "too_many_calls"),
         (NoLiveWorker, "no_worker"),  # before Unavailable, which it is
         (Unavailable, "redis_unavailable"),

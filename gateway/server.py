@@ -195,6 +195,8 @@ class Gateway:
             metrics.FLEX_QUEUE_DEPTH.labels(model).set(await self.queue.waiting_jobs(model, keys.flex_stream))
             live = await self.queue.live_engines(model)
             window = live.context_window if live is not None else None
+            capacity = sum(load.capacity for load in live.loads.values()) if live is not None else 0
+            self.queue.waits.set_capacity(model, capacity)
             self._catalog.set_engine_context_window(model, window)
             self.presence.observe(model, window is not None)
 

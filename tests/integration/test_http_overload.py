@@ -64,6 +64,9 @@ async def test_queue_full_is_503_with_retry_after_and_the_deadline_504(idle_stac
         assert full.value.status_code == 503 and full.value.code == "service_overloaded"
         headers = full.value.response.headers
         assert headers["retry-after"] == "2" and headers["x-should-retry"] == "true"
+        # Where it would have stood in line; no estimate of the wait without a live worker.
+        assert headers["x-queue-position"] == "2" and "x-estimated-wait-seconds" not in headers
+        assert "would be #2 in line" in full.value.message
         start = time.monotonic()
         with pytest.raises(openai.InternalServerError) as late:
             await queued
@@ -87,6 +90,7 @@ async def test_a_full_flex_lane_is_498_capacity_exceeded_at_once(idle_stack: Sta
         assert error["code"] == "capacity_exceeded" and "flex capacity" in error["message"], error
         headers = full.value.response.headers
         assert headers["retry-after"] == "2" and headers["x-should-retry"] == "true"
+        assert headers["x-queue-position"] == "2"
         with pytest.raises(groq.APIStatusError) as late:
             await queued  # waited in its lane until the deadline, as any job
         assert late.value.status_code == 504

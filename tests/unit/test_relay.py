@@ -25,6 +25,7 @@ from gateway.ratelimit import Budget
 from gateway.relay import Accepted, Caller, Failed, Finished, Item, Relay, Text
 from gateway.subscription import Subscription
 from gateway.validation import ValidRequest
+from gateway.wait_estimate import WaitEstimator
 
 MODEL = "SmolLM2-135M-Instruct"  # the default GATEWAY_MODELS, rendered here by a fake
 KEY = KeyRecord("k", ("*",), requests_per_minute=0, tokens_per_minute=1000, revoked=False, digest="d")
@@ -62,6 +63,7 @@ class FakeQueue:
         self.released: list[str] = []
         self.submitted: list[ValidRequest] = []
         self.in_record = 0  # tokens the job's progress record holds when the call ends
+        self.waits = WaitEstimator()  # told each finished job's engine time
 
     async def generated_tokens(self, request_id: str) -> int:
         return self.in_record
@@ -142,6 +144,16 @@ async def test_a_call_yields_accepted_text_and_finished() -> None:
     assert isinstance(items[0], Accepted) and items[0].completion_id == "chatcmpl-id0"
     assert [i.text for i in items if isinstance(i, Text)] == ["hi"]
     assert isinstance(items[-1], Finished) and items[-1].usage.total_tokens == 3
+
+
+async def test_a_finished_call_tells_the_wait_estimate_its_engine_time() -> None:
+    finished = codec.Finished(
+        finish_reason="stop", prompt_tokens=2, completion_tokens=1, prompt_time=0.5, completion_time=1.5
+    )
+    queue = FakeQueue(events=[[*answer()[:2], codec.Event(finished=finished)]])
+    queue.waits.set_capacity(MODEL, 1)
+    await run(make_relay(queue), request())
+    assert queue.waits.wait_seconds(MODEL, 1) == pytest.approx(2.0)
 
 
 async def test_a_burst_cannot_pass_the_open_calls_limit() -> None:

@@ -103,7 +103,8 @@ async def test_a_full_flex_lane_refuses_flex_calls_at_once_and_on_demand_ones_ne
     assert status.code == code_pb2.RESOURCE_EXHAUSTED
     retry, info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(retry) and status.details[1].Unpack(info)
-    assert info.reason == "capacity_exceeded"
+    assert info.reason == "capacity_exceeded" and info.metadata["queue_position"] == "3"
+    assert "would be #3 in the flex lane" in refused.value.message
     assert await queue._redis.xlen(keys.flex_stream(on_demand.model)) == 2  # nothing left behind
     await submit(queue, on_demand)  # the on_demand lane has its own limit
 
