@@ -24,9 +24,9 @@ from redis.asyncio import Redis
 
 from common import keys
 from common.redis_client import connect
+from gateway.tiers import ON_DEMAND, TIERS
 
 KEY_PREFIX = "sk-chat-"
-TIERS = ("on_demand", "flex")  # a key's default tier (gateway/validation.py serves both)
 
 
 def _text(value: bytes | str) -> str:
@@ -47,7 +47,7 @@ class KeyRecord:
     digest: str
     # The tier of the key's requests that name none (or "auto", or the openai SDK's "default"):
     # "on_demand", or "flex" for batch work that should yield to interactive calls.
-    service_tier: str = "on_demand"
+    service_tier: str = ON_DEMAND
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -63,12 +63,12 @@ class KeyRecord:
             revoked=text.get("revoked", "0") == "1",
             digest=key_digest,
             # A value edited by hand that is no tier serves on demand rather than failing every call.
-            service_tier=tier if (tier := text.get("tier", "on_demand")) in TIERS else "on_demand",
+            service_tier=tier if (tier := text.get("tier", ON_DEMAND)) in TIERS else ON_DEMAND,
         )
 
 
 async def create(
-    redis: Redis, name: str, models: list[str], rpm: int, tpm: int, service_tier: str = "on_demand"
+    redis: Redis, name: str, models: list[str], rpm: int, tpm: int, service_tier: str = ON_DEMAND
 ) -> str:
     if service_tier not in TIERS:
         raise ValueError(f"--tier must be one of {', '.join(TIERS)}, got {service_tier!r}")
@@ -140,7 +140,7 @@ def main() -> None:
         "--tpm", type=int, default=0, help="prompt + completion tokens per minute, 0 = unlimited"
     )
     new.add_argument(
-        "--tier", default="on_demand", choices=TIERS, help="service tier of requests that name none"
+        "--tier", default=ON_DEMAND, choices=TIERS, help="service tier of requests that name none"
     )
     commands.add_parser("list", help="list keys (never the keys themselves)")
     gone = commands.add_parser("revoke", help="revoke a key by name")

@@ -39,6 +39,7 @@ from gateway.errors import (
     Status,
     Unavailable,
 )
+from gateway.tiers import ON_DEMAND
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,13 @@ class CallRecord:
     created: int
     deadline: float  # Unix time: the job ends by then
     choices: int = 1  # the request's n
-    service_tier: str = "on_demand"  # the tier serving it (gateway/validation.py)
+    service_tier: str = ON_DEMAND  # the tier serving it (gateway/tiers.py)
 
     def to_json(self) -> bytes:
         record = asdict(self)
         if self.choices == 1:
             del record["choices"]  # so that gateways older than n > 1 read the record too
-        if self.service_tier == "on_demand":
+        if self.service_tier == ON_DEMAND:
             del record["service_tier"]  # likewise, for gateways older than the flex lane
         return json.dumps(record).encode()
 

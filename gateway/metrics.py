@@ -9,6 +9,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.tracing import CallSpan
+from gateway.tiers import ON_DEMAND
 
 # Buckets suited to LLM serving: first tokens take 10 ms .. a minute, tokens 1 ms .. seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
@@ -146,7 +147,7 @@ class CallRecorder:
         self._exemplar = {"trace_id": self.span.trace_id} if self.span.trace_id else None
         self._start = time.monotonic()
         self._last_delta: float | None = None
-        self.service_tier = "on_demand"  # set once the call's job is queued (gateway/relay.py)
+        self.service_tier = ON_DEMAND  # set once the call's job is queued (gateway/relay.py)
 
     def delta(self) -> None:
         now = time.monotonic()

@@ -31,8 +31,9 @@ from gateway.errors import FlexCapacityExceeded, QueueFull, RedisOutOfMemory, Se
 from gateway.placement import Placement
 from gateway.presence import WorkerPresence
 from gateway.subscription import Subscription
+from gateway.tiers import FLEX, ON_DEMAND, TIER_PRIORITY
 from gateway.tools import ToolUse
-from gateway.validation import FLEX, ON_DEMAND, TIER_PRIORITY, ValidRequest
+from gateway.validation import ValidRequest
 from gateway.wait_estimate import WaitEstimator
 
 log = logging.getLogger(__name__)

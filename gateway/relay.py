@@ -73,8 +73,9 @@ from gateway.queue import JobQueue
 from gateway.ratelimit import Budget, RateLimiter
 from gateway.resume import Logprobs, ReplyProgress, ToolCalls
 from gateway.subscription import Subscription
+from gateway.tiers import DEFAULT_TIERS, ON_DEMAND
 from gateway.tokenizing import PromptValidator
-from gateway.validation import DEFAULT_TIERS, Limits, ValidRequest
+from gateway.validation import Limits, ValidRequest
 from gateway.wire import Undecodable
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class Accepted:
     model: str
     ratelimit: tuple[tuple[str, str], ...]  # x-ratelimit-* headers; empty without limits
     choices: int = 1  # the request's n: responses have this many choices, indexed from 0
-    service_tier: str = "on_demand"  # the tier serving the call, which responses report
+    service_tier: str = ON_DEMAND  # the tier serving the call, which responses report
 
     @property
     def completion_id(self) -> str:

@@ -6,6 +6,7 @@ from collections import deque
 from common import codec
 from gateway.errors import Aborted, ServiceError, Unavailable
 from gateway.placement import Affinity
+from gateway.tiers import ON_DEMAND
 
 
 class Subscription:
@@ -40,7 +41,7 @@ class Subscription:
         self.affinity: Affinity | None = None  # what placement recorded for it (gateway/placement.py)
         self.ran_on = ""  # the worker of the latest Started event
         self.moving = False  # its entry is being moved between streams (job_stream, entry_id change)
-        self.service_tier = "on_demand"  # the lane it is queued in: "on_demand" or "flex"
+        self.service_tier = ON_DEMAND  # the lane it is queued in: ON_DEMAND or FLEX (gateway/tiers.py)
         self.placed_as = ""  # its placement's outcome (gateway/placement.py), "" where none
         self._events: deque[codec.Event] = deque()
         self._positions: deque[int] = deque()  # of the events queued

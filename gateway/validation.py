@@ -17,20 +17,12 @@ from common.models import Message
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, shown
+from gateway.tiers import ON_DEMAND, SERVICE_TIERS
 from gateway.tools import ToolUse, check_tool_turns, check_tools, tools_chars
 
 ROLES = ("system", "user", "assistant", "tool")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_SEQUENCES = 4
-# Tiers a request may ask for, and the one that serves it (what responses report): "auto" and
-# "default" (the openai SDK's name) are served on demand; "flex" takes a lower-priority lane
-# (gateway/queue.py, worker/jobs.py) that is refused fast when full.
-ON_DEMAND, FLEX = "on_demand", "flex"
-SERVICE_TIERS = {"auto": ON_DEMAND, "default": ON_DEMAND, ON_DEMAND: ON_DEMAND, FLEX: FLEX}
-# Names that ask for the default tier: on_demand, or with auth the API key's (gateway/apikeys.py).
-DEFAULT_TIERS = ("auto", "default")
-# The engine's request priority of each tier (vLLM: lower is scheduled first).
-TIER_PRIORITY = {ON_DEMAND: 0, FLEX: 1}
 MAX_TOP_LOGPROBS = 20  # as the reference; vLLM's max_logprobs defaults to it too
 _UINT64 = (1 << 64) - 1
 
@@ -53,7 +45,7 @@ class ValidRequest:
     top_logprobs: int = 0  # with logprobs: and this many of the most likely tokens at each position
     n: int = 1  # choices to generate, each up to max_tokens
     prompt_cache_key: str = ""  # the caller's affinity key (gateway/placement.py); "" = none
-    service_tier: str = "on_demand"  # the tier that serves it: ON_DEMAND or FLEX
+    service_tier: str = ON_DEMAND  # the tier that serves it: ON_DEMAND or FLEX
     tools: ToolUse | None = None  # the tools offered (rendered into the prompt); None: plain text
     # The call's trace context (W3C headers) for the job; set by the relay, empty when not traced.
     trace_context: tuple[tuple[str, str], ...] = ()
