@@ -136,8 +136,12 @@ class PromptRenderer:
             return _PLACEHOLDER.format(len(texts) - 1)
 
         def hide_json(value: Any) -> Any:
-            """A JSON value with every string in it (keys too) hidden."""
+            """A JSON value with the strings in it (keys too) that hold a marker hidden. Only those:
+            a template may read a tool's fields by name (`tool.function.name`), and other text is
+            tokenized as plain text anyway."""
             if isinstance(value, str):
+                if not self._markers.search(value):
+                    return value
                 texts.append(json.dumps(value, ensure_ascii=False)[1:-1])
                 return _JSON_PLACEHOLDER.format(len(texts) - 1)
             if isinstance(value, dict):

@@ -111,6 +111,7 @@ class Subscription:
             last.delta.text += event.delta.text
             last.delta.completion_tokens = event.delta.completion_tokens
             last.delta.logprobs.extend(event.delta.logprobs)
+            last.delta.tool_calls.extend(event.delta.tool_calls)
             self._positions[-1] = self._last_position
         else:
             self._events.append(event)

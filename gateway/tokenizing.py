@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from chat.v1 import chat_pb2
 from common.models import Message
 from gateway.catalog import ModelCatalog
+from gateway.tools import tools_chars
 from gateway.validation import Limits, ValidRequest, validate
 
 # About 2.5 ms of tokenizing: below it, validating in place is cheaper than a thread hop.
@@ -34,7 +35,7 @@ class PromptValidator:
 
     async def validate(self, request: chat_pb2.ChatCompletionRequest) -> ValidRequest:
         """validate() of gateway/validation.py, in a tokenizer thread when the prompt is large."""
-        chars = sum(len(m.content) for m in request.messages)
+        chars = sum(len(m.content) for m in request.messages) + tools_chars(request)
         # Over the limit it is refused before tokenizing, which is cheap: in place as well.
         if chars <= INLINE_PROMPT_CHARS or chars > self._limits.max_prompt_chars:
             return validate(request, self._catalog, self._default_max_tokens, self._limits)

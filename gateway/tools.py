@@ -18,6 +18,13 @@ from common.models import ToolCallRef
 from gateway.errors import InvalidField, shown
 
 MAX_TOOLS = 128  # as the reference
+MAX_TOOL_CALLS = 128  # tool calls in all of a request's messages
+# Nesting of a schema or of arguments: deeper JSON would exhaust the recursion of the chat
+# template's rendering (and of whoever reads it), and no real tool needs it.
+MAX_JSON_DEPTH = 32
+# What the chat template writes around each call it renders (brackets, keys, markers), counted
+# towards the prompt's characters so that many tiny calls cannot pass for a small prompt.
+CALL_OVERHEAD_CHARS = 32
 TOOL_CHOICES = ("none", "auto", "required", "function")
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -89,6 +96,7 @@ def _check_parameters(text: str, field: str) -> dict[str, Any]:
         raise InvalidField(field, f"must be valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise InvalidField(field, f"must be a JSON Schema object, got {type(schema).__name__}")
+    _check_depth(schema, field)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -178,13 +186,38 @@ def _check_call(call: chat_pb2.ToolCall, where: str) -> ToolCallRef:
         raise InvalidField(
             f"{where}.function.arguments", f"must be a JSON object, got {type(arguments).__name__}"
         )
+    _check_depth(arguments, f"{where}.function.arguments")
     return ToolCallRef(call.id, call.function.name, call.function.arguments or "{}")
 
 
+def _check_depth(value: object, field: str) -> None:
+    """Refuses JSON nested deeper than MAX_JSON_DEPTH (checked without recursion)."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH + 1):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+        ]
+        if not level:
+            return
+    raise InvalidField(field, f"may be nested at most {MAX_JSON_DEPTH} levels deep")
+
+
 def tools_chars(request: chat_pb2.ChatCompletionRequest) -> int:
-    """Characters of the request's tool definitions and tool calls, which count towards the prompt."""
+    """Characters of the request's tool definitions and tool calls, which count towards the prompt;
+    raises InvalidField past MAX_TOOL_CALLS (checked before anything is parsed)."""
+    calls = [c for m in request.messages for c in m.tool_calls]
+    if len(calls) > MAX_TOOL_CALLS:
+        raise InvalidField(
+            "messages", f"may hold at most {MAX_TOOL_CALLS} tool calls in all, got {len(calls)}"
+        )
     definitions = sum(
-        len(t.function.name) + len(t.function.description) + len(t.function.parameters) for t in request.tools
+        len(t.function.name) + len(t.function.description) + len(t.function.parameters) + CALL_OVERHEAD_CHARS
+        for t in request.tools
     )
-    calls = sum(len(c.function.arguments) + len(c.id) for m in request.messages for c in m.tool_calls)
-    return definitions + calls
+    called = sum(
+        len(c.id) + len(c.function.name) + len(c.function.arguments) + CALL_OVERHEAD_CHARS for c in calls
+    )
+    answers = sum(len(m.tool_call_id) for m in request.messages)
+    return definitions + called + answers

@@ -86,6 +86,8 @@ def validate(
 ) -> ValidRequest:
     model = _check_model(request.model, catalog)
     _check_size(request, limits)
+    if not model.supports_tools:
+        _refuse_tool_turns(request.messages, model.name)
     messages = _check_messages(request.messages, limits)
     temperature = _check_range(request, "temperature", 1.0, low=0.0, high=2.0, low_open=False)
     top_p = _check_range(request, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
@@ -113,6 +115,9 @@ def validate(
     tools = check_tools(request, model.supports_tools, model.name)
     if tools is not None and json_mode:
         raise InvalidField("response_format", "cannot be combined with tools (a reply is text or tool calls)")
+    if tools is not None and tools.choice != "auto" and stop:
+        # As with JSON mode: a stop sequence inside the calls' JSON would cut them.
+        raise InvalidField("stop", f"cannot be used with tool_choice {tools.choice}")
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise InvalidField("max_tokens", f"must be at least 1, got {request.max_tokens}")
     prompt = model.render(messages, tools.definitions if tools is not None else ())
@@ -200,6 +205,15 @@ def _check_messages(messages: Sequence[chat_pb2.ChatMessage], limits: Limits) ->
         Message(m.role, m.content, m.name, calls, call_id)
         for m, (calls, call_id) in zip(checked, turns, strict=True)
     ]
+
+
+def _refuse_tool_turns(messages: Sequence[chat_pb2.ChatMessage], model: str) -> None:
+    for i, message in enumerate(messages):
+        if message.role == "tool" or message.tool_calls:
+            field = f"messages[{i}].role" if message.role == "tool" else f"messages[{i}].tool_calls"
+            raise InvalidField(
+                field, f"needs a model that calls tools; {model!r} does not (see supports_tools)"
+            )
 
 
 def _check_range(

@@ -35,7 +35,7 @@ from worker.engine.base import (
 from worker.engine.text import StopMatcher
 from worker.publisher import EventPublisher, Progress
 from worker.structured import output_violation
-from worker.tool_calls import reply_with_tools
+from worker.tool_calls import InvalidToolCalls, reply_with_tools
 
 log = logging.getLogger(__name__)
 
@@ -322,14 +322,8 @@ async def run_job(
                 failed_generation=choice.text,
             )
             return
-    if params.tools is not None:
-        try:
-            _publish_with_tools(engine, params.tools, result, events)
-        except EngineRejected as exc:
-            events.failed(
-                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
-            )
-            return
+    if params.tools is not None and not _publish_with_tools(engine, params.tools, result, events):
+        return
     done_at = time.time()
     first_token_at = result.first_token_at or done_at
     finish_reasons = [str(c.finish_reason) for c in result.choices]
@@ -346,14 +340,32 @@ async def run_job(
     )
 
 
-def _publish_with_tools(engine: Engine, tools: ToolUse, result: "_Generation", events: JobEvents) -> None:
-    """Publishes each choice's reply, held back until now: its text, or its tool calls."""
-    for index, choice in enumerate(result.choices):
-        content, calls = reply_with_tools(engine, choice.text, tools)
+def _publish_with_tools(engine: Engine, tools: ToolUse, result: "_Generation", events: JobEvents) -> bool:
+    """Publishes each choice's reply, held back until now: its text, or its tool calls. Every
+    choice is read before any is published; one that is no valid calls fails the job instead."""
+    replies = []
+    for choice in result.choices:
+        try:
+            replies.append(reply_with_tools(engine, choice.text, tools))
+        except InvalidToolCalls as exc:
+            events.failed(
+                FailureKind.FAILURE_KIND_INVALID_OUTPUT,
+                f"the model's tool calls are not valid: {exc}",
+                reason="tool_use_failed",
+                failed_generation=choice.text,
+            )
+            return False
+        except EngineRejected as exc:
+            events.failed(
+                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
+            )
+            return False
+    for index, (choice, (content, calls)) in enumerate(zip(result.choices, replies, strict=True)):
         if calls and choice.finish_reason == "stop":
             choice.finish_reason = "tool_calls"
         ids, logprobs = tuple(choice.pending), tuple(choice.pending_logprobs)
         events.delta(content, choice.completion_tokens, ids, logprobs, index, tuple(calls))
+    return True
 
 
 def continued_params(params: SamplingParams, num_generated: int) -> SamplingParams:
@@ -403,7 +415,12 @@ async def _generate(
             if finish:
                 text += stop.flush()
             if request.params.tools is not None:
-                choice.text += text  # a reply with tools is parsed whole, then published (run_job)
+                # A reply with tools is parsed whole, then published (run_job). Meanwhile its
+                # tokens go out without text: the job's progress, what an early end is charged.
+                choice.text += text
+                if choice.pending:
+                    events.delta("", choice.completion_tokens, tuple(choice.pending), (), delta.index)
+                    choice.pending = []
             elif text or (finish and choice.pending_logprobs):
                 choice.text += text
                 ids, logprobs = tuple(choice.pending), tuple(choice.pending_logprobs)

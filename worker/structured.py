@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 
 from worker.engine.base import SamplingParams
 
@@ -34,4 +35,8 @@ def output_violation(text: str, params: SamplingParams) -> str:
         return f"JSON Schema: the generated output does not conform at {where}: {exc.message}"
     except RecursionError:
         return "JSON Schema: the generated output is nested too deeply to check"
+    except referencing.exceptions.Unresolvable as exc:
+        # A $ref the schema cannot resolve (e.g. a tool's #/definitions/... once vLLM nests the
+        # tool's parameters in the schema of its calls).
+        return f"JSON Schema: the schema has a reference that cannot be resolved: {exc}"
     return ""

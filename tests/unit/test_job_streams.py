@@ -89,7 +89,9 @@ async def test_a_queue_is_full_only_when_all_its_streams_are_and_a_refusal_leave
     queued = [await queue.submit(request, deadline()) for _ in range(STREAMS)]  # whichever stream is drawn
     assert sorted(s.job_stream for s in queued) == [keys.job_stream(request.model, n) for n in range(STREAMS)]
     logs_before = {k async for k in client.scan_iter(f"{keys.PREFIX}:completion:*")}
-    with pytest.raises(QueueFull, match=f"full \\({STREAMS} jobs waiting; this request would be #{STREAMS + 1} in line"):
+    with pytest.raises(
+        QueueFull, match=f"full \\({STREAMS} jobs waiting; this request would be #{STREAMS + 1} in line"
+    ):
         await queue.submit(request, deadline())
     # The refused call's completion log is gone with it (under overload, refusals are many).
     assert {k async for k in client.scan_iter(f"{keys.PREFIX}:completion:*")} == logs_before

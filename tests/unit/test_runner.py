@@ -444,10 +444,10 @@ async def test_an_auto_reply_without_a_call_is_text_with_its_own_finish_reason()
 async def test_required_is_constrained_by_the_engines_schema_and_read_as_calls() -> None:
     reply = '[{"name":"f","parameters":{"x":1}},{"name":"f","parameters":{}}]'
     engine = ToolCallingFakeEngine([Delta(reply, 9, "stop")])
-    tools = codec.ToolUse(definitions=TOOLS, choice="required", parallel=False)
+    tools = codec.ToolUse(definitions=TOOLS, choice="required", parallel=True)
     events = await run(engine, job(tools=tools))
     params = engine.requests[0].params
-    assert json.loads(params.json_schema)["title"] == "calls required False" and params.json_mode
+    assert json.loads(params.json_schema)["title"] == "calls required True" and params.json_mode
     (delta,) = [e.delta for e in events if e.HasField("delta")]
     assert [(c.name, json.loads(c.arguments)) for c in delta.tool_calls] == [("f", {"x": 1}), ("f", {})]
     assert events[-1].finished.finish_reason == "tool_calls"
@@ -471,3 +471,31 @@ async def test_an_engine_that_cannot_call_tools_refuses_the_job() -> None:
 
 def test_jobs_with_tools_start_over_instead_of_continuing() -> None:
     assert not can_continue(job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")))
+
+
+async def test_the_tokens_of_a_reply_with_tools_go_out_without_text_as_they_come() -> None:
+    engine = ToolCallingFakeEngine(
+        [Delta("CALL f ", 2, token_ids=(1, 2)), Delta("{}", 3, "stop", token_ids=(3,))]
+    )
+    publisher = CollectingFakePublisher()
+    events = JobEvents("r1", "g", 1, publisher)  # type: ignore[arg-type]
+    await run_job(job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")), engine, events, "w1")
+    deltas = [e.delta for e in publisher.events if e.HasField("delta")]
+    assert [(d.text, d.completion_tokens, len(d.tool_calls)) for d in deltas] == [
+        ("", 2, 0),
+        ("", 3, 0),
+        ("", 3, 1),
+    ]
+    # The job's progress record holds every token, so a call that ends early is charged for them.
+    assert [p.token_ids for p in publisher.progress if p.token_ids] == [(1, 2), (3,)]
+
+
+async def test_a_reply_that_calls_no_tool_of_the_request_fails_with_tool_use_failed() -> None:
+    engine = ToolCallingFakeEngine([Delta("CALL g {}", 3, "stop")])
+    events = await run(engine, job(tools=codec.ToolUse(definitions=TOOLS, choice="auto")))
+    failed = events[-1].failed
+    assert (
+        failed.reason == "tool_use_failed"
+        and "'g', which is not one of the request's tools" in failed.message
+    )
+    assert failed.failed_generation == "CALL g {}"

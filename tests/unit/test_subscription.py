@@ -120,6 +120,18 @@ async def test_merged_deltas_keep_every_logprob_in_order() -> None:
     assert [entry.token for entry in merged.logprobs] == ["a", "b", "c", "</s>"]
 
 
+async def test_merged_deltas_keep_the_tool_calls_of_the_last() -> None:
+    subscription = Subscription("r", "m")
+    subscription.deliver(started(1))
+    subscription.deliver(delta(1, 1, "", 2))  # a reply with tools: its tokens come without text
+    last = delta(1, 2, "", 3)
+    last.delta.tool_calls.add(id="call_1", name="f", arguments="{}")
+    subscription.deliver(last)
+    assert (await subscription.next()).HasField("started")
+    merged = (await subscription.next()).delta
+    assert merged.completion_tokens == 3 and [c.id for c in merged.tool_calls] == ["call_1"]
+
+
 async def test_deltas_of_different_choices_are_never_merged() -> None:
     subscription = Subscription("r", "m")
     second = delta(1, 2, "x", 1)

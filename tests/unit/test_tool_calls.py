@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from common.models import ModelSpec
 from worker.config import VllmSettings
-from worker.engine.base import EngineRejected, ToolUse
+from worker.engine.base import ToolUse
 from worker.engine.vllm import VllmEngine
-from worker.tool_calls import reply_with_tools
+from worker.tool_calls import InvalidToolCalls, reply_with_tools
 
 WEATHER = {
     "type": "function",
@@ -68,11 +68,34 @@ def test_a_named_function_reply_is_its_arguments(engine: VllmEngine) -> None:
     assert (content, calls[0].name, json.loads(calls[0].arguments)) == ("", "get_weather", {"city": "Paris"})
 
 
-def test_replies_that_are_not_calls_are_rejected(engine: VllmEngine) -> None:
-    with pytest.raises(EngineRejected):
-        reply_with_tools(engine, '{"name":"get_weather"}', ToolUse(TOOLS, "required"))
-    with pytest.raises(EngineRejected):
-        reply_with_tools(engine, "[1]", ToolUse(TOOLS, "function", "get_weather"))
+@pytest.mark.parametrize(
+    ("text", "choice", "why"),
+    [
+        ('{"name":"get_weather"}', "required", "not an array of tool calls"),
+        ("[]", "required", "not an array of tool calls"),
+        ('[{"name":"get_weather","parameters":1}]', "required", "not a JSON object"),
+        ('[{"name":"nope","parameters":{}}]', "required", "'nope', which is not one of the request's tools"),
+        ("[1]", "function", "not a JSON object"),
+        ('{"city":', "function", "not valid JSON"),
+        ('<tool_call>[{"name": "nope", "arguments": {}}]</tool_call>', "auto", "'nope', which is not one of"),
+        ('<tool_call>[{"name": "get_weather", "arguments": "hello"}]</tool_call>', "auto", "not valid JSON"),
+    ],
+)
+def test_replies_that_are_not_calls_of_the_tools_are_invalid(
+    engine: VllmEngine, text: str, choice: str, why: str
+) -> None:
+    with pytest.raises(InvalidToolCalls, match=why):
+        reply_with_tools(engine, text, ToolUse(TOOLS, choice, "get_weather" if choice == "function" else ""))
+
+
+def test_an_empty_call_list_is_an_empty_reply_and_without_parallel_calls_one_call_is_kept(
+    engine: VllmEngine,
+) -> None:
+    assert reply_with_tools(engine, "<tool_call>[]</tool_call>", ToolUse(TOOLS, "auto")) == ("", [])
+    two = '<tool_call>[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_time", "arguments": {}}]</tool_call>'  # noqa: E501
+    _, calls = reply_with_tools(engine, two, ToolUse(TOOLS, "auto", parallel=False))
+    assert [c.name for c in calls] == ["get_weather"]
+    assert len(reply_with_tools(engine, two, ToolUse(TOOLS, "auto"))[1]) == 2
 
 
 def test_the_schemas_are_vllms(engine: VllmEngine) -> None:

@@ -160,3 +160,35 @@ def test_tool_call_refs_keep_the_callers_arguments(catalog: ModelCatalog) -> Non
 
     turns = check_tool_turns([chat_pb2.ChatMessage(role="assistant", tool_calls=[call()])])
     assert turns == [((ToolCallRef("call_1", "get_weather", '{"city": "Paris"}'),), None)]
+
+
+def test_deep_json_and_too_many_calls_are_refused_before_rendering(catalog: ModelCatalog) -> None:
+    deep = '{"a":' * 40 + "1" + "}" * 40
+    error = refused(
+        catalog, conversation(chat_pb2.ChatMessage(role="assistant", tool_calls=[call(arguments=deep)]))
+    )
+    assert error.field == "messages[1].tool_calls[0].function.arguments" and "32 levels" in str(error)
+    error = refused(
+        catalog, with_tools(tool(parameters={"type": "object", "properties": {"a": json.loads(deep)}}))
+    )
+    assert error.field == "tools[0].function.parameters"
+    calls = [call(f"call_{i}") for i in range(129)]
+    assert (
+        refused(catalog, conversation(chat_pb2.ChatMessage(role="assistant", tool_calls=calls))).field
+        == "messages"
+    )
+
+
+def test_stop_with_required_calls_and_tool_turns_without_tool_support_are_refused(
+    catalog: ModelCatalog,
+) -> None:
+    request = with_tools(tool(), stop=["x"])
+    request.tool_choice.mode = "required"
+    assert refused(catalog, request).field == "stop"
+    request.tool_choice.mode = "auto"
+    validate(request, catalog, 16)  # "auto" may stop: its reply is text until it calls
+    plain = ModelCatalog.load((ModelSpec("plain", ModelSpec.parse(MODEL).path),))
+    turns = chat_request("hi", model="plain")
+    turns.messages.append(chat_pb2.ChatMessage(role="tool", content="22 C", tool_call_id="call_1"))
+    error = refused(plain, turns)
+    assert error.field == "messages[1].role" and "needs a model that calls tools" in str(error)

@@ -18,8 +18,9 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import xgrammar
 from vllm import AsyncEngineArgs, SamplingParams
-from vllm.config import StructuredOutputsConfig, VllmConfig
+from vllm.config import VllmConfig
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
@@ -121,12 +122,6 @@ class VllmEngine(Engine):
             # Service tiers (flex after on_demand): each request's priority orders the engine's
             # waiting queue, and when the KV cache runs short the lowest priority is preempted first.
             scheduling_policy="priority",
-            # JSON (JSON mode, JSON Schema, tool calls) is generated compact. Allowed whitespace
-            # between tokens, a small model often fills max_tokens with newlines where the
-            # grammar forbids what it wants to write (a second tool call when one is allowed).
-            structured_outputs_config=StructuredOutputsConfig(
-                backend="xgrammar", disable_any_whitespace=True
-            ),
             **optional,
         )
 
@@ -208,7 +203,10 @@ class VllmEngine(Engine):
         choice: str | ChatCompletionNamedToolChoiceParam = tools.choice
         if tools.choice == "function":
             choice = ChatCompletionNamedToolChoiceParam(function={"name": tools.function_name})
-        schema = get_json_schema_from_tools(choice, request.tools, tools.parallel)
+        try:
+            schema = get_json_schema_from_tools(choice, request.tools, tools.parallel)
+        except _REQUEST_ERRORS as exc:  # e.g. two tools whose $defs give one name two schemas
+            raise EngineRejected(str(exc)) from exc
         if not isinstance(schema, dict):
             raise EngineRejected(f"tool_choice {tools.choice!r} does not constrain the reply")
         return json.dumps(schema)
@@ -224,7 +222,9 @@ class VllmEngine(Engine):
         )
         found = parser.extract_tool_calls(text, request)
         if not found.tools_called:
-            return text, []  # "auto" falls back to text when the model wrote no call
+            # "auto" falls back to text when the model wrote no call: the parser's content, which
+            # drops an empty call list (SmolLM2 writes <tool_call>[]</tool_call> for "no call").
+            return (text if found.content is None else found.content), []
         calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in found.tool_calls]
         return found.content or "", calls
 
@@ -330,7 +330,9 @@ async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> As
 def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> SamplingParams:
     p = request.params
     structured = None
-    if p.json_schema:
+    if p.json_schema and p.tools is not None:
+        structured = StructuredOutputsParams(grammar=compact_json_grammar(p.json_schema))
+    elif p.json_schema:
         structured = StructuredOutputsParams(json=json.loads(p.json_schema))
     elif p.json_mode:
         structured = StructuredOutputsParams(json_object=True)
@@ -356,6 +358,17 @@ def sampling_params(request: GenerationRequest, ignore_eos: bool = False) -> Sam
         output_kind=RequestOutputKind.DELTA,
         ignore_eos=ignore_eos,  # WORKER_VLLM_IGNORE_EOS: benchmarks only
     )
+
+
+def compact_json_grammar(schema: str) -> str:
+    """The grammar (xgrammar's EBNF) of JSON that follows the schema with no whitespace between
+    tokens, for tool calls. Allowed whitespace, a small model fills max_tokens with newlines where
+    the schema forbids what it wants to write (a second call when one is allowed). Only tool
+    calls: JSON mode keeps vLLM's schema handling, with its fallbacks between grammar backends."""
+    try:
+        return str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+    except Exception as exc:  # xgrammar raises RuntimeError/ValueError for schemas it cannot compile
+        raise EngineRejected(f"the tools' schema cannot be compiled: {exc}") from exc
 
 
 def token_logprobs(
