@@ -57,16 +57,18 @@ def bench_text(n: int) -> str:
     return "".join(f"t{i} " for i in range(1, n + 1))
 
 
-def check_clean(stack: Stack, client: redis.Redis, expiring_progress_ok: bool = False) -> None:
+def check_clean(
+    stack: Stack, client: redis.Redis, expiring_progress_ok: bool = False, timeout: float = 15.0
+) -> None:
     """Nothing left behind. expiring_progress_ok: a progress record that expires by itself is no
     leak, where a worker or Redis was killed at a random moment: ending a job takes steps in two
     slots (worker/jobs.py _END_OWNED), and a worker killed between them, or a job whose entry was
     lost with a primary, leaves its record to expire a minute after the job's deadline."""
     ports = [p for p, w in zip(stack.worker_metrics_ports, stack.workers, strict=True) if w.poll() is None]
     if not expiring_progress_ok:
-        assert_nothing_leaked(client, ports, timeout=15)
+        assert_nothing_leaked(client, ports, timeout=timeout)
         return
-    end = time.monotonic() + 15
+    end = time.monotonic() + timeout
     while True:
         left = leaks(client)
         expiring = [p for p in left if _expiring_progress(client, p)]
