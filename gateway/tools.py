@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
-
 from chat.v1 import chat_pb2
 from common.models import ToolCallRef
 from gateway.errors import InvalidField, shown
+from gateway.json_schemas import parse_schema
 
 MAX_TOOLS = 128  # as the reference
 MAX_TOOL_CALLS = 128  # tool calls in all of a request's messages
@@ -90,19 +89,8 @@ def _check_tool(tool: chat_pb2.Tool, where: str, names: set[str]) -> dict[str, A
 
 
 def _check_parameters(text: str, field: str) -> dict[str, Any]:
-    try:
-        schema = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidField(field, f"must be valid JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise InvalidField(field, f"must be a JSON Schema object, got {type(schema).__name__}")
+    schema = parse_schema(text, field)
     _check_depth(schema, field)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidField(field, f"is not a valid JSON Schema: {exc.message[:200]}") from None
-    except RecursionError:
-        raise InvalidField(field, "is nested too deeply to check") from None
     if schema.get("type", "object") != "object":
         raise InvalidField(
             field, f"must describe an object (type object), got type {shown(str(schema['type']))}"

@@ -5,18 +5,16 @@ Pure: no gRPC server and no Redis here. Only a ValidRequest can be queued
 Each rule raises its own error naming the field and the rule.
 """
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import jsonschema
 
 from chat.v1 import chat_pb2
 from common.models import Message
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidField, ModelNotFound, UnsupportedParameter, shown
+from gateway.json_schemas import parse_schema
 from gateway.tiers import ON_DEMAND, SERVICE_TIERS
 from gateway.tools import ToolUse, check_tool_turns, check_tools, tools_chars
 
@@ -278,16 +276,5 @@ def _check_json_schema(request: chat_pb2.ChatCompletionRequest) -> str:
     field = "response_format.json_schema.schema"
     if not response_format.HasField("json_schema") or not response_format.json_schema.schema:
         raise InvalidField(field, "is required with type json_schema")
-    try:
-        schema = json.loads(response_format.json_schema.schema)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidField(field, f"must be valid JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise InvalidField(field, f"must be a JSON object, got {type(schema).__name__}")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidField(field, f"is not a valid JSON Schema: {exc.message[:200]}") from None
-    except RecursionError:
-        raise InvalidField(field, "is nested too deeply to check") from None
+    parse_schema(response_format.json_schema.schema, field)
     return response_format.json_schema.schema

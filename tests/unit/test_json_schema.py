@@ -43,7 +43,7 @@ def test_json_object_carries_no_schema(catalog: ModelCatalog) -> None:
     ("schema_text", "kind", "field", "words"),
     [
         ("{not json", "json_schema", "response_format.json_schema.schema", "valid JSON"),
-        ("[1, 2]", "json_schema", "response_format.json_schema.schema", "JSON object, got list"),
+        ("[1, 2]", "json_schema", "response_format.json_schema.schema", "JSON Schema object, got list"),
         # Valid JSON but no JSON Schema: vLLM would refuse it only once the job reached a worker.
         (
             '{"type": "nonsense"}',
