@@ -85,6 +85,7 @@ bench: setup
 	$(BIN)/python -m bench.cluster
 	$(BIN)/python -m bench.affinity
 	$(BIN)/python -m bench.tiers
+	$(BIN)/python -m bench.tool_calls
 
 # The stack on a real GPU (docs/gpu-check.md). gpu-prepare fills the git-ignored folders the
 # device tool carries (.gpu-kit, .gpu-deps; gen from make proto); gpu-check runs there, without

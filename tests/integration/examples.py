@@ -15,11 +15,11 @@ async def run_examples(folder: Path, env: dict[str, str]) -> dict[str, Outcome]:
     """Runs every example in folder together (so the worker batches them), with env added."""
     names = sorted([*PLAIN, "json_mode.py"])
     assert set(names) <= set(os.listdir(folder)), f"{folder} lacks some of {names}"
-    outcomes = await asyncio.gather(*(_run(folder / name, env) for name in names))
+    outcomes = await asyncio.gather(*(run_example(folder / name, env) for name in names))
     return dict(zip(names, outcomes, strict=True))
 
 
-async def _run(script: Path, env: dict[str, str]) -> Outcome:
+async def run_example(script: Path, env: dict[str, str]) -> Outcome:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ_", "OPENAI_"))}
     process = await asyncio.create_subprocess_exec(
         sys.executable,

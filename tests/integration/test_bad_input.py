@@ -18,10 +18,10 @@ CASES = {
     "missing model": (dict(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model", "required"),
     "no messages": (dict(messages=[]), grpc.StatusCode.INVALID_ARGUMENT, "messages", "at least one"),
     "bad role": (
-        dict(messages=[chat_pb2.ChatMessage(role="tool", content="x")]),
+        dict(messages=[chat_pb2.ChatMessage(role="robot", content="x")]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "messages[0].role",
-        "'tool'",
+        "'robot'",
     ),
     "temperature too high": (
         dict(temperature=2.5),

@@ -17,6 +17,7 @@ import pytest
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from chat_client import Client
+from tests.integration.examples import EXAMPLES, run_example
 from tests.integration.stack import MODEL, Stack, chat_request
 
 WEATHER_TOOL: dict[str, Any] = {
@@ -251,3 +252,13 @@ def test_calls_that_do_not_fit_max_tokens_are_a_tool_use_failed_400(groq_client:
 def test_list_models_says_the_bundled_model_calls_tools(openai_client: openai.OpenAI) -> None:
     (model,) = openai_client.models.list().data
     assert model.id == MODEL and model.supports_tools  # type: ignore[attr-defined]
+
+
+async def test_the_groq_tool_use_example_runs_unchanged(stack: Stack) -> None:
+    """examples/groq/tool_use.py, as a user runs it: its own process, only GROQ_BASE_URL set."""
+    env = {"GROQ_BASE_URL": stack.http_url, "GROQ_API_KEY": "unused-when-auth-is-off"}
+    code, out, err = await run_example(EXAMPLES / "groq" / "tool_use.py", env)
+    assert code == 0, err
+    called, answer = out.strip().split("\n", 1)
+    assert called.startswith("called get_current_weather({'location': ") and '"temperature": "22"' in called
+    assert answer.strip()
