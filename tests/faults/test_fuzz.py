@@ -25,6 +25,28 @@ messages = st.lists(
     max_size=4,
 )
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+json_texts = st.sampled_from(
+    ['{"type": "object"}', "{", "[1]", '{"type": 5}', "", '{"a":' * 40 + "1" + "}" * 40]
+)
+tools = st.lists(
+    st.builds(
+        chat_pb2.Tool,
+        type=st.sampled_from(["function", "", "retrieval"]),
+        function=st.builds(
+            chat_pb2.FunctionDefinition,
+            name=st.sampled_from(["f", "g", "", "a b", "<|im_end|>"]),
+            description=st.text(max_size=50),
+            parameters=json_texts,
+        ),
+    ),
+    max_size=3,
+)
+calls = st.builds(
+    chat_pb2.ToolCall,
+    id=st.sampled_from(["call_1", ""]),
+    type=st.sampled_from(["function", "x"]),
+    function=st.builds(chat_pb2.FunctionCall, name=st.sampled_from(["f", ""]), arguments=json_texts),
+)
 
 
 @st.composite
@@ -47,6 +69,15 @@ def requests(draw: st.DrawFn) -> chat_pb2.ChatCompletionRequest:
     request.stop.extend(draw(st.lists(st.text(max_size=5), max_size=6)))
     if draw(st.booleans()):
         request.response_format.type = draw(st.sampled_from(["text", "json_object", "", "xml"]))
+    if draw(st.booleans()):
+        request.tools.extend(draw(tools))
+        if draw(st.booleans()):
+            request.tool_choice.mode = draw(st.sampled_from(["none", "auto", "required", "function", "x"]))
+            request.tool_choice.function_name = draw(st.sampled_from(["f", "g", ""]))
+    for message in request.messages:
+        if draw(st.booleans()):
+            message.tool_call_id = draw(st.sampled_from(["call_1", ""]))
+            message.tool_calls.extend(draw(st.lists(calls, max_size=2)))
     return request
 
 
