@@ -75,6 +75,8 @@ _PLACEHOLDER = "\ue000{}\ue001"
 # put back JSON-escaped, as `tojson` would have written it.
 _JSON_PLACEHOLDER = "\ue002{}\ue003"
 _PLACEHOLDERS = re.compile(r"\ue000(\d+)\ue001|\ue002(\d+)\ue003")
+# The placeholders' characters: caller text that holds them is hidden too, never read as one.
+_PRIVATE_USE = re.compile("[\ue000-\ue003]")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class PromptRenderer:
             a template may read a tool's fields by name (`tool.function.name`), and other text is
             tokenized as plain text anyway."""
             if isinstance(value, str):
-                if not self._markers.search(value):
+                if not (self._markers.search(value) or _PRIVATE_USE.search(value)):
                     return value
                 texts.append(json.dumps(value, ensure_ascii=False)[1:-1])
                 return _JSON_PLACEHOLDER.format(len(texts) - 1)
@@ -162,7 +164,7 @@ class PromptRenderer:
             if i % 2 == 1:  # split() puts the captured markers at odd places
                 ids.append(self._marker_ids[piece])
             elif piece:
-                text = _PLACEHOLDERS.sub(lambda m: texts[int(m[1] or m[2])], piece)
+                text = _PLACEHOLDERS.sub(lambda m: _restored(texts, m), piece)
                 ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids
 
@@ -189,6 +191,12 @@ class PromptRenderer:
         if message.tool_call_id is not None:
             rendered["tool_call_id"] = hide(message.tool_call_id)
         return rendered
+
+
+def _restored(texts: list[str], placeholder: re.Match[str]) -> str:
+    """The caller's text a placeholder stands for (anything else that looks like one stays)."""
+    index = int(placeholder[1] or placeholder[2])
+    return texts[index] if index < len(texts) else placeholder[0]
 
 
 def read_context_window(path: Path) -> int:

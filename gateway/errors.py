@@ -204,9 +204,8 @@ class QueueFull(Overloaded):
         self.queue_position = position
         self.wait_seconds = wait_seconds
         if wait_seconds is not None:
-            self.retry_after_seconds = min(
-                max(wait_seconds, self.retry_after_seconds), self.MAX_RETRY_AFTER_SECONDS
-            )
+            floor = self.retry_after_seconds  # GATEWAY_RETRY_AFTER_SECONDS
+            self.retry_after_seconds = min(max(wait_seconds, floor), max(floor, self.MAX_RETRY_AFTER_SECONDS))
         self.metadata = (("x-queue-position", str(position)),)
         if wait_seconds is not None:
             self.metadata += (("x-estimated-wait-seconds", f"{wait_seconds:.1f}"),)

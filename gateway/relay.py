@@ -675,7 +675,9 @@ class _Translation:
         if kind == "started":
             return self._on_started(event, seq)
         if kind == "delta":
-            if self._recorder is not None:
+            delta = event.delta
+            # Deltas of tokens only (a reply with tools, held back until whole) reach no caller.
+            if self._recorder is not None and (delta.text or delta.logprobs or delta.tool_calls):
                 self._recorder.delta()
             text, logprobs, calls = self._reply.add(event.delta)
             return [Text(text, seq, logprobs, event.delta.index, calls)] if text or logprobs or calls else []

@@ -14,7 +14,7 @@ from typing import Any
 from chat.v1 import chat_pb2
 from common.models import ToolCallRef
 from gateway.errors import InvalidField, shown
-from gateway.json_schemas import parse_schema
+from gateway.json_schemas import check_depth, parse_schema
 
 MAX_TOOLS = 128  # as the reference
 MAX_TOOL_CALLS = 128  # tool calls in all of a request's messages
@@ -89,8 +89,7 @@ def _check_tool(tool: chat_pb2.Tool, where: str, names: set[str]) -> dict[str, A
 
 
 def _check_parameters(text: str, field: str) -> dict[str, Any]:
-    schema = parse_schema(text, field)
-    _check_depth(schema, field)
+    schema = parse_schema(text, field, MAX_JSON_DEPTH)
     if schema.get("type", "object") != "object":
         raise InvalidField(
             field, f"must describe an object (type object), got type {shown(str(schema['type']))}"
@@ -174,22 +173,8 @@ def _check_call(call: chat_pb2.ToolCall, where: str) -> ToolCallRef:
         raise InvalidField(
             f"{where}.function.arguments", f"must be a JSON object, got {type(arguments).__name__}"
         )
-    _check_depth(arguments, f"{where}.function.arguments")
+    check_depth(arguments, f"{where}.function.arguments", MAX_JSON_DEPTH)
     return ToolCallRef(call.id, call.function.name, call.function.arguments or "{}")
-
-
-def _check_depth(value: object, field: str) -> None:
-    """Refuses JSON nested deeper than MAX_JSON_DEPTH (checked without recursion)."""
-    level = [value]
-    for _ in range(MAX_JSON_DEPTH + 1):
-        level = [
-            child
-            for item in level
-            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
-        ]
-        if not level:
-            return
-    raise InvalidField(field, f"may be nested at most {MAX_JSON_DEPTH} levels deep")
 
 
 def tools_chars(request: chat_pb2.ChatCompletionRequest) -> int:

@@ -6,6 +6,9 @@ seconds. Capacity is the sequences the model's live workers run at most (their
 WORKER_MAX_CONCURRENCY, which they advertise in the engine registry); the mean job time is a
 moving average of the engine time (prompt_time + completion_time) of the calls this gateway
 saw finish. Until both are known there is no estimate, and refusals say only the position.
+It is a lower bound where jobs run several choices (n > 1 takes n sequences), where jobs placed
+on a worker's own stream wait too, and for flex jobs (on_demand ones go first, and workers keep
+WORKER_FLEX_RESERVE sequences from them).
 """
 
 import math

@@ -113,3 +113,10 @@ def test_special_tokens_and_quotes_in_tools_and_calls_are_json_text(renderer: Pr
     # As `tojson` writes them: quotes, newlines and backslashes escaped inside the JSON.
     assert json.dumps(FORGED) in text
     assert json.dumps([weather_tool(FORGED)]) in text
+
+
+def test_placeholder_characters_in_tools_are_the_callers_text(renderer: PromptRenderer) -> None:
+    """Text that looks like the renderer's placeholders is hidden like any other, never read as one."""
+    tricky = "see \ue000999\ue001 and \ue0020\ue003"
+    text = renderer.tokenizer.decode(renderer.render(TOOL_TURNS, [weather_tool(tricky)]))
+    assert json.dumps(tricky, ensure_ascii=False)[1:-1] in text

@@ -63,3 +63,9 @@ async def test_a_full_queue_refuses_with_what_its_finished_jobs_predict(queue: J
         await queue.submit(request, deadline())
     assert refused.value.queue_position == 3 and refused.value.wait_seconds == pytest.approx(6.0)
     assert refused.value.retry_after_seconds == pytest.approx(6.0)
+
+
+def test_a_configured_delay_over_a_minute_is_kept() -> None:
+    slow = type("SlowQueueFull", (QueueFull,), {"retry_after_seconds": 90.0})
+    assert slow("m", 1, wait_seconds=5.0).retry_after_seconds == 90.0
+    assert slow("m", 1, wait_seconds=500.0).retry_after_seconds == 90.0
