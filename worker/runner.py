@@ -251,9 +251,7 @@ async def run_job(
         try:
             params = replace(params, json_mode=True, json_schema=engine.tool_call_schema(params.tools))
         except EngineRejected as exc:
-            events.failed(
-                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
-            )
+            _cannot_call_tools(events, exc)
             return
     if len(prompt) >= engine.context_window and params.max_tokens > 0:
         # Gateways check this against what workers advertise; a gateway that has not heard
@@ -312,9 +310,8 @@ async def run_job(
         events.failed(FailureKind.FAILURE_KIND_CANCELLED, "generation was aborted")
         return
     for choice in result.choices:
-        if violation := output_violation(choice.text, request.params):
-            if params.tools is not None:
-                violation = f"the model's tool calls are not valid: {violation.partition(': ')[2]}"
+        subject = _INVALID_CALLS if params.tools is not None else ""
+        if violation := output_violation(choice.text, request.params, subject):
             events.failed(
                 FailureKind.FAILURE_KIND_INVALID_OUTPUT,
                 violation + (" (cut off by max_tokens)" if choice.finish_reason == "length" else ""),
@@ -340,6 +337,14 @@ async def run_job(
     )
 
 
+# How a reply that had to call tools, and did not validly, is described to the caller.
+_INVALID_CALLS = "the model's tool calls are not valid"
+
+
+def _cannot_call_tools(events: JobEvents, exc: EngineRejected) -> None:
+    events.failed(FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools")
+
+
 def _publish_with_tools(engine: Engine, tools: ToolUse, result: "_Generation", events: JobEvents) -> bool:
     """Publishes each choice's reply, held back until now: its text, or its tool calls. Every
     choice is read before any is published; one that is no valid calls fails the job instead."""
@@ -350,15 +355,13 @@ def _publish_with_tools(engine: Engine, tools: ToolUse, result: "_Generation", e
         except InvalidToolCalls as exc:
             events.failed(
                 FailureKind.FAILURE_KIND_INVALID_OUTPUT,
-                f"the model's tool calls are not valid: {exc}",
+                f"{_INVALID_CALLS}: {exc}",
                 reason="tool_use_failed",
                 failed_generation=choice.text,
             )
             return False
         except EngineRejected as exc:
-            events.failed(
-                FailureKind.FAILURE_KIND_INVALID_REQUEST, f"cannot call tools: {exc}", field="tools"
-            )
+            _cannot_call_tools(events, exc)
             return False
     for index, (choice, (content, calls)) in enumerate(zip(result.choices, replies, strict=True)):
         if calls and choice.finish_reason == "stop":
