@@ -72,11 +72,7 @@ def _check_tool(tool: chat_pb2.Tool, where: str, names: set[str]) -> dict[str, A
     if tool.type != "function":
         raise InvalidField(f"{where}.type", f"must be function, got {shown(tool.type)}")
     function = tool.function
-    if not _FUNCTION_NAME.fullmatch(function.name):
-        raise InvalidField(
-            f"{where}.function.name",
-            f"must be 1-64 characters of a-z, A-Z, 0-9, _ and -, got {shown(function.name)}",
-        )
+    _check_name(function.name, f"{where}.function.name")
     if function.name in names:
         raise InvalidField(f"{where}.function.name", f"repeats the name {function.name!r} of an earlier tool")
     names.add(function.name)
@@ -86,6 +82,11 @@ def _check_tool(tool: chat_pb2.Tool, where: str, names: set[str]) -> dict[str, A
     if function.parameters:
         definition["parameters"] = _check_parameters(function.parameters, f"{where}.function.parameters")
     return {"type": "function", "function": definition}
+
+
+def _check_name(name: str, field: str) -> None:
+    if not _FUNCTION_NAME.fullmatch(name):
+        raise InvalidField(field, f"must be 1-64 characters of a-z, A-Z, 0-9, _ and -, got {shown(name)}")
 
 
 def _check_parameters(text: str, field: str) -> dict[str, Any]:
@@ -160,11 +161,7 @@ def _check_call(call: chat_pb2.ToolCall, where: str) -> ToolCallRef:
         raise InvalidField(f"{where}.id", "is required")
     if call.type not in ("", "function"):
         raise InvalidField(f"{where}.type", f"must be function, got {shown(call.type)}")
-    if not _FUNCTION_NAME.fullmatch(call.function.name):
-        raise InvalidField(
-            f"{where}.function.name",
-            f"must be 1-64 characters of a-z, A-Z, 0-9, _ and -, got {shown(call.function.name)}",
-        )
+    _check_name(call.function.name, f"{where}.function.name")
     try:
         arguments = json.loads(call.function.arguments or "{}")
     except (ValueError, RecursionError):
