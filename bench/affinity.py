@@ -284,6 +284,15 @@ def run_layout(
             stack.stop()
 
 
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """When, where and with what arguments a bench ran: the head of its JSON and Markdown."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
+        "args": vars(args),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -325,9 +334,7 @@ def main() -> None:
         results[name] = run_layout(layouts[name](), docs, args, hot_key)
         print(name, json.dumps(results[name]), flush=True)
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
-        "args": vars(args),
+        **run_meta(args),
         "context_tokens": context,
         "kv_cache_gib_per_worker_two": round(per_worker, 3),
         "all_contexts_gib": round(all_contexts_gib, 3),

@@ -20,7 +20,6 @@ Writes docs/benchmarks/tiers.md and docs/benchmarks/tiers.json.
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from bench.affinity import OUT, Layout
+from bench.affinity import OUT, Layout, run_meta
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common.model_store import DEFAULT_MODEL_NAME
 
@@ -126,11 +125,7 @@ def main() -> None:
     for name in args.layouts.split(","):
         results[name] = run_layout(name, args)
         print(name, json.dumps(results[name]), flush=True)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
-        "args": vars(args),
-    }
+    meta = run_meta(args)
     (OUT / "tiers.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     write_markdown(meta, results, OUT / "tiers.md")
 

@@ -19,7 +19,6 @@ Writes docs/benchmarks/tool_calls.md and docs/benchmarks/tool_calls.json.
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench.affinity import OUT, Layout
+from bench.affinity import OUT, Layout, run_meta
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from common.model_store import DEFAULT_MODEL_NAME
 
@@ -131,11 +130,7 @@ def main() -> None:
         results = asyncio.run(run_all(layout, args))
     finally:
         layout.stop()
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores",
-        "args": vars(args),
-    }
+    meta = run_meta(args)
     (OUT / "tool_calls.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     write_markdown(meta, results, OUT / "tool_calls.md")
 
